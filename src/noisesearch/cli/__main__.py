@@ -1,0 +1,5 @@
+import sys
+
+from noisesearch.cli import main
+
+sys.exit(main())

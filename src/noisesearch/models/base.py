@@ -1,0 +1,77 @@
+"""The denoiser protocol every backend implements.
+
+A denoiser maps a noisy sample ``x`` at noise level ``sigma`` (EDM / k-diffusion convention:
+``x = x0 + sigma * eps``) and a condition to ``x0``, the Tweedie estimate E[x0 | x]. Latent models
+add ``decode`` from x0 to images in [0, 1]; pixel models decode by rescaling.
+
+``cond`` is whatever ``encode`` returns: a tensor or a (nested) dict / tuple of tensors whose first
+dimension is the batch. ``cond_index`` / ``cond_repeat`` slice any of these shapes.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+Cond = Any  # tensor, or dict/tuple/list of tensors, batch first
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    name: str
+    sample_shape: tuple[int, ...]  # shape of one sample of x (latent shape for latent models)
+    sigma_min: float
+    sigma_max: float
+    default_steps: int
+    flops_per_call: float  # FLOPs of one network evaluation for one sample (all CFG branches)
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Condition for a batch of prompts; raise NoiseSearchError for prompts it does not know."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """x0 estimate; ``sigma`` has shape [B]."""
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [0, 1] from x0 estimates."""
+
+
+def cond_index(cond: Cond, idx: torch.Tensor | slice) -> Cond:
+    """Rows ``idx`` of a batched condition."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[idx.to(cond.device) if isinstance(idx, torch.Tensor) else idx]
+    if isinstance(cond, dict):
+        return {k: cond_index(v, idx) for k, v in cond.items()}
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(cond_index(v, idx) for v in cond)
+    return cond  # scalars and other metadata are shared by every row
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    """Concatenate batched conditions along the batch dimension."""
+    first = conds[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(conds), dim=0)
+    if isinstance(first, dict):
+        return {k: cond_cat([c[k] for c in conds]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(cond_cat([c[i] for c in conds]) for i in range(len(first)))
+    return first
+
+
+def cond_repeat(cond: Cond, n: int) -> Cond:
+    """Each row repeated ``n`` times in place (row i -> rows i*n .. i*n+n-1)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.repeat_interleave(n, dim=0)
+    if isinstance(cond, dict):
+        return {k: cond_repeat(v, n) for k, v in cond.items()}
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(cond_repeat(v, n) for v in cond)
+    return cond

@@ -1,0 +1,12 @@
+"""Sigma schedules and stochastic samplers whose injected noise is an explicit argument."""
+from noisesearch.sampling.schedules import karras_sigmas
+from noisesearch.sampling.samplers import (
+    SAMPLERS,
+    EulerAncestral,
+    HeunChurn,
+    Sampler,
+    State,
+    make_sampler,
+)
+
+__all__ = ["karras_sigmas", "Sampler", "State", "EulerAncestral", "HeunChurn", "SAMPLERS", "make_sampler"]

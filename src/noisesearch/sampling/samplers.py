@@ -1,0 +1,290 @@
+"""Stochastic samplers with the injected noise as an explicit argument.
+
+A ``Sampler`` advances a batched ``State`` one step at a time. ``start(cond, noise)`` places
+``x = sigma_0 * noise``; ``step(state, noise)`` moves every row from ``sigmas[i]`` to
+``sigmas[i + 1]`` injecting ``noise`` (the action a search strategy chooses). Each state carries
+``x0``, the Tweedie estimate a strategy scores, and ``owner``: the index of the search (output
+sample) each row belongs to, so that the budget charges every network evaluation to its search.
+
+Branching is ``state.repeat(n)`` followed by ``step`` with ``n`` different noises per row; keeping
+a subset is ``state.select(idx)``. Network calls are split into chunks of ``max_batch`` rows and
+charged to ``budget`` (a ``noisesearch.budget.Budget``) before they run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+
+from noisesearch.errors import unknown_name
+from noisesearch.models.base import Cond, Denoiser, cond_cat, cond_index, cond_repeat
+from noisesearch.sampling.schedules import karras_sigmas
+
+
+@dataclass
+class State:
+    """A batch of partial trajectories, all at the same step."""
+
+    x: torch.Tensor  # [B, *sample_shape] at sigma = sampler.sigmas[step]
+    x0: torch.Tensor  # [B, *sample_shape] Tweedie estimate after the last network call
+    step: int  # index into sampler.sigmas; step == num_steps means finished (x == x0)
+    cond: Cond  # batched condition, B rows
+    owner: torch.Tensor  # [B] long: which search each row belongs to
+    x0_at_x: bool = True  # x0 == D(x, sigma) exactly (a sampler may reuse it)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def select(self, idx: torch.Tensor | Sequence[int]) -> "State":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        dev = self.x.device
+        return replace(
+            self,
+            x=self.x[idx.to(dev)],
+            x0=self.x0[idx.to(dev)],
+            cond=cond_index(self.cond, idx),
+            owner=self.owner[idx.to(self.owner.device)],
+        )
+
+    def repeat(self, n: int) -> "State":
+        """Each row repeated ``n`` times consecutively (row i -> rows i*n .. i*n+n-1)."""
+        return replace(
+            self,
+            x=self.x.repeat_interleave(n, 0),
+            x0=self.x0.repeat_interleave(n, 0),
+            cond=cond_repeat(self.cond, n),
+            owner=self.owner.repeat_interleave(n, 0),
+        )
+
+    @staticmethod
+    def cat(states: Sequence["State"]) -> "State":
+        first = states[0]
+        if any(s.step != first.step for s in states):
+            raise ValueError("can only concatenate states at the same step")
+        return replace(
+            first,
+            x=torch.cat([s.x for s in states]),
+            x0=torch.cat([s.x0 for s in states]),
+            cond=cond_cat([s.cond for s in states]),
+            owner=torch.cat([s.owner for s in states]),
+            x0_at_x=all(s.x0_at_x for s in states),
+        )
+
+
+class Sampler:
+    """Base class: schedule, noise drawing, chunked and charged denoiser calls."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        steps: int | None = None,
+        sigmas: torch.Tensor | None = None,
+        rho: float = 7.0,
+        max_batch: int = 512,
+        budget=None,
+    ):
+        self.denoiser = denoiser
+        if sigmas is None:
+            steps = steps or denoiser.default_steps
+            sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        if sigmas[-1] != 0:
+            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        self.sigmas = sigmas
+        self.num_steps = len(sigmas) - 1
+        self.max_batch = max_batch
+        self.budget = budget
+        self.on_call: Callable[[int], None] | None = None  # observer of rows evaluated (e.g. timing)
+
+    # ---- noise -----------------------------------------------------------------------------
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return tuple(self.denoiser.sample_shape)
+
+    @property
+    def noise_dim(self) -> int:
+        return math.prod(self.noise_shape)
+
+    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` standard Gaussian noises, drawn on the CPU from ``generator`` (device independent)."""
+        z = torch.randn((n, *self.noise_shape), generator=generator, dtype=torch.float32)
+        return z.to(self.denoiser.device, self.denoiser.dtype)
+
+    # ---- network calls -----------------------------------------------------------------------
+    def denoise(self, x: torch.Tensor, sigma: float, cond: Cond, owner: torch.Tensor) -> torch.Tensor:
+        """D(x, sigma, cond) for every row, in chunks, charged to the budget first."""
+        if self.budget is not None:
+            self.budget.charge_nfe(owner)
+        outs = []
+        for lo in range(0, x.shape[0], self.max_batch):
+            hi = min(lo + self.max_batch, x.shape[0])
+            xs = x[lo:hi]
+            s = torch.full((hi - lo,), float(sigma), device=x.device, dtype=x.dtype)
+            outs.append(self.denoiser(xs, s, cond_index(cond, slice(lo, hi))))
+        if self.on_call is not None:
+            self.on_call(x.shape[0])
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    # ---- the step rule (subclasses) -------------------------------------------------------------
+    def start(self, cond: Cond, noise: torch.Tensor, owner: torch.Tensor | None = None) -> State:
+        """Initial states ``x = sigma_0 * noise`` and their x0 (one network call per row)."""
+        if owner is None:
+            owner = torch.arange(noise.shape[0])
+        x = noise * float(self.sigmas[0])
+        x0 = self.denoise(x, float(self.sigmas[0]), cond, owner)
+        return State(x=x, x0=x0, step=0, cond=cond, owner=owner, x0_at_x=True)
+
+    start_nfe = 1
+
+    def step(self, state: State, noise: torch.Tensor | None) -> State:
+        raise NotImplementedError
+
+    def step_nfe(self, i: int) -> int:
+        """Network calls per row to advance from step ``i`` to ``i + 1`` on a normal trajectory."""
+        raise NotImplementedError
+
+    def uses_noise(self, i: int) -> bool:
+        """Whether the noise injected at step ``i`` changes anything (it does not at the last step)."""
+        raise NotImplementedError
+
+    # ---- derived -----------------------------------------------------------------------------
+    def nfe_to_end(self, i: int) -> int:
+        """Network calls per row from step ``i`` to the end."""
+        return sum(self.step_nfe(j) for j in range(i, self.num_steps))
+
+    @property
+    def nfe_per_trajectory(self) -> int:
+        return self.start_nfe + self.nfe_to_end(0)
+
+    def rollout(self, state: State, generator: torch.Generator, until: int | None = None) -> State:
+        """Continue every row with fresh Gaussian noise until step ``until`` (default: the end)."""
+        until = self.num_steps if until is None else until
+        while state.step < until:
+            noise = self.noise(len(state), generator) if self.uses_noise(state.step) else None
+            state = self.step(state, noise)
+        return state
+
+    def check_noise(self, state: State, noise: torch.Tensor | None) -> torch.Tensor:
+        if noise is None:
+            if self.uses_noise(state.step):
+                raise ValueError(f"step {state.step} injects noise: pass a noise tensor")
+            return torch.zeros_like(state.x)
+        if noise.shape != state.x.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != state shape {tuple(state.x.shape)}")
+        return noise.to(state.x.device, state.x.dtype)
+
+
+def ancestral_split(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step, as in k-diffusion's ``get_ancestral_step``."""
+    if sigma_to == 0 or eta == 0:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
+    return sigma_down, sigma_up
+
+
+class EulerAncestral(Sampler):
+    """Euler-ancestral (k-diffusion ``sample_euler_ancestral``); ``eta=0`` is plain Euler (ODE).
+
+    One network call per step (none for the last, which lands on x0): N steps cost N NFEs.
+    """
+
+    name = "euler-ancestral"
+
+    def __init__(self, denoiser: Denoiser, steps: int | None = None, eta: float = 1.0, **kw):
+        super().__init__(denoiser, steps, **kw)
+        self.eta = eta
+
+    def step_nfe(self, i: int) -> int:
+        return 1 if float(self.sigmas[i + 1]) > 0 else 0
+
+    def uses_noise(self, i: int) -> bool:
+        return ancestral_split(float(self.sigmas[i]), float(self.sigmas[i + 1]), self.eta)[1] > 0
+
+    def step(self, state: State, noise: torch.Tensor | None) -> State:
+        i = state.step
+        if i >= self.num_steps:
+            raise ValueError("state is already at the end of the schedule")
+        s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        noise = self.check_noise(state, noise)
+        sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
+        d = (state.x - state.x0) / s
+        x = state.x + d * (sigma_down - s)
+        if s_next == 0:
+            return replace(state, x=x, x0=x, step=i + 1, x0_at_x=True)
+        x = x + noise * sigma_up
+        x0 = self.denoise(x, s_next, state.cond, state.owner)
+        return replace(state, x=x, x0=x0, step=i + 1, x0_at_x=True)
+
+
+class HeunChurn(Sampler):
+    """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2) with churn.
+
+    At step i the noise is injected first: ``t_hat = t_i (1 + gamma_i)``,
+    ``x_hat = x + sqrt(t_hat^2 - t_i^2) * s_noise * noise``; then a Heun step to ``t_{i+1}``.
+    ``gamma_i = min(s_churn / N, sqrt(2) - 1)`` where ``s_tmin <= t_i <= s_tmax``, else 0.
+    The state's x0 after a step is the estimate at the Euler-predicted point (the second call).
+    """
+
+    name = "heun"
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        steps: int | None = None,
+        s_churn: float = 40.0,
+        s_tmin: float = 0.05,
+        s_tmax: float = 50.0,
+        s_noise: float = 1.0,
+        **kw,
+    ):
+        super().__init__(denoiser, steps, **kw)
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+
+    def gamma(self, i: int) -> float:
+        t = float(self.sigmas[i])
+        if self.s_tmin <= t <= self.s_tmax:
+            return min(self.s_churn / self.num_steps, math.sqrt(2) - 1)
+        return 0.0
+
+    def step_nfe(self, i: int) -> int:
+        first = 0 if (i == 0 and self.gamma(0) == 0) else 1
+        return first + (1 if float(self.sigmas[i + 1]) > 0 else 0)
+
+    def uses_noise(self, i: int) -> bool:
+        return self.gamma(i) > 0
+
+    def step(self, state: State, noise: torch.Tensor | None) -> State:
+        i = state.step
+        if i >= self.num_steps:
+            raise ValueError("state is already at the end of the schedule")
+        t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        noise = self.check_noise(state, noise)
+        gamma = self.gamma(i)
+        t_hat = t * (1 + gamma)
+        x_hat = state.x + math.sqrt(max(t_hat**2 - t**2, 0.0)) * self.s_noise * noise
+        if gamma == 0 and state.x0_at_x:
+            denoised = state.x0
+        else:
+            denoised = self.denoise(x_hat, t_hat, state.cond, state.owner)
+        d = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d
+        if t_next == 0:
+            return replace(state, x=x_next, x0=x_next, step=i + 1, x0_at_x=True)
+        denoised2 = self.denoise(x_next, t_next, state.cond, state.owner)
+        d2 = (x_next - denoised2) / t_next
+        x_next = x_hat + (t_next - t_hat) * (d + d2) / 2
+        return replace(state, x=x_next, x0=denoised2, step=i + 1, x0_at_x=False)
+
+
+SAMPLERS = {"euler-ancestral": EulerAncestral, "euler": lambda d, steps=None, **kw: EulerAncestral(d, steps, eta=0.0, **kw), "heun": HeunChurn}
+
+
+def make_sampler(name: str, denoiser: Denoiser, steps: int | None = None, **kw) -> Sampler:
+    if name not in SAMPLERS:
+        raise unknown_name("sampler", name, SAMPLERS)
+    return SAMPLERS[name](denoiser, steps, **kw)
