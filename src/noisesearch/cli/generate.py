@@ -1,0 +1,158 @@
+"""``noisesearch generate``: run one search strategy and write samples, a grid and report.json."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from noisesearch.errors import NoiseSearchError
+
+EPILOG = """examples:
+  noisesearch generate --model digits --prompt 3 --guidance 0 --reward digit \\
+      --strategy best-of-n --budget-nfe 360 --num-samples 16 --seed 0 --out runs/demo
+  noisesearch generate --model path/to/sd-pipeline --prompt "a red bicycle" --guidance 7.5 \\
+      --reward clip@path/to/clip --strategy best-of-n --budget-nfe 120 --steps 30 --out runs/sd
+
+outputs in --out: samples.png (grid), samples/NNNN.png, images.npy, report.json (written last).
+"""
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _float_tuple(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+_TYPES = {"int": int, "float": float, "bool": _parse_bool, "str": str, "tuple[float, ...]": _float_tuple, "tuple[int, ...]": _int_tuple}
+
+
+def strategy_option_fields():
+    """{option name: (parse type, [(strategy, default), ...])} over every registered strategy."""
+    from noisesearch.search import STRATEGIES
+
+    opts: dict[str, tuple] = {}
+    for sname, cls in STRATEGIES.items():
+        for f in dataclasses.fields(cls):
+            typ = _TYPES.get(str(f.type).replace("typing.", ""), str)
+            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            opts.setdefault(f.name, (typ, []))[1].append((sname, default))
+    return opts
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "generate",
+        help="search for samples that score high on a reward, within a compute budget",
+        description="Run a search strategy on a model for a reward within a budget; write samples, a grid and report.json.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("model and prompts")
+    g.add_argument("--model", default="digits", help="'digits' (built in), a diffusers pipeline folder, or a hub name org/model (default: digits)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); for digits a digit 0-9")
+    g.add_argument("--prompts-file", type=Path, help="file with one prompt per line (or a JSON list)")
+    g.add_argument("--guidance", type=float, default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 18 for digits)")
+    g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler (deterministic), heun (EDM Heun with churn)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
+
+    g = p.add_argument_group("search")
+    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--strategy", default="best-of-n", help="search strategy (default: best-of-n); see the strategy options below")
+    g.add_argument("--budget-nfe", type=float, default=None, help="budget in network evaluations (NFEs) per sample")
+    g.add_argument("--budget-flops", type=float, default=None, help="budget in FLOPs per sample (network and reward calls)")
+    g.add_argument("--num-samples", type=int, default=1, help="independent searches (output samples) per prompt (default: 1)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    g = p.add_argument_group("strategy options (each applies to the strategies listed)")
+    for name, (typ, users) in sorted(strategy_option_fields().items()):
+        which = ", ".join(f"{s}={d}" for s, d in users)
+        g.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, type=typ, default=None, metavar=name.upper(), help=f"[{which}]")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=Path("runs/generate"), help="output folder (default: runs/generate)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            text = args.prompts_file.read_text()
+        except OSError as e:
+            raise NoiseSearchError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
+        if text.lstrip().startswith("["):
+            try:
+                prompts += [str(x) for x in json.loads(text)]
+            except json.JSONDecodeError as e:
+                raise NoiseSearchError(f"--prompts-file {args.prompts_file} looks like JSON but does not parse: {e}") from None
+        else:
+            prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise NoiseSearchError("give at least one prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NoiseSearchError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def run(args) -> int:
+    from noisesearch import api
+
+    prompts = read_prompts(args)
+    if args.budget_nfe is None and args.budget_flops is None:
+        raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
+    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    result = api.generate(
+        model=args.model,
+        prompts=prompts,
+        reward=args.reward,
+        strategy=args.strategy,
+        budget_nfe=args.budget_nfe,
+        budget_flops=args.budget_flops,
+        num_samples=args.num_samples,
+        guidance=args.guidance,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        device=resolve_device(args.device),
+        max_batch=args.max_batch,
+        strategy_options=options,
+        progress=not (args.no_progress or args.quiet),
+    )
+    result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    out = api.save_run(result, args.out)
+    if not args.quiet:
+        r = result.report
+        line = f"{r['strategy']}: reward_mean {r['reward_mean']:.4f}"
+        if "judge_accuracy" in r:
+            line += f"  judge_accuracy {r['judge_accuracy']:.3f}"
+        line += f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
+        print(line)
+        print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/report.json")
+    return 0

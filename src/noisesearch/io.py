@@ -1,0 +1,75 @@
+"""Atomic file output and image grids."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+
+
+def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
+    """One image [C, H, W] in [0, 1] to PIL, upscaled by ``scale`` (nearest neighbour)."""
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    pic = Image.fromarray(arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0)))
+    if scale > 1:
+        pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+    return pic
+
+
+def image_grid(images: torch.Tensor, ncol: int | None = None, scale: int | None = None, pad: int = 2) -> Image.Image:
+    """Grid of images [B, C, H, W] in [0, 1]; small images are upscaled so the grid is viewable."""
+    b, c, h, w = images.shape
+    scale = scale or max(1, 64 // max(h, w))
+    ncol = ncol or math.ceil(math.sqrt(b))
+    nrow = math.ceil(b / ncol)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    grid = Image.new("RGB", (ncol * cell_w + pad, nrow * cell_h + pad), (255, 255, 255))
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        grid.paste(to_pil(images[i], scale).convert("RGB"), (pad + col * cell_w, pad + r * cell_h))
+    return grid
+
+
+def save_png(path: str | os.PathLike, pic: Image.Image) -> None:
+    import io as _io
+
+    buf = _io.BytesIO()
+    pic.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
