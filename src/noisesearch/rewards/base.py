@@ -66,8 +66,8 @@ def make_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
         if len(parts) < 2:
             raise NoiseSearchError("ranksum(...) needs at least two rewards, e.g. ranksum(digit,brightness)")
         return RankSum([make_reward(p, device) for p in parts])
-    if "+" in spec.replace("e+", "e") or "*" in spec:
-        terms = [t for t in re.split(r"\+(?![0-9])", spec) if t.strip()]
+    if "+" in spec or "*" in spec:
+        terms = [t for t in re.split(r"(?<![0-9]e)\+", spec) if t.strip()]
         rewards, weights = [], []
         for t in terms:
             tm = _TERM.match(t)
