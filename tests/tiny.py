@@ -88,6 +88,7 @@ def _scheduler(prediction_type: str):
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
         timestep_spacing="linspace",
+        steps_offset=1,  # unused by "linspace"; 1 avoids the pipeline's deprecation warning
     )
 
 
@@ -169,7 +170,7 @@ def tiny_sdxl_pipeline(directory: str | Path, seed: int = 0):
 
 def tiny_clip_model_dir(directory: str | Path, seed: int = 0) -> Path:
     """A random CLIPModel (+ tokenizer and image processor) saved to ``directory``; returns it."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -188,5 +189,12 @@ def tiny_clip_model_dir(directory: str | Path, seed: int = 0) -> Path:
     model = CLIPModel(config).eval()
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(directory))
+    preprocessor = {  # what CLIPImageProcessor.save_pretrained writes, with non-default mean / std
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": 32},
+        "crop_size": {"height": 32, "width": 32},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.25, 0.25, 0.25],
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return directory

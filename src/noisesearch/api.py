@@ -96,9 +96,9 @@ def generate(
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input."""
     t_load = time.perf_counter()
+    strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = load_model(model, device=device, guidance=guidance) if isinstance(model, str) else model
     reward_fn = make_reward(reward, device=device) if isinstance(reward, str) else reward
-    strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     all_prompts = expand_prompts([str(p) for p in prompts], num_samples)
     cond = denoiser.encode(all_prompts)
     if steps is not None and steps < 1:
@@ -107,7 +107,8 @@ def generate(
         len(all_prompts),
         nfe=budget_nfe,
         flops=budget_flops,
-        cost=CostModel(denoiser.flops_per_call, reward_fn.flops_per_image),
+        # a reward call on a latent model pays for decoding the Tweedie estimate too
+        cost=CostModel(denoiser.flops_per_call, reward_fn.flops_per_image + getattr(denoiser, "flops_per_decode", 0.0)),
     )
     samp: Sampler = make_sampler(sampler, denoiser, steps, max_batch=max_batch, budget=budget)
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,57 @@
+"""Shared pytest fixtures. Each group is self-contained; add new groups below their own header."""
+from __future__ import annotations
+
+import os
+
+# Tests never touch the network: the Hugging Face libraries read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+
+# ---- tiny diffusers pipelines and CLIP models (builders in tests/tiny.py) ---------------------------
+# Saved once per session with save_pretrained, so that tests load them by path like a user would.
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Directory of a tiny random StableDiffusionPipeline (eps-prediction, Euler scheduler)."""
+    pytest.importorskip("diffusers")
+    from tiny import tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_sd")
+    tiny_sd_pipeline(root, prediction_type="epsilon").save_pretrained(root / "pipe")
+    return str(root / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_dir(tmp_path_factory):
+    """Directory of a tiny random StableDiffusionPipeline with v-prediction."""
+    pytest.importorskip("diffusers")
+    from tiny import tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_sd_v")
+    tiny_sd_pipeline(root, prediction_type="v_prediction", seed=1).save_pretrained(root / "pipe")
+    return str(root / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """Directory of a tiny random StableDiffusionXLPipeline."""
+    pytest.importorskip("diffusers")
+    from tiny import tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    tiny_sdxl_pipeline(root).save_pretrained(root / "pipe")
+    return str(root / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """Directory of a tiny random CLIPModel with its tokenizer and preprocessor config."""
+    pytest.importorskip("transformers")
+    from tiny import tiny_clip_model_dir
+
+    return str(tiny_clip_model_dir(tmp_path_factory.mktemp("tiny_clip")))
