@@ -1,0 +1,167 @@
+"""``noisesearch simulate``: replay strategies on a reward pool and compare them with best-of-N.
+
+Example (the TTSnap authors' protocol)::
+
+    noisesearch simulate --pool ../shared/data/ttsnap-flux --reward hps --method ttsnap \\
+        --steps 2,6,11 --keep 0.4,0.4,0.5 --budgets 400:4000:200 --iters 50 \\
+        --cost-model reference --prompts 0:200 --json out.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from noisesearch.errors import NoiseSearchError, unknown_name
+
+METHODS = ("best-of-n", "ttsp", "ttsnap", "tuned", "budget-aware")
+
+
+def add_parser(sub):
+    from noisesearch.pruning import AGGREGATES
+    from noisesearch.simulate.options import add_pool_arguments
+
+    p = sub.add_parser(
+        "simulate",
+        help="Monte Carlo replay of strategies (best-of-N, TTSp, TTSnap, tuned) on a reward pool",
+        description="Replay strategies on a reward pool under a compute model; report reward-vs-budget curves "
+        "and the relative AUC gain over best-of-N (the TTSnap paper's protocol).",
+    )
+    add_pool_arguments(p)
+    p.add_argument("--method", default="ttsnap",
+                   help="comma-separated methods: best-of-n, ttsp, ttsnap (with --steps/--keep), tuned and "
+                        "budget-aware (from a 'noisesearch tune' JSON given by --from); best-of-n is always included")
+    p.add_argument("--steps", default=None,
+                   help="check steps for ttsp/ttsnap, e.g. 2,6,11 (default: the paper's schedule for the reward setting)")
+    p.add_argument("--keep", default=None, help="keep fraction at each check, e.g. 0.4,0.4,0.5")
+    p.add_argument("--aggregate", default="rank", choices=AGGREGATES,
+                   help="multi-reward pruning: rank sum (default, the paper's) or z-score sum")
+    p.add_argument("--from", dest="from_json", default=None,
+                   help="JSON written by 'noisesearch tune' (for --method tuned / budget-aware)")
+    p.add_argument("--iters", type=int, default=50, help="Monte Carlo iterations (default 50)")
+    p.add_argument("--prompts", default=None, help="prompt range START:STOP (default: all)")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="write a reward-vs-budget PNG here")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_strategies(args, pool, rewards):
+    """Strategy objects for ``--method``, plus warnings to report."""
+    from noisesearch.pruning import PruneSchedule
+    from noisesearch.simulate.strategies import BestOfN, BudgetAware, Plan, Prune, published_schedule
+
+    names = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not names:
+        raise NoiseSearchError("--method: give at least one method")
+    warnings = []
+    strategies = []
+    tuned = None
+    for name in names:
+        if name not in METHODS:
+            raise unknown_name("method", name, METHODS)
+        if name == "best-of-n":
+            strategies.append(BestOfN())
+        elif name in ("ttsp", "ttsnap"):
+            if (args.steps is None) != (args.keep is None):
+                raise NoiseSearchError("give --steps and --keep together (or neither for the paper's schedule)")
+            if args.steps is None:
+                schedule = published_schedule(len(rewards), pool.num_steps)
+            else:
+                schedule = PruneSchedule.parse(args.steps, args.keep)
+            schedule.validate(pool.num_steps)
+            na = name == "ttsnap"
+            if na:
+                missing = [r for r in rewards if not pool.has_noise_aware(r)]
+                if missing:
+                    warnings.append(f"ttsnap: no noise-aware scores for {', '.join(missing)}; those use base rewards (TTSp)")
+            strategies.append(Prune(Plan(schedule, na, args.aggregate), name))
+        else:
+            if args.from_json is None:
+                raise NoiseSearchError(f"--method {name} needs --from TUNE.json (written by 'noisesearch tune')")
+            if tuned is None:
+                try:
+                    with open(args.from_json) as f:
+                        tuned = json.load(f)
+                except (OSError, json.JSONDecodeError) as e:
+                    raise NoiseSearchError(f"cannot read {args.from_json}: {e}")
+            try:
+                entry = tuned["strategies"][name]
+            except (KeyError, TypeError):
+                raise NoiseSearchError(f"{args.from_json} has no '{name}' strategy (is it a 'noisesearch tune' JSON?)")
+            if tuned.get("rewards") and list(tuned["rewards"]) != rewards:
+                warnings.append(f"{name}: tuned for rewards {tuned['rewards']}, used with {rewards}")
+            if name == "tuned":
+                strategies.append(Prune(Plan.from_dict(entry), "tuned"))
+            else:
+                strategies.append(BudgetAware.from_dict(entry))
+    return strategies, warnings
+
+
+def run(args) -> int:
+    from noisesearch.pools import atomic_write_json
+    from noisesearch.simulate.costs import CostSpec
+    from noisesearch.simulate.engine import Replay, simulate
+    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
+    from noisesearch.simulate.report import simulation_report
+
+    if args.iters < 1:
+        raise NoiseSearchError("--iters must be >= 1")
+    pool, rewards = load_for_cli(args)
+    sl = parse_range(args.prompts, pool.num_prompts, "prompts")
+    sub = pool.select_prompts(sl)
+    cost = CostSpec.from_pool(pool, rewards, args.cost_model)
+    budgets = budget_grid(args, cost, len(rewards))
+    strategies, warnings = build_strategies(args, pool, rewards)
+    replay = Replay(sub, rewards)
+    sim = simulate(replay, strategies, budgets, cost, iters=args.iters, seed=args.seed,
+                   progress=not args.no_progress and sys.stderr.isatty())
+    report = simulation_report(sim, replay)
+    capped = [n for n, m in sim.methods.items() if any(m.capped)]
+    if capped:
+        warnings.append(f"{', '.join(capped)}: the pool's {pool.num_candidates} candidates cap the starts at some budgets")
+    out = {
+        "command": "simulate",
+        "pool": str(args.pool),
+        "model": pool.model,
+        "prompts": [sl.start, sl.stop],
+        "num_prompts": sub.num_prompts,
+        "num_candidates": pool.num_candidates,
+        "num_steps": pool.num_steps,
+        "flops_per_step": pool.flops_per_step,
+        "flops_per_reward": {r: pool.flops_per_reward[r] for r in rewards},
+        **report,
+        "warnings": warnings,
+    }
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    _print_summary(out, rewards)
+    if args.json:
+        atomic_write_json(args.json, out)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from noisesearch.simulate.plots import plot_curves
+
+        curves = {n: m.curve for n, m in sim.methods.items()}
+        stderr = {n: m.stderr for n, m in sim.methods.items()}
+        gains = {n: list(sim.gain(n)[0]) for n in sim.methods}
+        title = f"{pool.model}: {','.join(rewards)}, {args.cost_model} cost, {sub.num_prompts} prompts, {args.iters} iterations"
+        plot_curves(args.plot, sim.budgets / 1e12, curves, rewards, stderr, gains, pool.extra.get("display"), title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _print_summary(out, rewards):
+    print(f"{out['model']}: {out['num_prompts']} prompts x {out['num_candidates']} candidates x {out['num_steps']} steps; "
+          f"cost model {out['cost_model']}; budgets {out['budgets'][0]:g}..{out['budgets'][-1]:g} TFLOPs; "
+          f"{out['iters']} iterations")
+    head = f"{'method':<16}{'starts':>10}  " + "  ".join(f"{'AUC ' + r:>16}" for r in rewards)
+    print(head)
+    for name, m in out["methods"].items():
+        g, se = m["auc_gain"], m["auc_gain_se"]
+        if len(rewards) == 1:
+            g, se = {rewards[0]: g}, {rewards[0]: se}
+        cells = []
+        for r in rewards:
+            cells.append(f"{'n/a':>16}" if g[r] is None else f"{g[r]:>+9.2f}% ±{(se[r] or 0):4.2f}")
+        starts = f"{m['starts'][0]}..{m['starts'][-1]}"
+        print(f"{name:<16}{starts:>10}  " + "  ".join(cells))

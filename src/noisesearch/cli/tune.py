@@ -1,0 +1,148 @@
+"""``noisesearch tune``: search pruning strategies on training prompts, report them on held-out ones.
+
+Example::
+
+    noisesearch tune --pool ../shared/data/ttsnap-flux --reward hps --train-prompts 0:100 \\
+        --test-prompts 100:200 --cost-model exact --json out.json
+
+The JSON holds the chosen strategy (``chosen``: ``tuned`` = the best fixed plan, or ``budget-aware``
+= a plan per budget), its ``test_auc_gain`` on the held-out prompts (a number, or a dict per reward),
+the paper's schedule evaluated the same way (``published``), and the search details. Replay a
+result with ``noisesearch simulate --method tuned,budget-aware --from out.json``.
+"""
+from __future__ import annotations
+
+import sys
+
+from noisesearch.errors import NoiseSearchError
+
+
+def add_parser(sub):
+    from noisesearch.simulate.options import add_pool_arguments
+
+    p = sub.add_parser(
+        "tune",
+        help="search pruning schedules / adaptive strategies on training prompts, report held-out AUC gain",
+        description="Search pruning plans (number of checks, check steps, keep fractions, noise-aware or base "
+        "scoring, multi-reward aggregation) and a budget-aware strategy on --train-prompts only; report the "
+        "chosen strategy and the paper's schedule on --test-prompts under the same protocol.",
+    )
+    add_pool_arguments(p)
+    p.add_argument("--train-prompts", required=True, help="prompt range used for the search, e.g. 0:100")
+    p.add_argument("--test-prompts", default=None, help="held-out prompt range for the report, e.g. 100:200")
+    p.add_argument("--explore", type=int, default=150, help="random plans in the first stage (default 150)")
+    p.add_argument("--iters-explore", type=int, default=20, help="Monte Carlo iterations per plan while searching")
+    p.add_argument("--iters-confirm", type=int, default=96, help="iterations to confirm the finalists (fresh draws)")
+    p.add_argument("--iters-test", type=int, default=200, help="iterations for the held-out report")
+    p.add_argument("--max-checks", type=int, default=3, help="most checks in a plan (default 3)")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--plot", default=None, help="PNG of the held-out curves (needs --test-prompts)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from noisesearch.pools import atomic_write_json
+    from noisesearch.simulate.costs import CostSpec
+    from noisesearch.simulate.engine import Replay, check_budgets
+    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
+    from noisesearch.simulate.report import per_reward
+    from noisesearch.simulate.tuning import TuneConfig, tune
+
+    for flag in ("explore", "iters_explore", "iters_confirm", "iters_test"):
+        if getattr(args, flag) < 1:
+            raise NoiseSearchError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_checks < 0:
+        raise NoiseSearchError("--max-checks must be >= 0")
+    pool, rewards = load_for_cli(args)
+    train_sl = parse_range(args.train_prompts, pool.num_prompts, "train-prompts")
+    test_sl = parse_range(args.test_prompts, pool.num_prompts, "test-prompts") if args.test_prompts else None
+    if test_sl is not None and max(train_sl.start, test_sl.start) < min(train_sl.stop, test_sl.stop):
+        raise NoiseSearchError("--train-prompts and --test-prompts overlap: held-out prompts must not be searched on")
+    if args.plot and test_sl is None:
+        raise NoiseSearchError("--plot needs --test-prompts")
+    cost = CostSpec.from_pool(pool, rewards, args.cost_model)
+    budgets = check_budgets(budget_grid(args, cost, len(rewards)), cost)
+    train = Replay(pool.select_prompts(train_sl), rewards)
+    test = Replay(pool.select_prompts(test_sl), rewards) if test_sl is not None else None
+    config = TuneConfig(explore=args.explore, iters_explore=args.iters_explore, iters_confirm=args.iters_confirm,
+                        iters_test=args.iters_test, seed=args.seed, max_checks=args.max_checks)
+    res = tune(train, test, cost, budgets, config, progress=not args.no_progress and sys.stderr.isatty())
+
+    strategies = res["strategies"]
+    raw_curves = {k: np.asarray(v["test_curve"]).T for k, v in strategies.items() if "test_curve" in v}  # [B, R]
+    raw_gains = {k: v.get("test_auc_gain") for k, v in strategies.items()}
+    for entry in strategies.values():  # gains: number (one reward) or dict per reward
+        for key in ("train_auc_gain", "test_auc_gain", "test_auc_gain_se"):
+            if key in entry:
+                entry[key] = per_reward(entry[key], rewards, 3)
+        if "test_curve" in entry:
+            entry["test_curve"] = per_reward(_transpose(entry["test_curve"]), rewards)
+    for f in res["search"]["finalists"]:
+        for key in ("train_auc_gain_explore", "train_auc_gain_confirm"):
+            f[key] = per_reward(f[key], rewards, 3)
+    chosen = res["chosen"]
+    out = {
+        "command": "tune",
+        "pool": str(args.pool),
+        "model": pool.model,
+        "rewards": rewards,
+        "cost_model": args.cost_model,
+        "train_prompts": [train_sl.start, train_sl.stop],
+        "test_prompts": [test_sl.start, test_sl.stop] if test_sl else None,
+        "budgets": [round(b / 1e12, 6) for b in budgets],
+        "budget_unit": "TFLOPs per prompt",
+        "chosen": chosen,
+        "strategy": {k: v for k, v in strategies[chosen].items() if not k.startswith(("test_", "train_"))},
+        "train_auc_gain": strategies[chosen]["train_auc_gain"],
+    }
+    if test is not None:
+        out["test_auc_gain"] = strategies[chosen]["test_auc_gain"]
+        if "published" in strategies:
+            out["published_test_auc_gain"] = strategies["published"]["test_auc_gain"]
+        out["best_of_n_test_curve"] = per_reward(_transpose(res["best_of_n_test_curve"]), rewards)
+    out["strategies"] = strategies
+    out["search"] = res["search"]
+    _print_summary(out, rewards)
+    if args.json:
+        atomic_write_json(args.json, out)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from noisesearch.simulate.plots import plot_curves
+
+        curves = {"best-of-n": np.asarray(res["best_of_n_test_curve"]).T, **raw_curves}
+        title = f"{pool.model}: {','.join(rewards)}, {args.cost_model} cost, held-out prompts {test_sl.start}:{test_sl.stop}"
+        plot_curves(args.plot, budgets / 1e12, curves, rewards, None, raw_gains, pool.extra.get("display"), title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _transpose(rows):
+    """[R][B] lists -> [B][R]."""
+    return [list(x) for x in zip(*rows)]
+
+
+def _print_summary(out, rewards):
+    def fmt(g):
+        if g is None:
+            return "n/a"
+        if isinstance(g, dict):
+            return ", ".join(f"{r} {v:+.2f}%" if v is not None else f"{r} n/a" for r, v in g.items())
+        return f"{g:+.2f}%"
+
+    s = out["strategies"]
+    print(f"{out['model']} {','.join(rewards)} ({out['cost_model']} cost): searched {out['search']['evaluated']} plans "
+          f"on prompts {out['train_prompts'][0]}:{out['train_prompts'][1]}")
+    for k in ("tuned", "budget-aware", "published"):
+        if k not in s:
+            continue
+        e = s[k]
+        desc = f"{e['method']} steps {e['steps']} keep {e['keep']}" + (f" ({e['aggregate']})" if len(rewards) > 1 else "") \
+            if "table" not in e else f"{len({(tuple(r['steps']), tuple(r['keep'])) for r in e['table']})} plans over budgets"
+        line = f"  {k:<13} {desc}\n  {'':<13} train {fmt(e['train_auc_gain'])}"
+        if "test_auc_gain" in e:
+            line += f" | held-out {fmt(e['test_auc_gain'])}"
+        print(line)
+    print(f"chosen: {out['chosen']}" + (f"; held-out AUC gain {fmt(out['test_auc_gain'])}" if "test_auc_gain" in out else ""))
