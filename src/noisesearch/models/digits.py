@@ -65,11 +65,15 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, config: dict) -> None:
+def save_weights(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, config: dict, flops: dict | None = None
+) -> None:
     """Write ``tensors`` to ``path`` atomically (temp file + ``os.replace``).
 
     The metadata holds ``kind`` (what the file is), ``config`` (JSON, the constructor arguments of
-    the module) and ``sha256`` (a digest of the tensors, checked on load).
+    the module), ``sha256`` (a digest of the tensors, checked on load) and optionally ``flops``
+    (JSON, FLOP counts measured with ``count_flops`` when the file was written, so that loading
+    does not have to run ``FlopCounterMode``, whose first use imports torch._dynamo: seconds).
     """
     from safetensors.torch import save_file
 
@@ -77,10 +81,13 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"kind": kind, "config": json.dumps(config, sort_keys=True), "sha256": _tensor_digest(tensors)}
+    if flops is not None:
+        metadata["flops"] = json.dumps(flops, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shipped / shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -88,9 +95,10 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind
         raise
 
 
-def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config) from a file written by ``save_weights``; ``NoiseSearchError`` if the file
-    is missing, unreadable, truncated, of another kind or fails its checksum."""
+def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors, config, flops) from a file written by ``save_weights`` (``flops`` is ``{}`` if the
+    file has none); ``NoiseSearchError`` if the file is missing, unreadable, truncated, of another
+    kind or fails its checksum."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -112,9 +120,10 @@ def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Te
         raise NoiseSearchError(f"{kind} weights at {path} fail their checksum (corrupt file); {hint}")
     try:
         config = json.loads(metadata["config"])
+        flops = json.loads(metadata.get("flops") or "{}")
     except (KeyError, json.JSONDecodeError):
         raise NoiseSearchError(f"{kind} weights at {path} have no readable config; {hint}") from None
-    return tensors, config
+    return tensors, config, flops
 
 
 def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], path, kind: str) -> nn.Module:
@@ -189,7 +198,7 @@ class DigitsUNet(nn.Module):
     middle, additive skip connections.
     """
 
-    def __init__(self, ch: int = 32, emb_dim: int = 128, num_labels: int = NUM_LABELS, dropout: float = 0.0):
+    def __init__(self, ch: int = 16, emb_dim: int = 128, num_labels: int = NUM_LABELS, dropout: float = 0.0):
         super().__init__()
         self.config = dict(ch=ch, emb_dim=emb_dim, num_labels=num_labels, dropout=dropout)
         c0, c1 = ch, 2 * ch
@@ -241,22 +250,34 @@ class EDMDigits(nn.Module):
         return c_skip * x + c_out * F_x
 
 
-def load_edm_digits(weights: str | os.PathLike | None = None, device="cpu") -> EDMDigits:
-    """The preconditioned network with weights from ``weights`` (default: the shipped file)."""
+def measure_call_flops(model: EDMDigits) -> dict[str, float]:
+    """FLOPs of one denoiser call for one sample: ``{"1": one branch, "2": two CFG branches}``."""
+    out = {}
+    for branches in (1, 2):
+        x = torch.zeros(branches, 1, 8, 8, device=next(model.parameters()).device)
+        sigma = torch.ones(branches, device=x.device)
+        labels = torch.zeros(branches, dtype=torch.long, device=x.device)
+        out[str(branches)] = count_flops(model, x, sigma, labels)
+    return out
+
+
+def load_edm_digits(weights: str | os.PathLike | None = None, device="cpu") -> tuple[EDMDigits, dict]:
+    """The preconditioned network with weights from ``weights`` (default: the shipped file), and
+    the FLOP counts stored with it (``measure_call_flops`` at training time; ``{}`` if absent)."""
     path = Path(weights) if weights is not None else WEIGHTS_DIR / DENOISER_FILE
-    tensors, config = load_weights(path, "digits_denoiser")
+    tensors, config, flops = load_weights(path, "digits_denoiser")
     try:
         model = EDMDigits(**config)
     except TypeError as e:
         raise NoiseSearchError(f"digits_denoiser weights at {path} have an unknown config ({e})") from None
     load_state(model, tensors, path, "digits_denoiser")
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False), flops
 
 
 # ---------------------------------------------------------------------------------------------
 # the Denoiser
 # ---------------------------------------------------------------------------------------------
-_FLOPS_CACHE: dict[tuple[str, int], float] = {}
+_FLOPS_CACHE: dict[str, dict[str, float]] = {}  # config JSON -> measure_call_flops
 
 
 def encode_digits(prompts: Sequence[str] | str, device="cpu") -> torch.Tensor:
@@ -296,14 +317,14 @@ class DigitsDenoiser:
             raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance}")
         self.guidance = guidance
         self.device = torch.device(device)
-        self.model = load_edm_digits(weights, self.device)
+        self.model, stored_flops = load_edm_digits(weights, self.device)
         self.branches = 1 if guidance in (0.0, 1.0) else 2
-        key = (json.dumps(self.model.config, sort_keys=True), self.branches)
+        # FLOPs depend only on the architecture: measured with FlopCounterMode when the weights
+        # were written (stored in their metadata), else measured here once per process.
+        key = json.dumps(self.model.config, sort_keys=True)
         if key not in _FLOPS_CACHE:
-            cpu_model = EDMDigits(**self.model.config).eval()  # same architecture, counted on the CPU
-            x = torch.zeros(self.branches, *self.sample_shape)
-            _FLOPS_CACHE[key] = count_flops(cpu_model, x, torch.ones(self.branches), torch.zeros(self.branches, dtype=torch.long))
-        self.flops_per_call = _FLOPS_CACHE[key]
+            _FLOPS_CACHE[key] = stored_flops if set(stored_flops) >= {"1", "2"} else measure_call_flops(self.model)
+        self.flops_per_call = float(_FLOPS_CACHE[key][str(self.branches)])
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         return encode_digits(prompts, self.device)

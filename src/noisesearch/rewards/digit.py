@@ -1,0 +1,192 @@
+"""The ``digit`` reward (a small CNN) and the independent ``judge`` (an MLP) for 8x8 digits.
+
+Two classifiers of different architectures, trained on disjoint halves of the training images
+(see ``docs/digits.md``):
+
+* the reward classifier ``DigitCNN`` (train_a, with mild shift / noise / blur augmentation) is
+  what search strategies optimise (reward ``digit``);
+* the judge ``DigitMLP`` (train_b) is only for evaluation: it is never used for optimisation, so
+  that "the reward went up" can be checked against an opinion the search could not exploit.
+
+Input convention (both modules): ``forward(images01) -> logits``, with ``images01`` a float tensor
+[B, 1, 8, 8] in [0, 1] (what ``DigitsDenoiser.decode`` returns; 0 = background) and ``logits``
+[B, 10] for digits 0..9. The modules are plain ``nn.Module``s made of ``Conv2d`` / ``Linear``
+layers (plus ReLU, pooling, dropout), so they can be fine-tuned with LoRA (peft) by targeting
+``conv*`` / ``fc*`` layers.
+
+As rewards, both return ``log p(target digit | image)`` (<= 0), with target ``int(prompt)``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from noisesearch.errors import NoiseSearchError
+from noisesearch.models.digits import DIGIT_PROMPTS, WEIGHTS_DIR, count_flops, load_state, load_weights
+
+CLASSIFIER_FILE = "digit_classifier.safetensors"
+JUDGE_FILE = "digit_judge.safetensors"
+IMAGE_SHAPE = (1, 8, 8)
+
+
+class DigitCNN(nn.Module):
+    """Reward classifier: conv(1->c)-conv(c->2c)-maxpool-conv(2c->2c)-maxpool-fc-fc.
+
+    ``forward(images01 [B, 1, 8, 8] in [0, 1]) -> logits [B, 10]``.
+    """
+
+    def __init__(self, ch: int = 32, hidden: int = 128, dropout: float = 0.25):
+        super().__init__()
+        self.config = dict(arch="cnn", ch=ch, hidden=hidden, dropout=dropout)
+        self.conv1 = nn.Conv2d(1, ch, 3, padding=1)  # 8x8
+        self.conv2 = nn.Conv2d(ch, 2 * ch, 3, padding=1)  # 8x8 -> pool 4x4
+        self.conv3 = nn.Conv2d(2 * ch, 2 * ch, 3, padding=1)  # 4x4 -> pool 2x2
+        self.dropout = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(2 * ch * 2 * 2, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        h = images01 * 2 - 1
+        h = F.relu(self.conv1(h))
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        h = F.max_pool2d(F.relu(self.conv3(h)), 2)
+        h = F.relu(self.fc1(self.dropout(h.flatten(1))))
+        return self.fc2(self.dropout(h))
+
+
+class DigitMLP(nn.Module):
+    """Judge: an MLP on the 64 pixels, 64 -> hidden -> hidden -> 10 (ReLU, dropout).
+
+    ``forward(images01 [B, 1, 8, 8] in [0, 1]) -> logits [B, 10]``.
+    """
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.config = dict(arch="mlp", hidden=hidden, dropout=dropout)
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 10)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        h = (images01 * 2 - 1).flatten(1)
+        h = self.dropout(F.relu(self.fc1(h)))
+        h = self.dropout(F.relu(self.fc2(h)))
+        return self.fc3(h)
+
+
+ARCHS = {"cnn": DigitCNN, "mlp": DigitMLP}
+
+
+def build_classifier(config: dict) -> nn.Module:
+    """A fresh classifier module from a config (``{"arch": "cnn" | "mlp", ...}``)."""
+    config = dict(config)
+    arch = config.pop("arch", None)
+    if arch not in ARCHS:
+        raise NoiseSearchError(f"unknown digit classifier architecture {arch!r}; valid: {', '.join(ARCHS)}")
+    return ARCHS[arch](**config)
+
+
+def parse_targets(prompts: Sequence[str], who: str) -> torch.Tensor:
+    """Target digits for prompts ``"0"`` .. ``"9"``; ``NoiseSearchError`` for anything else."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        s = p.strip() if isinstance(p, str) else None
+        if s not in DIGIT_PROMPTS:
+            raise NoiseSearchError(
+                f"{who} scores images for the prompts {', '.join(DIGIT_PROMPTS)} (the digit to show); got {p!r}"
+            )
+        out.append(int(s))
+    return torch.tensor(out, dtype=torch.long)
+
+
+class DigitClassifier:
+    """A digit classifier wrapped as a ``Reward`` (log p(target | image)) with ``predict``.
+
+    ``module`` is the plain ``nn.Module`` (``forward(images01) -> logits``); it is in eval mode
+    with gradients off; call ``module.requires_grad_(True)`` to fine-tune it.
+    """
+
+    def __init__(self, module: nn.Module, name: str, device: str | torch.device = "cpu", flops_per_image: float | None = None):
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval().requires_grad_(False)
+        self.name = name
+        if flops_per_image is None:
+            flops_per_image = measure_image_flops(self.module)
+        self.flops_per_image = float(flops_per_image)
+
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise NoiseSearchError(
+                f"reward {self.name!r} expects images of shape [B, 1, 8, 8] in [0, 1] "
+                f"(decoded samples of the digits model); got {got}"
+            )
+        return images.to(self.device, torch.float32)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 10] for images [B, 1, 8, 8] in [0, 1]."""
+        return self.module(self.check_images(images))
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """log p(int(prompt) | image), shape [B], values <= 0."""
+        targets = parse_targets(prompts, f"reward {self.name!r}").to(self.device)
+        logits = self.logits(images)
+        if targets.shape[0] != logits.shape[0]:
+            raise NoiseSearchError(f"{logits.shape[0]} images but {targets.shape[0]} prompts given to reward {self.name!r}")
+        return F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(argmax class LongTensor[B], its probability Tensor[B])."""
+        probs = F.softmax(self.logits(images).float(), dim=1)
+        p, c = probs.max(dim=1)
+        return c, p
+
+    def __repr__(self) -> str:
+        return f"DigitClassifier(name={self.name!r}, module={type(self.module).__name__}, device={str(self.device)!r})"
+
+
+def measure_image_flops(module: nn.Module) -> float:
+    """FLOPs of classifying one image, counted with ``FlopCounterMode``."""
+    device = next(module.parameters()).device
+    return count_flops(module, torch.zeros(1, *IMAGE_SHAPE, device=device))
+
+
+def load_classifier_module(path: str | os.PathLike, kind: str) -> tuple[nn.Module, float | None]:
+    """The plain ``nn.Module`` stored at ``path`` (``kind``: digit_classifier or digit_judge) and
+    its FLOPs per image as measured when the file was written (``None`` if not stored)."""
+    tensors, config, flops = load_weights(path, kind)
+    module = build_classifier(config)
+    return load_state(module, tensors, path, kind), flops.get("per_image")
+
+
+def load_classifier(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None) -> DigitClassifier:
+    """The reward classifier (``DigitCNN``, trained on train_a) as a ``DigitClassifier``."""
+    path = Path(weights) if weights else WEIGHTS_DIR / CLASSIFIER_FILE
+    module, flops = load_classifier_module(path, "digit_classifier")
+    return DigitClassifier(module, "digit", device, flops)
+
+
+def load_judge(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None) -> DigitClassifier:
+    """The judge (``DigitMLP``, trained on train_b) as a ``DigitClassifier``; for evaluation only."""
+    path = Path(weights) if weights else WEIGHTS_DIR / JUDGE_FILE
+    module, flops = load_classifier_module(path, "digit_judge")
+    return DigitClassifier(module, "judge", device, flops)
+
+
+def digit_reward(arg: str | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
+    """Reward ``digit`` (``digit@PATH`` loads other classifier weights)."""
+    return load_classifier(device, arg)
+
+
+def judge_reward(arg: str | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
+    """Reward ``judge`` (``judge@PATH`` loads other judge weights). Do not optimise it."""
+    return load_judge(device, arg)
