@@ -50,7 +50,7 @@ def test_spec_parsing():
 
 
 def test_unknown_reward_lists_valid_names():
-    with pytest.raises(NoiseSearchError, match="valid rewards: .*brightness.*digit"):
+    with pytest.raises(NoiseSearchError, match="valid rewards: digit, .*brightness.*compressibility"):
         make_reward("sharpness")
 
 

@@ -10,5 +10,6 @@ class BudgetError(NoiseSearchError):
 
 
 def unknown_name(kind: str, name: str, valid) -> NoiseSearchError:
-    valid = sorted(valid)
-    return NoiseSearchError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+    """``unknown <kind> 'x'; valid <kinds>: a, b, c`` (names in the order given)."""
+    plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+    return NoiseSearchError(f"unknown {kind} {name!r}; valid {plural}: {', '.join(map(str, valid))}")
