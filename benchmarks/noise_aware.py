@@ -1,0 +1,186 @@
+"""Noise-aware reward on digits-uncond: per-step Spearman correlation with the final reward and
+top-k recall, base reward against noise-aware reward, on held-out candidates.
+
+What it runs (each step is skipped when its output exists; ``--fresh`` redoes everything):
+
+    noisesearch pool --model digits --guidance 0 --reward digit --prompts 0,1,2,3,4,5,6,7,8,9 \\
+        --candidates 2000 --save-images --seed 0 --out pools/digits
+    noisesearch train-reward --pool pools/digits --reward digit --out rewards/digit-noise-aware
+    noisesearch pool --model digits --guidance 0 --reward digit,noise-aware@rewards/digit-noise-aware \\
+        --prompts 0,1,2,3,4,5,6,7,8,9 --candidates 1000 --seed 1 --out pools/digits-eval
+
+The evaluation pool uses another seed, so its candidates were never seen in training. For every
+step it prints, averaged over the 10 prompts, the Spearman correlation of the step's score with the
+final reward (per prompt, over its candidates) and the top-10% recall (share of the 10% best final
+images found among the 10% best by the step's score), with the standard error over prompts; writes
+``docs/noise_aware_spearman.png``, ``docs/noise_aware_recall.png`` and ``docs/noise_aware_results.json``.
+
+    .venv/bin/python benchmarks/noise_aware.py [--root .] [--train-args "--iters 300"]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPTS = "0,1,2,3,4,5,6,7,8,9"
+
+
+def cli(argv: list[str]) -> None:
+    from noisesearch.cli import main
+
+    print("$ noisesearch " + shlex.join(argv), flush=True)
+    t0 = time.perf_counter()
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"command failed with exit code {code}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def per_step_metrics(pool, name: str = "digit", top: float = 0.1) -> dict:
+    from noisesearch.train.noise_aware import spearman_per_prompt, topk_recall
+
+    base = pool.rewards[name]
+    na = pool.scores(name, noise_aware=True)
+    final = base[:, :, -1]
+    P, N, S = base.shape
+    k = max(1, int(round(top * N)))
+    rows = []
+    for s in range(S):
+        sb, sn = spearman_per_prompt(base[:, :, s], final), spearman_per_prompt(na[:, :, s], final)
+        rb, rn = topk_recall(base[:, :, s], final, k), topk_recall(na[:, :, s], final, k)
+        d = sn - sb
+        rows.append({
+            "step": s,
+            "sigma": pool.extra.get("sigmas", [None] * S)[s],
+            "trained": bool(name in pool.noise_aware and not np.isnan(pool.noise_aware[name][:, :, s]).all()),
+            "spearman_base": float(np.nanmean(sb)),
+            "spearman_noise_aware": float(np.nanmean(sn)),
+            "spearman_diff": float(np.nanmean(d)),
+            "spearman_diff_se": float(np.nanstd(d, ddof=1) / np.sqrt(P)) if P > 1 else float("nan"),
+            "spearman_diff_prompts_positive": int((d > 0).sum()),
+            "recall_base": float(rb.mean()),
+            "recall_noise_aware": float(rn.mean()),
+            "recall_diff_se": float(np.std(rn - rb, ddof=1) / np.sqrt(P)) if P > 1 else float("nan"),
+            "recall_diff_prompts_positive": int((rn - rb > 0).sum()),
+        })
+    return {"k": k, "top": top, "shape": [P, N, S], "steps": rows}
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["steps"]
+    s = np.array([r["step"] for r in rows])
+    top = int(results["top"] * 100)
+    files = []
+    for key, label, fname in [("spearman", "Spearman corr. with final reward", "noise_aware_spearman.png"),
+                              ("recall", f"top-{top}% recall of final top-{top}%", "noise_aware_recall.png")]:
+        fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.4, 5.6), dpi=120, sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 2]})
+        base = np.array([r[f"{key}_base"] for r in rows])
+        na = np.array([r[f"{key}_noise_aware"] for r in rows])
+        ax.plot(s, base, "o-", ms=4, label="base reward (digit)", color="tab:gray")
+        ax.plot(s, na, "s-", ms=4, label="noise-aware reward", color="tab:blue")
+        if key == "spearman":
+            ax.axhline(0.9, color="k", lw=0.6, ls=":")
+        ax.set_ylabel(label)
+        ax.set_title(f"digits-uncond, held-out candidates ({results['shape'][0]} prompts x {results['shape'][1]}, seed 1)",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+        se = np.array([r[f"{key}_diff_se"] for r in rows])
+        trained = np.array([r["trained"] for r in rows])
+        bx.axhline(0, color="k", lw=0.8)
+        bx.errorbar(s[trained], (na - base)[trained], yerr=se[trained], fmt="s", ms=4, capsize=2, color="tab:blue",
+                    label="noise-aware - base (± s.e. over prompts)")
+        if (~trained).any():
+            bx.plot(s[~trained], (na - base)[~trained], "x", color="tab:gray", label="scored by the base reward")
+        bx.set_ylabel("difference")
+        bx.set_xlabel("step index s (Tweedie estimate after s + 1 NFEs; 17 = final image)")
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("."), help="where pools/ and rewards/ go (default: .)")
+    ap.add_argument("--train-candidates", type=int, default=2000)
+    ap.add_argument("--eval-candidates", type=int, default=1000)
+    ap.add_argument("--train-args", default="", help="extra train-reward options, e.g. '--iters 300 --lora-rank 8'")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where figures and results go")
+    ap.add_argument("--fresh", action="store_true", help="remove existing pools and checkpoint first")
+    ap.add_argument("--retrain", action="store_true", help="remove the checkpoint (and the evaluation pool) first")
+    args = ap.parse_args()
+
+    from noisesearch.pools import load_pool
+
+    root = args.root
+    train_pool, eval_pool, reward_dir = root / "pools/digits", root / "pools/digits-eval", root / "rewards/digit-noise-aware"
+    if args.fresh or args.retrain:
+        for d in ((train_pool,) if args.fresh else ()) + (eval_pool, reward_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    common = ["--model", "digits", "--guidance", "0", "--prompts", PROMPTS, "--device", "cpu", "--no-progress"]
+    t0 = time.perf_counter()
+    cli(["pool", *common, "--reward", "digit", "--candidates", str(args.train_candidates), "--save-images",
+         "--seed", "0", "--out", str(train_pool)])
+    t_train = time.perf_counter()
+    cli(["train-reward", "--pool", str(train_pool), "--reward", "digit", "--out", str(reward_dir), "--device", "cpu",
+         "--no-progress", *shlex.split(args.train_args)])
+    t_train = time.perf_counter() - t_train
+    if (eval_pool / "pool.json").exists() and \
+            (reward_dir / "noise_aware.json").stat().st_mtime > (eval_pool / "pool.json").stat().st_mtime:
+        shutil.rmtree(eval_pool)  # the reward was retrained since: rescore the evaluation pool
+    cli(["pool", *common, "--reward", f"digit,noise-aware@{reward_dir}", "--candidates", str(args.eval_candidates),
+         "--seed", "1", "--out", str(eval_pool)])
+
+    pool = load_pool(eval_pool)
+    res = per_step_metrics(pool)
+    manifest = json.loads((reward_dir / "noise_aware.json").read_text())
+    res["train"] = {"config": manifest["config"], "seconds_total": sum(s["seconds"] for s in manifest["stages"]),
+                    "stages": manifest["stages"], "train_candidates": manifest["train_candidates"]}
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["train_seconds_this_run"] = round(t_train, 1)
+    print()
+    print(f"held-out: {res['shape'][0]} prompts x {res['shape'][1]} candidates (seed 1); top-k recall with k = {res['k']}")
+    print(f"{'step':>4} {'sigma':>8} {'spearman base':>14} {'noise-aware':>12} {'diff ± se':>16} {'prompts +':>9} "
+          f"{'recall base':>12} {'noise-aware':>12}")
+    for r in res["steps"]:
+        sig = f"{r['sigma']:.3f}" if r["sigma"] is not None else "-"
+        print(f"{r['step']:>4} {sig:>8} {r['spearman_base']:>14.3f} {r['spearman_noise_aware']:>12.3f} "
+              f"{r['spearman_diff']:>+8.3f} ± {r['spearman_diff_se']:.3f} {r['spearman_diff_prompts_positive']:>6}/{res['shape'][0]} "
+              f"{r['recall_base']:>12.3f} {r['recall_noise_aware']:>12.3f}")
+    below = [r for r in res["steps"] if r["spearman_base"] < 0.9]
+    met = [r["step"] for r in below if r["spearman_noise_aware"] > r["spearman_base"]]
+    print(f"\nsteps with base Spearman < 0.9: {[r['step'] for r in below]}; noise-aware higher at {met} "
+          f"({len(met)}/{len(below)})")
+    print(f"training: {res['train']['seconds_total']:.0f} s over {len(manifest['stages'])} stages")
+    res["target"] = {"steps_below_0.9": [r["step"] for r in below], "noise_aware_higher_at": met}
+    args.docs.mkdir(parents=True, exist_ok=True)
+    for f in plot(res, args.docs):
+        print(f"wrote {f}")
+    (args.docs / "noise_aware_results.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.docs / 'noise_aware_results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

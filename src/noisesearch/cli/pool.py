@@ -1,0 +1,110 @@
+"""``noisesearch pool``: sample candidates with a model and record per-step rewards (a reward pool)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from noisesearch.errors import NoiseSearchError
+
+EPILOG = """examples:
+  noisesearch pool --model digits --guidance 0 --reward digit --prompts 0,1,2,3,4,5,6,7,8,9 \\
+      --candidates 200 --save-images --out pools/digits
+  noisesearch pool --model digits --guidance 0 --reward digit,noise-aware@rewards/digit-noise-aware \\
+      --prompts 0,1,2,3,4,5,6,7,8,9 --candidates 200 --seed 1 --out pools/digits-eval
+  accelerate launch --multi_gpu --num_processes 2 -m noisesearch pool ... --device cpu   # shard prompts
+
+A rerun with the same --out continues an interrupted run (finished prompts are kept in --out/parts).
+outputs in --out: pool.json (manifest, written last), <reward>.base.npy [prompt, candidate, step],
+<reward>.noise_aware.npy (for noise-aware rewards), prompts.json, images.npz (--save-images).
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pool",
+        help="sample candidates and record the reward of every step's Tweedie estimate (a reward pool)",
+        description="Sample --candidates trajectories per prompt and store the reward of the Tweedie estimate at "
+        "every step, for each reward, in the simulator's pool format (resumable, shardable with accelerate).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("model and prompts")
+    g.add_argument("--model", default="digits", help="'digits' (built in), a diffusers pipeline folder, or a hub name (default: digits)")
+    g.add_argument("--guidance", type=float, default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
+    g.add_argument("--prompts", default=None, help="comma-separated prompts, e.g. 0,1,2,3,4,5,6,7,8,9")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; may contain commas)")
+    g.add_argument("--prompts-file", type=Path, help="file with one prompt per line (or a JSON list)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 18 for digits)")
+    g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler, heun")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
+
+    g = p.add_argument_group("pool")
+    g.add_argument("--reward", action="append", default=[], help="reward spec(s), comma-separated or repeated, e.g. digit or "
+                   "digit,noise-aware@DIR (a noise-aware reward is stored as the noise-aware variant of its base reward)")
+    g.add_argument("--candidates", type=int, default=200, help="candidates (starting noises) per prompt (default: 200)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the candidates' noise streams (default: 0)")
+    g.add_argument("--save-images", action="store_true", help="also store every estimate as uint8 (images.npz; needed by train-reward)")
+    g.add_argument("--max-prompts", type=int, default=None, help="compute at most N missing prompts (per process) and stop; rerun to continue")
+    g.add_argument("--out", type=Path, required=True, help="output folder")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_pool_prompts(args) -> list[str]:
+    from noisesearch.cli.generate import read_prompts
+
+    prompts = [s.strip() for s in (args.prompts or "").split(",") if s.strip()]
+    args_copy = argparse.Namespace(prompt=list(args.prompt), prompts_file=args.prompts_file)
+    if args.prompt or args.prompts_file:
+        prompts += read_prompts(args_copy)
+    if not prompts:
+        raise NoiseSearchError("give prompts: --prompts 0,1,2 (comma-separated), --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def run(args) -> int:
+    from noisesearch.cli.generate import resolve_device
+    from noisesearch.pools.generate import generate_pool, split_specs
+
+    prompts = read_pool_prompts(args)
+    rewards = [s for text in (args.reward or ["digit"]) for s in split_specs(text)]
+    if args.max_prompts is not None and args.max_prompts < 0:
+        raise NoiseSearchError("--max-prompts must be >= 0")
+    command = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    pool = generate_pool(
+        args.model,
+        rewards,
+        prompts,
+        args.candidates,
+        args.out,
+        guidance=args.guidance,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        device=resolve_device(args.device),
+        max_batch=args.max_batch,
+        save_images=args.save_images,
+        max_prompts=args.max_prompts,
+        progress=not (args.no_progress or args.quiet),
+        command=command,
+    )
+    if not args.quiet:
+        if pool is None:
+            from noisesearch.pools.generate import PARTS
+
+            done = len(list((args.out / PARTS).glob("prompt_*.npz")))
+            if done < len(prompts):
+                print(f"{done} of {len(prompts)} prompts done in {args.out}/{PARTS}; rerun the same command to continue")
+        else:
+            P, N, S = pool.shape
+            na = f", noise-aware: {', '.join(pool.noise_aware)}" if pool.noise_aware else ""
+            print(
+                f"pool {args.out}: {P} prompts x {N} candidates x {S} steps, rewards: {', '.join(pool.rewards)}{na}; "
+                f"{pool.flops_per_step:.4g} FLOPs/step, {pool.extra.get('seconds', 0):.1f} s"
+            )
+    return 0

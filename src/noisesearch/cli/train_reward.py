@@ -1,0 +1,93 @@
+"""``noisesearch train-reward``: fine-tune a noise-aware reward on a pool (curriculum self-distillation)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from noisesearch.errors import NoiseSearchError
+
+EPILOG = """examples:
+  noisesearch pool --model digits --guidance 0 --reward digit --prompts 0,1,2,3,4,5,6,7,8,9 \\
+      --candidates 400 --save-images --out pools/digits
+  noisesearch train-reward --pool pools/digits --reward digit --out rewards/digit-noise-aware
+  noisesearch generate --model digits --guidance 0 --reward digit --prompt 3 --strategy ttsnap \\
+      --prune-reward rewards/digit-noise-aware --budget-flops 2e9 --out runs/ttsnap
+
+The result is the reward spec noise-aware@DIR (usable in generate and pool). A rerun of the same
+command continues an interrupted training after its last finished stage.
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from noisesearch.train.noise_aware import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train-reward",
+        help="fine-tune a noise-aware reward model on a pool's Tweedie estimates",
+        description="Curriculum self-distillation (TTSnap): the student (a copy of the reward model) learns to predict "
+        "the reward of the finished image from the Tweedie estimate of each step, one stage per step from late to early.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pool", required=True, type=Path, help="pool folder made with `noisesearch pool ... --save-images`")
+    p.add_argument("--reward", required=True, help="the pool's reward to distil (teacher values), e.g. digit")
+    p.add_argument("--reward-spec", default="", help="spec of the reward model to fine-tune if it differs from the pool's record")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (the reward spec noise-aware@OUT)")
+    p.add_argument("--steps", default="", help="pool steps to train, comma-separated (default: all but the final image)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank through peft; 0 = full fine-tuning (default: {d.lora_rank})")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"start learning rate of the first stage (default: {d.lr:g})")
+    p.add_argument("--lr-decay", type=float, default=d.lr_decay, help=f"start learning rate of stage k = lr * decay^k (default: {d.lr_decay:g})")
+    p.add_argument("--iters", type=int, default=d.iters, help=f"optimizer steps per stage (default: {d.iters})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    p.add_argument("--replay", type=float, default=d.replay, help=f"share of each batch replaying earlier stages' steps (default: {d.replay:g})")
+    p.add_argument("--pairwise", type=float, default=d.pairwise, help=f"weight of the pairwise preference loss (default: {d.pairwise:g} = MSE only)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default: {d.weight_decay:g})")
+    p.add_argument("--holdout", type=float, default=d.holdout, help=f"share of candidates per prompt held out for validation (default: {d.holdout:g})")
+    p.add_argument("--cross-prompts", action="store_true", help="also distil the teacher's reward of every image for the "
+                   "pool's other prompts (valid when sampling ignores the prompt, e.g. guidance 0)")
+    p.add_argument("--no-gate", dest="gate", action="store_false", help="use every stage's weights, even where they do not "
+                   "beat the base reward on held-out candidates (default: such steps are scored by the base reward)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from noisesearch.cli.generate import resolve_device
+    from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
+
+    try:
+        steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
+    except ValueError:
+        raise NoiseSearchError(f"--steps {args.steps!r}: give comma-separated step indices, e.g. 0,1,2") from None
+    config = TrainConfig(
+        reward=args.reward,
+        reward_spec=args.reward_spec,
+        steps=steps,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        replay=args.replay,
+        pairwise=args.pairwise,
+        weight_decay=args.weight_decay,
+        holdout=args.holdout,
+        cross_prompts=args.cross_prompts,
+        gate=args.gate,
+        seed=args.seed,
+    )
+    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    manifest = train_noise_aware(args.pool, args.out, config, device=resolve_device(args.device),
+                                 progress=not (args.no_progress or args.quiet), log=log)
+    if not args.quiet and manifest.get("format"):
+        print(f"noise-aware reward noise-aware@{args.out}: steps {manifest['steps'][0]}..{manifest['steps'][-1]} "
+              f"({len(manifest['stages'])} stages) on {manifest['base_reward']}")
+    return 0

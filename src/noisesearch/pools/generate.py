@@ -1,0 +1,506 @@
+"""Pool generation: sample every candidate of every prompt with a model we can run and record the
+reward of its Tweedie (x0) estimate at every step, in the simulator's pool format.
+
+    from noisesearch.pools.generate import generate_pool
+    pool = generate_pool("digits", ["digit"], prompts=list("0123456789"), candidates=200,
+                         out="pools/digits", guidance=0, save_images=True)
+
+**Steps.** A pool's step axis ``s = 0 .. S-1`` lists the Tweedie estimates a trajectory produces:
+the estimate after ``sampler.start`` (``s = 0``), then one after every step that calls the network,
+and the finished image last (``s = S - 1``). A sampler step that makes no network call (the last
+Euler-ancestral step lands on the previous estimate) adds no new estimate and is skipped, so for
+Euler-ancestral with ``K`` steps ``S = K`` and the estimate at index ``s`` costs exactly ``s + 1``
+NFEs: the simulator's ``exact`` cost model (``s + 1`` denoising steps for the estimate at ``s``).
+``pool.flops_per_step`` is ``denoiser.flops_per_call * nfe_per_trajectory / S`` (the NFEs of one
+step times FLOPs per NFE; exact for Euler-ancestral); ``pool.extra["nfe_at_step"]`` holds the exact
+NFE count of every estimate for samplers with uneven steps (Heun), ``extra["state_steps"]`` the
+sampler step of every index and ``extra["sigmas"]`` the noise level each estimate was made at (0 for
+the finished image). ``flops_per_reward[name]`` is the reward's ``flops_per_image``.
+
+**Determinism.** Candidate ``j`` of prompt ``i`` draws all its noise (the initial noise, then one
+draw per noise-injecting step) from its own ``torch.Generator`` seeded by a hash of
+``(seed, i, j)`` (:func:`candidate_seed`). Nothing else is random, so resuming, sharding over
+processes and the order in which prompts are done cannot change a value. Live pruning
+(``noisesearch.search.prune``) uses the same streams, so a pool made with the seed of a live run
+holds exactly the candidates that run starts.
+
+**Resumable, atomic.** Each prompt is one part file ``<out>/parts/prompt_NNNNNN.npz`` written
+atomically; a rerun skips the parts that exist (``parts/spec.json`` records what the pool is; a rerun
+with different settings is refused). When every part exists the parts are assembled into the pool
+(``Pool.save``: arrays first, the manifest ``pool.json`` last) plus, with ``save_images``, the
+estimates as ``images.npz`` (``images``: uint8 ``[P, N, S, C, H, W]``, compressed). An interrupted
+run loses at most the prompt in progress.
+
+**Sharding.** Under ``accelerate launch`` (or ``torchrun``) each process takes the prompts
+``i = rank, rank + world, ...``; the main process assembles after ``wait_for_everyone``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from noisesearch.errors import NoiseSearchError
+from noisesearch.io import atomic_write_bytes
+
+PARTS = "parts"
+SPEC = "spec.json"
+IMAGES = "images.npz"
+STREAM_TAG = "noisesearch-candidate-v1"
+_BAD_NAME = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-candidate noise streams (shared with live pruning)
+# ---------------------------------------------------------------------------------------------
+def candidate_seed(seed: int, index: int, candidate: int) -> int:
+    """Seed of the noise stream of candidate ``candidate`` of prompt (or search) ``index``."""
+    h = hashlib.blake2b(f"{STREAM_TAG}:{int(seed)}:{int(index)}:{int(candidate)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+class CandidateNoise:
+    """Independent noise streams, one per candidate row.
+
+    Rows are ``(index, candidate)`` pairs given as two equal-length sequences; ``draw(rows)`` returns
+    the next standard Gaussian sample (``sampler.noise_shape``) of each listed row's stream, drawn
+    on the CPU in float32 (device independent, like ``Sampler.noise``) and moved to the denoiser.
+    A row that is not drawn (a pruned candidate) simply stops advancing its stream.
+    """
+
+    def __init__(self, sampler, seed: int, indices: Sequence[int], candidates: Sequence[int]):
+        if len(indices) != len(candidates):
+            raise ValueError("one index per candidate")
+        self.sampler = sampler
+        self.generators = [torch.Generator().manual_seed(candidate_seed(seed, i, j)) for i, j in zip(indices, candidates)]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def draw(self, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        rows = range(len(self.generators)) if rows is None else [int(r) for r in rows]
+        shape = self.sampler.noise_shape
+        z = torch.stack([torch.randn(shape, generator=self.generators[r], dtype=torch.float32) for r in rows])
+        d = self.sampler.denoiser
+        return z.to(d.device, d.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step layout of a pool
+# ---------------------------------------------------------------------------------------------
+def step_layout(sampler) -> dict[str, list]:
+    """Which sampler states a pool records and what each costs.
+
+    ``state_steps[s]``: the sampler step (``State.step``) of pool index ``s``; ``nfe_at_step[s]``:
+    NFEs per trajectory to reach it; ``sigmas[s]``: the noise level of that estimate (0 = final).
+    """
+    n = sampler.num_steps
+    state_steps = [t for t in range(n) if sampler.step_nfe(t) > 0] + [n]
+    nfe, nfe_at = sampler.start_nfe, {}
+    for t in range(n + 1):
+        nfe_at[t] = nfe
+        if t < n:
+            nfe += sampler.step_nfe(t)
+    sigmas = [float(sampler.sigmas[t]) if t < n else 0.0 for t in state_steps]
+    return {"state_steps": state_steps, "nfe_at_step": [nfe_at[t] for t in state_steps], "sigmas": sigmas}
+
+
+def pool_reward_name(name: str) -> str:
+    """A reward's name as a pool key (letters, digits, ``._+-``; anything else becomes ``_``)."""
+    out = _BAD_NAME.sub("_", str(name)).strip("_") or "reward"
+    if not out[0].isalnum():
+        out = "r" + out
+    return out
+
+
+def split_specs(text: str) -> list[str]:
+    """Split ``"digit,ranksum(a,b),noise-aware@dir"`` at commas outside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [s.strip() for s in out if s.strip()]
+
+
+def is_noise_aware(reward) -> bool:
+    return callable(getattr(reward, "score_at", None)) and hasattr(reward, "base_name")
+
+
+def score_at_step(reward, images: torch.Tensor, prompts: Sequence[str], step: int, sigma: float) -> torch.Tensor:
+    """A reward's scores for estimates at pool index ``step`` / noise level ``sigma``: noise-aware
+    rewards are told the step, any other reward just scores the images. Checked like ``score``."""
+    from noisesearch.rewards.base import score
+
+    if is_noise_aware(reward):
+        return score(reward.at(step=step, sigma=sigma), images, prompts)
+    return score(reward, images, prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+def fingerprints(sampler, rewards: dict, na: dict, layout: dict, prompt: str) -> dict[str, str]:
+    """Short digests of what the model and every reward compute on a fixed probe (2 NFEs, a few
+    reward calls), rounded to 3 decimals: a rerun with other weights under the same names is
+    caught instead of being mixed into the parts of an earlier run."""
+    den = sampler.denoiser
+    g = torch.Generator().manual_seed(20240531)
+    z = torch.randn((2, *sampler.noise_shape), generator=g, dtype=torch.float32).to(den.device, den.dtype)
+    sig = torch.tensor([float(sampler.sigmas[0]), 1.0], dtype=torch.float32)
+    x = z * sig.view(-1, *([1] * (z.ndim - 1))).to(z.device, z.dtype)
+
+    def digest(t) -> str:
+        arr = np.round(torch.as_tensor(t).detach().double().cpu().numpy(), 3)
+        return hashlib.sha256(arr.tobytes()).hexdigest()[:12]
+
+    with torch.no_grad():
+        x0 = den(x, sig.to(den.device, den.dtype), den.encode([prompt, prompt]))
+        images = den.decode(x0).float().cpu()
+        out = {"model": digest(x0)}
+        S = len(layout["state_steps"])
+        for name, r in list(rewards.items()) + [(f"noise_aware:{k}", v) for k, v in na.items()]:
+            vals = [score_at_step(r, images, [prompt, prompt], s, layout["sigmas"][s]) for s in sorted({0, S // 2, S - 1})]
+            out[name] = digest(torch.stack(vals))
+    return out
+
+
+def _dist_state(device: str):
+    """accelerate's PartialState when launched with several processes, else None (one process)."""
+    launched = any(int(os.environ.get(k, "1") or 1) > 1 for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if not launched:
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:  # pragma: no cover - accelerate is an optional dependency
+        raise NoiseSearchError("sharding over processes needs accelerate: pip install accelerate") from None
+    return PartialState(cpu=not str(device).startswith("cuda"))
+
+
+def _part_path(out: Path, i: int) -> Path:
+    return out / PARTS / f"prompt_{i:06d}.npz"
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_part(path: Path, spec_digest: str) -> dict[str, np.ndarray] | None:
+    """A part's arrays, or None when it is missing, unreadable or from another spec."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if str(arrays.get("spec", "")) != spec_digest:
+        return None
+    return arrays
+
+
+class _Recorder:
+    """Collects the rewards (and images) of one chunk of candidates of one prompt."""
+
+    def __init__(self, rewards: dict, na: dict, layout: dict, num_rows: int, save_images: bool):
+        self.rewards, self.na, self.layout, self.save_images = rewards, na, layout, save_images
+        S = len(layout["state_steps"])
+        self.values = {k: np.full((num_rows, S), np.nan, np.float32) for k in list(rewards) + [f"na:{k}" for k in na]}
+        self.images = None
+        self.index = {t: s for s, t in enumerate(layout["state_steps"])}
+        self.num_rows = num_rows
+
+    def record(self, state, lo: int, decode, prompts: list[str]) -> None:
+        s = self.index.get(state.step)
+        if s is None:
+            return
+        sigma = self.layout["sigmas"][s]
+        images = decode(state.x0).float().cpu()
+        hi = lo + images.shape[0]
+        for name, r in self.rewards.items():
+            self.values[name][lo:hi, s] = score_at_step(r, images, prompts, s, sigma).numpy()
+        for name, r in self.na.items():
+            if r.covers(step=s, sigma=sigma):
+                self.values[f"na:{name}"][lo:hi, s] = score_at_step(r, images, prompts, s, sigma).numpy()
+        if self.save_images:
+            arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            if self.images is None:
+                self.images = np.zeros((self.num_rows, len(self.layout["state_steps"]), *arr.shape[1:]), np.uint8)
+            self.images[lo:hi, s] = arr
+
+
+def sample_prompt(sampler, rewards: dict, na: dict, layout: dict, prompt: str, index: int, candidates: int,
+                  seed: int, max_batch: int, save_images: bool) -> dict[str, np.ndarray]:
+    """Rewards ``[N, S]`` (and uint8 images ``[N, S, C, H, W]``) of every candidate of one prompt."""
+    den = sampler.denoiser
+    rec = _Recorder(rewards, na, layout, candidates, save_images)
+    for lo in range(0, candidates, max_batch):
+        hi = min(candidates, lo + max_batch)
+        noise = CandidateNoise(sampler, seed, [index] * (hi - lo), range(lo, hi))
+        prompts = [prompt] * (hi - lo)
+        state = sampler.start(den.encode(prompts), noise.draw())
+        rec.record(state, lo, den.decode, prompts)
+        while state.step < sampler.num_steps:
+            z = noise.draw() if sampler.uses_noise(state.step) else None
+            state = sampler.step(state, z)
+            rec.record(state, lo, den.decode, prompts)
+    out = {f"r:{k}": v for k, v in rec.values.items() if not k.startswith("na:")}
+    out.update({f"na:{k[3:]}": v for k, v in rec.values.items() if k.startswith("na:")})
+    if save_images:
+        out["images"] = rec.images
+    return out
+
+
+def generate_pool(
+    model,
+    rewards: Sequence,
+    prompts: Sequence[str],
+    candidates: int,
+    out,
+    guidance: float = 1.0,
+    steps: int | None = None,
+    sampler: str = "euler-ancestral",
+    seed: int = 0,
+    device: str = "cpu",
+    max_batch: int = 512,
+    save_images: bool = False,
+    max_prompts: int | None = None,
+    progress: bool = False,
+    command: str | None = None,
+):
+    """Make (or continue) the pool in ``out``; see the module docstring.
+
+    ``model``: a name for ``load_model`` or a Denoiser; ``rewards``: reward specs or Reward objects
+    (a noise-aware reward adds its values as the pool's noise-aware variant of its base reward, and
+    the base reward is recorded too). ``max_prompts``: compute at most this many missing prompts in
+    this process, then return None without assembling (rerun to continue). Returns the ``Pool`` when
+    it is complete (on the main process), else None.
+    """
+    from noisesearch.models import load_model
+    from noisesearch.pools.pool import MANIFEST, Pool
+    from noisesearch.rewards.base import make_reward
+    from noisesearch.sampling.samplers import make_sampler
+
+    t0 = time.perf_counter()
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise NoiseSearchError("give at least one prompt (--prompts 0,1,2 or --prompt TEXT)")
+    if int(candidates) < 1:
+        raise NoiseSearchError(f"--candidates must be at least 1, got {candidates}")
+    if max_batch < 1:
+        raise NoiseSearchError("--max-batch must be at least 1")
+    if not rewards:
+        raise NoiseSearchError("give at least one reward (--reward digit)")
+    if steps is not None and steps < 1:
+        raise NoiseSearchError("--steps must be at least 1")
+    candidates = int(candidates)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NoiseSearchError(f"--out {out} exists and is not a folder")
+    dist = _dist_state(device)
+    rank, world = (dist.process_index, dist.num_processes) if dist is not None else (0, 1)
+
+    den = load_model(model, device=device, guidance=guidance) if isinstance(model, str) else model
+    samp = make_sampler(sampler, den, steps, max_batch=max_batch)
+    den.encode(prompts)  # unknown prompts fail here, before any work
+    layout = step_layout(samp)
+    S = len(layout["state_steps"])
+
+    base: dict[str, Any] = {}
+    na: dict[str, Any] = {}
+    specs: dict[str, str] = {}
+    for r in rewards:
+        spec = r if isinstance(r, str) else getattr(r, "name", type(r).__name__)
+        obj = make_reward(r, device=device) if isinstance(r, str) else r
+        if is_noise_aware(obj):
+            key = pool_reward_name(obj.base_name)
+            if key in na:
+                raise NoiseSearchError(f"two noise-aware rewards for {key!r}: give one")
+            na[key] = obj
+            specs[f"noise_aware:{key}"] = spec
+            if key not in base:
+                base[key] = obj.base
+                specs[key] = obj.base_spec
+        else:
+            key = pool_reward_name(obj.name)
+            if key in base and specs.get(key) != spec:
+                raise NoiseSearchError(f"two rewards share the pool name {key!r}: {specs[key]!r} and {spec!r}")
+            base[key] = obj
+            specs[key] = spec
+
+    spec_doc = {
+        "model": getattr(den, "name", str(model)),
+        "model_arg": model if isinstance(model, str) else getattr(den, "name", "custom"),
+        "guidance": float(guidance),
+        "sampler": samp.name,
+        "num_sampler_steps": samp.num_steps,
+        "sigmas_schedule": [float(x) for x in samp.sigmas],
+        "rewards": specs,
+        "prompts": prompts,
+        "candidates": candidates,
+        "seed": int(seed),
+        "save_images": bool(save_images),
+        "fingerprints": fingerprints(samp, base, na, layout, prompts[0]),
+        "noise": f"per candidate: torch.Generator seeded by blake2b('{STREAM_TAG}:seed:prompt_index:candidate')",
+    }
+    digest = hashlib.sha256(json.dumps(spec_doc, sort_keys=True).encode()).hexdigest()[:16]
+    spec_path = out / PARTS / SPEC
+    if rank == 0:
+        if spec_path.exists():
+            try:
+                old = json.loads(spec_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old is not None and old.get("digest") != digest:
+                diff = sorted(k for k in spec_doc if old.get("spec", {}).get(k) != spec_doc[k])
+                raise NoiseSearchError(
+                    f"{out} holds parts of a different pool (differs in: {', '.join(diff) or 'format'}); "
+                    "use another --out or delete that folder"
+                )
+        from noisesearch.io import atomic_write_json
+
+        atomic_write_json(spec_path, {"digest": digest, "spec": spec_doc})
+    if dist is not None:
+        dist.wait_for_everyone()
+
+    mine = [i for i in range(len(prompts)) if i % world == rank]
+    todo = [i for i in mine if _load_part(_part_path(out, i), digest) is None]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        desc = "pool" + (f" [{rank}/{world}]" if world > 1 else "")
+        bar = tqdm(total=len(todo), desc=desc, unit="prompt", leave=False, file=sys.stderr, position=rank)
+    done_now = 0
+    stopped = False
+    with torch.no_grad():
+        for i in todo:
+            if max_prompts is not None and done_now >= max_prompts:
+                stopped = True
+                break
+            arrays = sample_prompt(samp, base, na, layout, prompts[i], i, candidates, seed, max_batch, save_images)
+            arrays["spec"] = np.array(digest)
+            _save_npz(_part_path(out, i), arrays)
+            done_now += 1
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if dist is not None:
+        dist.wait_for_everyone()
+    if stopped or rank != 0:
+        return None
+
+    parts = []
+    missing = []
+    for i in range(len(prompts)):
+        p = _load_part(_part_path(out, i), digest)
+        if p is None:
+            missing.append(i)
+        parts.append(p)
+    if missing:  # another process stopped early (max_prompts) or failed
+        return None
+
+    names = list(base)
+    reward_arrays = {k: np.stack([p[f"r:{k}"] for p in parts]) for k in names}
+    na_arrays = {k: np.stack([p[f"na:{k}"] for p in parts]) for k in na}
+    flops_call = float(getattr(den, "flops_per_call", 0.0))
+    extra = {
+        "generator": "noisesearch pool",
+        "guidance": float(guidance),
+        "sampler": samp.name,
+        "sampler_steps": samp.num_steps,
+        "seed": int(seed),
+        "candidates": candidates,
+        "reward_specs": specs,
+        "state_steps": layout["state_steps"],
+        "nfe_at_step": layout["nfe_at_step"],
+        "sigmas": layout["sigmas"],
+        "flops_per_nfe": flops_call,
+        "nfe_per_trajectory": samp.nfe_per_trajectory,
+        "noise": spec_doc["noise"],
+        "images": IMAGES if save_images else None,
+        "images_format": "uint8 [P, N, S, C, H, W] = round(255 * decoded estimate)" if save_images else None,
+        "spec_digest": digest,
+        "fingerprints": spec_doc["fingerprints"],
+        "processes": world,
+        "seconds": None,
+    }
+    if command:
+        extra["command"] = command
+    fpr = {k: float(getattr(r, "flops_per_image", 0.0)) for k, r in base.items()}
+    if na:
+        extra["flops_per_noise_aware_reward"] = {k: float(getattr(r, "flops_per_image", 0.0)) for k, r in na.items()}
+    pool = Pool(
+        rewards=reward_arrays,
+        noise_aware=na_arrays,
+        prompts=prompts,
+        model=spec_doc["model"],
+        num_steps=S,
+        flops_per_step=flops_call * samp.nfe_per_trajectory / S,
+        flops_per_reward=fpr,
+        extra=extra,
+    )
+    manifest = out / MANIFEST
+    if manifest.exists():
+        manifest.unlink()  # incomplete until the new manifest lands
+    if save_images:
+        _save_npz(out / IMAGES, {"images": np.stack([p["images"] for p in parts])})
+    pool.extra["seconds"] = round(time.perf_counter() - t0, 3)
+    pool.save(out)
+    return pool
+
+
+def load_pool_images(path) -> np.ndarray:
+    """The uint8 estimates ``[P, N, S, C, H, W]`` saved with a pool (``--save-images``)."""
+    from noisesearch.pools import load_pool
+
+    pool = load_pool(path)
+    name = pool.extra.get("images")
+    d = Path(path)
+    d = d.parent if d.is_file() else d
+    if not name or not (d / name).is_file():
+        raise NoiseSearchError(
+            f"the pool at {path} has no estimate images: make it with `noisesearch pool ... --save-images`"
+        )
+    try:
+        with np.load(d / name, allow_pickle=False) as z:
+            images = z["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise NoiseSearchError(f"cannot read the pool images {d / name} ({e}); remake the pool") from None
+    if images.shape[:3] != pool.shape:
+        raise NoiseSearchError(f"pool images have shape {images.shape}, the rewards {pool.shape}: remake the pool")
+    return images
+
+
+__all__ = [
+    "generate_pool",
+    "sample_prompt",
+    "step_layout",
+    "candidate_seed",
+    "CandidateNoise",
+    "load_pool_images",
+    "pool_reward_name",
+    "split_specs",
+    "score_at_step",
+    "is_noise_aware",
+]

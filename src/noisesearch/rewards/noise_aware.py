@@ -1,0 +1,255 @@
+"""Noise-aware rewards: a reward model fine-tuned to score the Tweedie estimates of one step.
+
+Made by ``noisesearch train-reward`` (``noisesearch.train.noise_aware``); loaded with the reward spec
+``noise-aware@DIR``. The checkpoint folder holds
+
+    noise_aware.json          manifest, written last: base reward spec and name, the pool's step
+                              layout (steps, sigmas), one entry per trained stage
+    stage_SS.safetensors      the fine-tuned weights of the base reward's ``module`` after the stage
+                              that trained pool step SS (LoRA already merged), with a checksum
+
+**Which weights score what.** Stage ``k`` trains step ``s_k`` (walking from late to early steps),
+starting from stage ``k-1``'s weights; the estimates of step ``s`` are scored with the weights of the
+stage that trained ``s``. Steps without a stage (the finished image, steps left out of training, and
+stages marked ``"use": false`` because they did not beat the base reward on the training pool's
+held-out candidates) are scored by the base reward, like the NaN fallback of a pool's noise-aware
+arrays.
+
+**Telling it the step.** ``score_at(images, prompts, step=s, sigma=σ)``, or ``reward.at(step=s,
+sigma=σ)`` for a plain ``Reward`` bound to one step (what ``noisesearch.rewards.score`` accepts).
+``step`` is a pool step index (see ``noisesearch.pools.generate``); when ``sigma`` is given and does
+not match the training schedule's sigma at ``step`` (another step count or sampler), the stage
+trained at the nearest noise level (in log sigma) is used; ``sigma = 0`` is the finished image.
+Called like any reward (``reward(images, prompts)``) it scores at ``reward.step`` / ``reward.sigma``
+when set, else as the finished image (the base reward).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from noisesearch.errors import NoiseSearchError
+
+MANIFEST = "noise_aware.json"
+FORMAT_NAME = "noisesearch-noise-aware"
+FORMAT_VERSION = 1
+STAGE_KIND = "noise_aware_stage"
+TRAIN_HINT = "train it with `noisesearch train-reward --pool POOL --reward NAME --out {dir}`"
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint files
+# ---------------------------------------------------------------------------------------------
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_stage(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a stage's state dict atomically with its checksum and ``meta`` (JSON) in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"kind": STAGE_KIND, "sha256": tensor_digest(tensors), "meta": json.dumps(meta, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_stage(path) -> dict[str, torch.Tensor]:
+    """A stage's state dict; ``NoiseSearchError`` if missing, truncated, of another kind or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    hint = TRAIN_HINT.format(dir=path.parent)
+    if not path.is_file():
+        raise NoiseSearchError(f"noise-aware checkpoint file missing: {path}; {hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NoiseSearchError(f"noise-aware checkpoint {path} is corrupt or truncated ({e}); {hint}") from None
+    if metadata.get("kind") != STAGE_KIND:
+        raise NoiseSearchError(f"{path} is not a noise-aware stage checkpoint; {hint}")
+    if metadata.get("sha256") != tensor_digest(tensors):
+        raise NoiseSearchError(f"noise-aware checkpoint {path} fails its checksum (corrupt file); {hint}")
+    return tensors
+
+
+def read_manifest(directory) -> dict:
+    d = Path(directory)
+    hint = TRAIN_HINT.format(dir=d)
+    if not d.is_dir():
+        raise NoiseSearchError(f"no noise-aware reward at {d}: not a folder; {hint}")
+    path = d / MANIFEST
+    if not path.is_file():
+        extra = " (training not finished: rerun the same train-reward command to continue)" if (d / "train_state.json").exists() else ""
+        raise NoiseSearchError(f"no noise-aware reward at {d}: {MANIFEST} missing{extra}; {hint}")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NoiseSearchError(f"{path} is corrupt ({e}); {hint}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise NoiseSearchError(f"{path} is not a {FORMAT_NAME} manifest; {hint}")
+    if not isinstance(m.get("version"), int) or m["version"] > FORMAT_VERSION:
+        raise NoiseSearchError(f"{path}: unsupported format version {m.get('version')!r}; upgrade noisesearch")
+    for key in ("base_reward", "num_steps", "sigmas", "stages"):
+        if key not in m:
+            raise NoiseSearchError(f"{path} lacks {key!r}; {hint}")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# the reward
+# ---------------------------------------------------------------------------------------------
+class _AtStep:
+    """A noise-aware reward bound to one step: a plain Reward."""
+
+    def __init__(self, parent: "NoiseAwareReward", step: int | None, sigma: float | None):
+        self.parent, self.step, self.sigma = parent, step, sigma
+        resolved = parent.resolve(step, sigma)
+        self.name = f"{parent.name}[step {resolved}]"
+        self.flops_per_image = parent.flops_per_image
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.parent.score_at(images, prompts, step=self.step, sigma=self.sigma)
+
+
+class NoiseAwareReward:
+    """See the module docstring. ``base`` is the base Reward (it must expose its ``module``)."""
+
+    def __init__(self, base, base_spec: str, stages: dict[int, dict[str, torch.Tensor]], manifest: dict, directory=None):
+        if not isinstance(getattr(base, "module", None), torch.nn.Module):
+            raise NoiseSearchError(f"reward {base.name!r} has no torch module to load noise-aware weights into")
+        self.base = base
+        self.base_spec = base_spec
+        self.base_name = str(manifest.get("base_name") or base.name)
+        self.name = f"noise-aware({self.base_name})"
+        self.flops_per_image = float(base.flops_per_image)
+        self.manifest = manifest
+        self.directory = None if directory is None else str(directory)
+        self.num_steps = int(manifest["num_steps"])
+        self.sigmas = [float(s) for s in manifest["sigmas"]]
+        if len(self.sigmas) != self.num_steps:
+            raise NoiseSearchError(f"noise-aware manifest: {len(self.sigmas)} sigmas for {self.num_steps} steps")
+        self.stages = dict(stages)
+        self._scorer = copy.deepcopy(base)
+        self._active: int | None = None
+        self.step: int | None = None  # set to score at a step when called as a plain reward
+        self.sigma: float | None = None
+
+    @property
+    def steps(self) -> list[int]:
+        """Pool step indices that have their own fine-tuned weights."""
+        return sorted(self.stages)
+
+    def resolve(self, step: int | None = None, sigma: float | None = None) -> int:
+        """The training pool's step index whose model scores estimates at ``step`` / ``sigma``."""
+        S = self.num_steps
+        if sigma is not None:
+            sigma = float(sigma)
+            if step is not None and 0 <= int(step) < S and math.isclose(self.sigmas[int(step)], sigma, rel_tol=1e-6, abs_tol=1e-12):
+                return int(step)
+            if sigma <= 0:
+                return S - 1
+            cands = [(abs(math.log(s) - math.log(sigma)), i) for i, s in enumerate(self.sigmas) if s > 0]
+            return min(cands)[1] if cands else S - 1
+        if step is not None and not -S <= int(step) < S:
+            raise NoiseSearchError(f"step {step} is out of range: the noise-aware reward covers steps 0..{S - 1}")
+        if step is not None:
+            step = int(step) % S
+        return S - 1 if step is None else step
+
+    def covers(self, step: int | None = None, sigma: float | None = None) -> bool:
+        """Whether estimates at ``step`` / ``sigma`` get fine-tuned weights (else the base reward)."""
+        return self.resolve(step, sigma) in self.stages
+
+    def at(self, step: int | None = None, sigma: float | None = None) -> _AtStep:
+        return _AtStep(self, step, sigma)
+
+    def score_at(self, images: torch.Tensor, prompts: Sequence[str], step: int | None = None,
+                 sigma: float | None = None) -> torch.Tensor:
+        s = self.resolve(step, sigma)
+        if s not in self.stages:
+            return self.base(images, prompts)
+        if self._active != s:
+            module = self._scorer.module
+            try:
+                module.load_state_dict(self.stages[s], strict=True)
+            except RuntimeError as e:
+                first = str(e).splitlines()[0]
+                raise NoiseSearchError(
+                    f"noise-aware weights for step {s} do not fit reward {self.base_name!r} ({first}); retrain them"
+                ) from None
+            self._active = s
+        return self._scorer(images, prompts)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.score_at(images, prompts, step=self.step, sigma=self.sigma)
+
+    def __repr__(self) -> str:
+        return f"NoiseAwareReward(base={self.base_spec!r}, steps={self.steps}, dir={self.directory!r})"
+
+
+def load_noise_aware(arg: str | None, device: str | torch.device = "cpu") -> NoiseAwareReward:
+    """Reward spec ``noise-aware@DIR``: the noise-aware reward trained into ``DIR``."""
+    from noisesearch.rewards.base import make_reward
+
+    if not arg:
+        raise NoiseSearchError("reward 'noise-aware' needs its checkpoint folder: noise-aware@DIR")
+    d = Path(arg).expanduser()
+    m = read_manifest(d)
+    base_spec = str(m["base_reward"])
+    if "noise-aware" in base_spec:
+        raise NoiseSearchError(f"{d / MANIFEST}: the base reward cannot itself be noise-aware ({base_spec!r})")
+    base = make_reward(base_spec, device=device)
+    stages: dict[int, dict[str, torch.Tensor]] = {}
+    for entry in m["stages"]:
+        if isinstance(entry, dict) and not entry.get("use", True):
+            continue  # trained, but no better than the base reward on held-out candidates
+        try:
+            step, fname = int(entry["step"]), str(entry["file"])
+        except (KeyError, TypeError, ValueError):
+            raise NoiseSearchError(f"{d / MANIFEST}: malformed stage entry {entry!r}; {TRAIN_HINT.format(dir=d)}") from None
+        tensors = load_stage(d / Path(fname).name)
+        stages[step] = {k: v.to(getattr(base, "device", "cpu")) for k, v in tensors.items()}
+    reward = NoiseAwareReward(base, base_spec, stages, m, d)
+    # fail now, not at the first call, if the weights do not fit the base reward's module
+    ref = reward._scorer.module.state_dict()
+    for step, tensors in stages.items():
+        if set(tensors) != set(ref) or any(tensors[k].shape != ref[k].shape for k in ref):
+            raise NoiseSearchError(
+                f"noise-aware weights for step {step} in {d} do not fit reward {base_spec!r}; {TRAIN_HINT.format(dir=d)}"
+            )
+    return reward
+
+
+def is_noise_aware_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+__all__ = ["NoiseAwareReward", "load_noise_aware", "save_stage", "load_stage", "read_manifest", "is_noise_aware_dir"]

@@ -1,0 +1,276 @@
+"""Search strategies on a toy problem with a known answer, plus the CLI record of their options.
+
+The toy: a mixture of 8 point masses in a 4-dimensional sample space (``PointMixtureDenoiser``,
+exact Tweedie estimates, 12 Euler-ancestral steps = 12 NFEs per trajectory) and a reward that
+prefers the mode named by the prompt: ``-|image - decode(mode)|^2`` (0 at the mode). Naive
+sampling lands on the target mode with probability about 1/8.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from noisesearch.budget import Budget, CostModel
+from noisesearch.errors import BudgetError, NoiseSearchError
+from noisesearch.models.toy import PointMixtureDenoiser
+from noisesearch.sampling.samplers import make_sampler
+from noisesearch.search import STRATEGIES, make_strategy
+from noisesearch.search.base import Problem
+from noisesearch.search.smc import resample_indices
+
+STEPS = 12  # toy default: 12 NFEs per Euler-ancestral trajectory
+P = 48  # searches per problem (all batched)
+
+# every strategy, with the variants whose code paths differ
+CASES = [
+    ("naive", {}),
+    ("best-of-n", {}),
+    ("eps-greedy", {}),
+    ("eps-greedy", {"elitist": True}),
+    ("eps-greedy", {"sigma_window": (0.01, 1.0)}),
+    ("eps-greedy", {"search_init": True}),
+    ("zero-order", {}),
+    ("beam", {}),
+    ("mcts", {}),
+    ("mcts", {"search_init": True}),
+    ("smc", {}),
+    ("smc", {"potential": "max", "resampling": "multinomial"}),
+]
+IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in CASES]
+
+
+class ModeReward:
+    """Negative squared distance of the image to the decoded target mode (the prompt)."""
+
+    name = "mode"
+    flops_per_image = 3.0
+
+    def __init__(self, den: PointMixtureDenoiser):
+        self.den = den
+
+    def __call__(self, images, prompts):
+        target = self.den.decode(self.den.points[[int(p) for p in prompts]])
+        return -((images - target) ** 2).flatten(1).sum(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The toy's tensors are tiny: one thread avoids thread-pool overhead on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_denoiser() -> PointMixtureDenoiser:
+    g = torch.Generator().manual_seed(123)
+    return PointMixtureDenoiser(torch.randn(8, 1, 2, 2, generator=g).clamp(-1, 1), flops_per_call=10.0)
+
+
+def make_problem(nfe=None, flops=None, seed=0, sampler="euler-ancestral", n=P, target="3"):
+    den = toy_denoiser()
+    prompts = [target] * n
+    budget = Budget(n, nfe=nfe, flops=flops, cost=CostModel(den.flops_per_call, ModeReward.flops_per_image))
+    s = make_sampler(sampler, den, STEPS, budget=budget)
+    return Problem(s, ModeReward(den), budget, prompts, den.encode(prompts), torch.Generator().manual_seed(seed))
+
+
+def run(name, opts, **kw):
+    problem = make_problem(**kw)
+    with torch.no_grad():
+        result = make_strategy(name, **opts).search(problem)
+    return problem, result
+
+
+def test_every_registered_strategy_is_covered():
+    assert {name for name, _ in CASES} <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+@pytest.mark.parametrize("sampler", ["euler-ancestral", "heun"])
+def test_stays_within_nfe_budget(name, opts, sampler):
+    limits = (167, 251) if sampler == "euler-ancestral" else (181,)  # not multiples of any natural unit
+    for limit in limits:
+        problem, result = run(name, opts, nfe=limit, sampler=sampler, n=16)
+        b = problem.budget
+        assert int(b.nfe.max()) <= limit
+        assert result.x0.shape == (16, 1, 2, 2) and result.rewards.shape == (16,)
+        json.dumps(result.info)  # goes into report.json
+        if name != "naive":  # the strategies fill their budget (within one unit of their size)
+            assert int(b.nfe.min()) > limit / 2
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+def test_stays_within_flop_budget(name, opts):
+    # 10 FLOPs per NFE, 3 per reward call: reward calls matter for the plan
+    limit = 2500.0
+    problem, _ = run(name, opts, flops=limit, n=16)
+    b = problem.budget
+    assert float(b.flops.max()) <= limit
+    expected = b.nfe.double() * 10.0 + b.reward_calls.double() * 3.0
+    assert torch.allclose(b.flops, expected)
+    if name != "naive":
+        assert float(b.flops.min()) > limit / 2
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+def test_seed_reproduces(name, opts):
+    # a small budget, so that the searches do not all converge to the exact target point
+    _, a = run(name, opts, nfe=80, seed=7)
+    _, b = run(name, opts, nfe=80, seed=7)
+    _, c = run(name, opts, nfe=80, seed=8)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.rewards, b.rewards)
+    assert a.info == b.info
+    assert not torch.equal(a.x0, c.x0)
+
+
+@pytest.mark.parametrize("name,opts", [c for c in CASES if c[0] != "naive"], ids=[i for c, i in zip(CASES, IDS) if c[0] != "naive"])
+def test_improves_over_naive_on_known_answer(name, opts):
+    budget = 300  # 25 trajectories' worth
+    _, naive = run("naive", {}, nfe=budget, seed=1)
+    _, res = run(name, opts, nfe=budget, seed=1)
+    hit_naive = float((naive.rewards > -0.01).float().mean())
+    hit = float((res.rewards > -0.01).float().mean())
+    assert float(res.rewards.mean()) > float(naive.rewards.mean()) + 0.2, (res.rewards.mean(), naive.rewards.mean())
+    assert hit > hit_naive + 0.15, (hit, hit_naive)
+    # the rewards reported are those of the returned samples
+    problem = make_problem(nfe=1)
+    rescored = ModeReward(problem.sampler.denoiser)(problem.sampler.denoiser.decode(res.x0), problem.prompts)
+    assert torch.allclose(rescored, res.rewards, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+def test_budget_below_one_trajectory_raises(name, opts):
+    problem = make_problem(nfe=STEPS - 1)
+    with pytest.raises(BudgetError) as err:
+        make_strategy(name, **opts).search(problem)
+    assert isinstance(err.value, NoiseSearchError) and "budget" in str(err.value)
+    assert int(problem.budget.nfe.max()) == 0  # refused before spending anything
+
+
+@pytest.mark.parametrize("name,opts", [("eps-greedy", {"iterations": 5}), ("beam", {"beams": 4}), ("mcts", {"simulations": 3}), ("smc", {"particles": 20})])
+def test_explicit_size_over_budget_raises_before_spending(name, opts):
+    problem = make_problem(nfe=150)
+    with pytest.raises(BudgetError, match="budget too small"):
+        make_strategy(name, **opts).search(problem)
+    assert int(problem.budget.nfe.max()) == 0
+
+
+def test_eps_greedy_fits_k_and_batches_every_step():
+    # 12 steps, N = 4, initial noise searched: exactly 48 NFEs per iteration per step
+    problem = make_problem(nfe=48 * 3 + 10)
+    calls = []
+    problem.sampler.on_call = calls.append
+    result = make_strategy("eps-greedy", search_init=True).search(problem)
+    # K = 3 everywhere, and the leftover 10 NFEs buy one more iteration at the first two levels
+    assert result.info["iterations_per_step"] == [4, 4] + [3] * 10
+    assert int(problem.budget.nfe.max()) == 152 == int(problem.budget.nfe.min())
+    assert calls == [P * 4] * (12 * 3 + 2)  # every call: all candidates of all searches
+    # the paper's window: K iterations only where 0.01 <= sigma <= 1, one elsewhere
+    s = problem.sampler
+    problem = make_problem(nfe=48 * 3)
+    result = make_strategy("eps-greedy", sigma_window=(0.01, 1.0), search_init=True).search(problem)
+    ks = result.info["iterations_per_step"]
+    sig = [float(s.sigmas[0])] + [float(s.sigmas[i]) for i in range(11)]
+    assert all(k == 1 for k, x in zip(ks, sig) if not 0.01 <= x <= 1) and max(ks) > 3
+    assert int(problem.budget.nfe.max()) <= 144
+
+
+def test_eps_greedy_elitist_never_worse_than_first_iteration():
+    # with eps = 1 both variants draw the same candidates; the elitist pivot's reward is the running max
+    _, paper = run("eps-greedy", {"eps": 1.0, "iterations": 4}, nfe=48 * 4)
+    _, elite = run("eps-greedy", {"eps": 1.0, "iterations": 4, "elitist": True}, nfe=48 * 4)
+    assert paper.info["pivot_replaced_by_worse"] > 0 and elite.info["pivot_replaced_by_worse"] == 0
+    assert float(elite.rewards.mean()) >= float(paper.rewards.mean())
+
+
+def test_eps_greedy_options_validated():
+    problem = make_problem(nfe=100)
+    for opts in ({"eps": 1.5}, {"n_candidates": 0}, {"sigma_window": (1.0,)}, {"radius": -1.0}):
+        with pytest.raises(NoiseSearchError):
+            make_strategy("eps-greedy", **opts).search(problem)
+    with pytest.raises(NoiseSearchError):
+        make_strategy("smc", potential="nope").search(problem)
+
+
+@pytest.mark.parametrize("name,opts", [("beam", {"beams": 3}), ("smc", {"particles": 6}), ("eps-greedy", {"n_candidates": 5})])
+def test_reward_calls_chunked_by_whole_searches(name, opts):
+    problem = make_problem(nfe=200, n=10)
+    problem.sampler.max_batch = 13
+    sizes = []
+    reward = problem.reward
+
+    class Spy:
+        name, flops_per_image = reward.name, reward.flops_per_image
+
+        def __call__(self, images, prompts):
+            sizes.append(len(prompts))
+            return reward(images, prompts)
+
+    problem.reward = Spy()
+    make_strategy(name, **opts).search(problem)
+    per = next(iter(opts.values()))
+    assert max(sizes) <= max(13, per) and all(s % per == 0 or s == 10 for s in sizes)
+    assert int(problem.budget.nfe.max()) <= 200
+
+
+def test_mcts_finds_the_mode_with_many_simulations():
+    # with enough simulations per step MCTS is a near-exhaustive search of its 4-ary tree
+    _, res = run("mcts", {"simulations": 10}, nfe=3000, n=12)
+    assert float((res.rewards > -0.01).float().mean()) >= 0.75
+
+
+def test_resample_indices():
+    g = torch.Generator().manual_seed(0)
+    log_w = torch.tensor([[0.0, -1e9, -1e9], [-1e9, -1e9, 0.0], [0.0, 0.0, 0.0]])
+    for method in ("systematic", "multinomial"):
+        idx = resample_indices(log_w, g, method)
+        assert idx[0].tolist() == [0, 0, 0] and idx[1].tolist() == [2, 2, 2]
+    assert sorted(resample_indices(log_w, g, "systematic")[2].tolist()) == [0, 1, 2]
+
+
+def test_api_records_params_and_info(tmp_path):
+    from noisesearch import api
+
+    den = toy_denoiser()
+    run_ = api.generate(model=den, prompts=["3", "5"], reward=ModeReward(den), strategy="eps-greedy", budget_nfe=100, num_samples=3, steps=STEPS, strategy_options={"radius": 0.3, "elitist": True}, seed=4)
+    api.save_run(run_, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["params"]["radius"] == 0.3 and report["params"]["elitist"] is True
+    assert report["params"]["eps"] == 0.4 and report["params"]["n_candidates"] == 4
+    assert report["strategy_info"]["iterations_total"] == 2 * 11 + 2 and report["nfe_max"] <= 100
+
+
+def _digits_available() -> bool:
+    try:
+        from noisesearch.models.digits import DENOISER_FILE, WEIGHTS_DIR
+        from noisesearch.rewards.digit import CLASSIFIER_FILE, JUDGE_FILE
+    except ImportError:
+        return False
+    return all((Path(WEIGHTS_DIR) / f).is_file() for f in (DENOISER_FILE, CLASSIFIER_FILE, JUDGE_FILE))
+
+
+@pytest.mark.skipif(not _digits_available(), reason="digits weights not built")
+@pytest.mark.parametrize("strategy,flags", [("eps-greedy", ["--radius", "0.2", "--elitist", "true", "--sigma-window", "0.01,1"]), ("smc", ["--potential", "max"]), ("mcts", ["--simulations", "1", "--c-uct", "2.0"])])
+def test_cli_records_params(tmp_path, strategy, flags):
+    from noisesearch.cli import main
+
+    out = tmp_path / strategy
+    argv = ["generate", "--model", "digits", "--guidance", "0", "--prompt", "3", "--reward", "digit", "--strategy", strategy, "--budget-nfe", "200", "--num-samples", "2", "--seed", "1", "--device", "cpu", "--no-progress", "--quiet", "--out", str(out)] + flags
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["strategy"] == strategy and report["nfe_max"] <= 200
+    params = report["params"]
+    for flag, value in zip(flags[::2], flags[1::2]):
+        key = flag[2:].replace("-", "_")
+        got = params[key]
+        if isinstance(got, bool):
+            assert got is (value == "true")
+        elif isinstance(got, (list, tuple)):
+            assert [float(v) for v in got] == [float(v) for v in value.split(",")]
+        else:
+            assert got == type(got)(value)
+    assert report["strategy_info"] and 0.0 <= report["judge_accuracy"] <= 1.0
