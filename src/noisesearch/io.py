@@ -1,6 +1,7 @@
 """Atomic file output and image grids."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -73,3 +74,15 @@ def save_png(path: str | os.PathLike, pic: Image.Image) -> None:
     buf = _io.BytesIO()
     pic.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict: detects corrupt weight files."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

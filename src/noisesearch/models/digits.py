@@ -21,7 +21,6 @@ shared with the digit classifiers in ``noisesearch.rewards.digit``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import tensor_digest
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DENOISER_FILE = "digits_denoiser.safetensors"
@@ -54,17 +54,6 @@ RETRAIN_HINT = (
 # ---------------------------------------------------------------------------------------------
 # safetensors helpers (shared with noisesearch.rewards.digit)
 # ---------------------------------------------------------------------------------------------
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def save_weights(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, config: dict, flops: dict | None = None
 ) -> None:
@@ -80,7 +69,7 @@ def save_weights(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"kind": kind, "config": json.dumps(config, sort_keys=True), "sha256": _tensor_digest(tensors)}
+    metadata = {"kind": kind, "config": json.dumps(config, sort_keys=True), "sha256": tensor_digest(tensors)}
     if flops is not None:
         metadata["flops"] = json.dumps(flops, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -116,7 +105,7 @@ def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Te
         raise NoiseSearchError(
             f"{path} holds {metadata.get('kind') or 'unknown'!r} weights, not {kind!r}; {hint}"
         )
-    if metadata.get("sha256") != _tensor_digest(tensors):
+    if metadata.get("sha256") != tensor_digest(tensors):
         raise NoiseSearchError(f"{kind} weights at {path} fail their checksum (corrupt file); {hint}")
     try:
         config = json.loads(metadata["config"])

@@ -26,7 +26,6 @@ when set, else as the finished image (the base reward).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from typing import Sequence
 import torch
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import tensor_digest
 
 MANIFEST = "noise_aware.json"
 FORMAT_NAME = "noisesearch-noise-aware"
@@ -48,17 +48,6 @@ TRAIN_HINT = "train it with `noisesearch train-reward --pool POOL --reward NAME 
 # ---------------------------------------------------------------------------------------------
 # checkpoint files
 # ---------------------------------------------------------------------------------------------
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def save_stage(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write a stage's state dict atomically with its checksum and ``meta`` (JSON) in the metadata."""
     from safetensors.torch import save_file
