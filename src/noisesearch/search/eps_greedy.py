@@ -17,8 +17,9 @@ Variants (all options of the same strategy):
 * ``search_init=True``: the initial noise ``x_T`` is searched the same way, scored by the Tweedie
   estimate of ``sampler.start`` (at ``sigma_0``). The default ``False`` draws it once: at
   ``sigma_0`` the Tweedie estimate is close to the data mean for every ``x_T`` (little signal to
-  select on), and an Euler-ancestral first step replaces most of ``x_T`` by the injected noise, so
-  the budget is better spent on the steps (measured on digits: docs/search.md).
+  select on), and the first Euler-ancestral step adds fresh noise as large as what it keeps of
+  ``x_T``, noise that the search does choose (on digits the two settings are within noise of each
+  other at equal NFEs: docs/search.md).
 * ``zero-order`` is the same strategy with ``eps = 0`` (pure local search around the pivot).
 
 Budget: ``iterations=0`` (default) fits ``K`` to the budget: the largest ``K`` whose total cost
