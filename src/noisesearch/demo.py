@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m noisesearch.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--budget-nfe", type=float, default=360)
-    p.add_argument("--samples", type=int, default=4, help="searches per target digit (default: 4)")
+    p.add_argument("--samples", type=int, default=8, help="searches per target digit (default: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma separated (those not available are skipped)")
     args = p.parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from noisesearch.budget import Budget
-from noisesearch.errors import BudgetError
+from noisesearch.errors import BudgetError, NoiseSearchError
 from noisesearch.models.base import Cond, cond_repeat
 from noisesearch.rewards.base import Reward, score
 from noisesearch.sampling.samplers import Sampler, State
@@ -45,7 +45,20 @@ class Problem:
         return self.sampler.start(cond_repeat(self.cond, n), noise, owner)
 
     def score(self, state: State) -> torch.Tensor:
-        """Reward of each row's Tweedie estimate x0, charged to the budget. Float32 [B] on the CPU."""
+        """Reward of each row's Tweedie estimate x0, charged to the budget. Float32 [B] on the CPU.
+
+        Scored in chunks of about ``sampler.max_batch`` rows (big reward batches are slower per
+        image on a CPU and may not fit in GPU memory). When the rows are grouped by search with
+        equal counts, chunks hold whole searches, so that rewards that are only comparable within
+        one call (``ranksum``) still compare the candidates of a search with each other."""
+        n, mb = len(state), max(1, self.sampler.max_batch)
+        if n <= mb:
+            return self._score(state)
+        per = n // self.num_searches if n % self.num_searches == 0 else 1
+        step = max(per, mb // per * per)
+        return torch.cat([self._score(state.select(torch.arange(lo, min(lo + step, n)))) for lo in range(0, n, step)])
+
+    def _score(self, state: State) -> torch.Tensor:
         self.budget.charge_reward(state.owner)
         images = self.sampler.denoiser.decode(state.x0)
         prompts = [self.prompts[i] for i in state.owner.tolist()]
@@ -95,6 +108,48 @@ def topk_per_owner(values: torch.Tensor, owner: torch.Tensor, k: int) -> torch.T
         raise ValueError("topk_per_owner needs rows grouped by owner with equal counts")
     idx = torch.topk(v.double(), k, dim=1, sorted=True).indices
     return (idx + torch.arange(n_owners).view(-1, 1) * per).flatten()
+
+
+# ---- planning helpers shared by the trajectory searches (eps-greedy, beam, SMC, MCTS) -------
+def noise_steps(sampler: Sampler) -> list[int]:
+    """Steps whose injected noise matters (the decision points of a trajectory search)."""
+    return [i for i in range(sampler.num_steps) if sampler.uses_noise(i)]
+
+
+def fit_count(problem: Problem, cost, what: str, start: int = 1) -> int:
+    """Largest ``n >= start`` with ``problem.budget.affords(*cost(n))`` (``cost(n) -> (nfe, calls)``,
+    non-decreasing in ``n``). Raises a clear BudgetError when even ``n = start`` does not fit."""
+    nfe, calls = cost(start)
+    problem.check_affords(what(start) if callable(what) else what, nfe, calls)
+    lo, hi = start, start + 1
+    while problem.budget.affords(*cost(hi)):  # exponential search, then bisection
+        lo, hi = hi, 2 * hi
+        if hi > 1 << 40:
+            raise NoiseSearchError("the budget does not constrain this search; give its size explicitly")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if problem.budget.affords(*cost(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def advance(sampler: Sampler, state: State) -> State:
+    """Take the deterministic steps (those that inject no noise) up to the next decision point."""
+    while state.step < sampler.num_steps and not sampler.uses_noise(state.step):
+        state = sampler.step(state, None)
+    return state
+
+
+def nfe_between(sampler: Sampler, i: int, j: int) -> int:
+    """Network calls per row from step ``i`` to step ``j``."""
+    return sum(sampler.step_nfe(k) for k in range(i, j))
+
+
+def deterministic_nfe(sampler: Sampler) -> int:
+    """Network calls per row of the steps that inject no noise (taken once per kept row)."""
+    return sum(sampler.step_nfe(i) for i in range(sampler.num_steps) if not sampler.uses_noise(i))
 
 
 @dataclass

@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, topk_per_owner
-from noisesearch.search.eps_greedy import advance, deterministic_nfe, fit_count, noise_steps, score_chunked
+from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, topk_per_owner, advance, deterministic_nfe, fit_count, noise_steps
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Beam(Strategy):
         else:
             B = fit_count(problem, lambda b: self._cost(s, b), what)
         state = problem.start(B * N)
-        scores = score_chunked(problem, state)
+        scores = problem.score(state)
         state = state.select(topk_per_owner(scores, state.owner, B))
         steps = 0
         while True:
@@ -59,10 +58,10 @@ class Beam(Strategy):
                 break
             cand = state.repeat(N)
             cand = s.step(cand, s.noise(len(cand), g))
-            scores = score_chunked(problem, cand)
+            scores = problem.score(cand)
             state = cand.select(topk_per_owner(scores, cand.owner, B))
             steps += 1
-        rewards = score_chunked(problem, state)
+        rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, P)
         return SearchResult(
             x0=state.x0[best.to(state.x0.device)],

@@ -28,8 +28,6 @@ call, plus the unsearched steps and one final reward call) fits, then one extra 
 earliest searched levels while the leftover allows. With 18 Euler-ancestral steps and ``N = 4`` the
 cost is ``1 + 68 K`` NFEs (``72 K`` with ``search_init``): the paper's ``K = 20`` is a 1440-NFE budget.
 
-This module also holds the small planning helpers shared by the other trajectory searches
-(beam, SMC, MCTS).
 """
 from __future__ import annotations
 
@@ -39,64 +37,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner
+from noisesearch.search.base import Problem, SearchResult, Strategy, advance, deterministic_nfe, fit_count, noise_steps
 from noisesearch.sampling.samplers import Sampler, State
-
-
-# ---- helpers shared by the trajectory-search strategies ---------------------------------------
-def noise_steps(sampler: Sampler) -> list[int]:
-    """Steps whose injected noise matters (the decision points of a trajectory search)."""
-    return [i for i in range(sampler.num_steps) if sampler.uses_noise(i)]
-
-
-def fit_count(problem: Problem, cost, what: str, start: int = 1) -> int:
-    """Largest ``n >= start`` with ``problem.budget.affords(*cost(n))`` (``cost(n) -> (nfe, calls)``,
-    non-decreasing in ``n``). Raises a clear BudgetError when even ``n = start`` does not fit."""
-    nfe, calls = cost(start)
-    problem.check_affords(what(start) if callable(what) else what, nfe, calls)
-    lo, hi = start, start + 1
-    while problem.budget.affords(*cost(hi)):  # exponential search, then bisection
-        lo, hi = hi, 2 * hi
-        if hi > 1 << 40:
-            raise NoiseSearchError("the budget does not constrain this search; give its size explicitly")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if problem.budget.affords(*cost(mid)):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def advance(sampler: Sampler, state: State) -> State:
-    """Take the deterministic steps (those that inject no noise) up to the next decision point."""
-    while state.step < sampler.num_steps and not sampler.uses_noise(state.step):
-        state = sampler.step(state, None)
-    return state
-
-
-def nfe_between(sampler: Sampler, i: int, j: int) -> int:
-    """Network calls per row from step ``i`` to step ``j``."""
-    return sum(sampler.step_nfe(k) for k in range(i, j))
-
-
-def deterministic_nfe(sampler: Sampler) -> int:
-    """Network calls per row of the steps that inject no noise (taken once per kept row)."""
-    return sum(sampler.step_nfe(i) for i in range(sampler.num_steps) if not sampler.uses_noise(i))
-
-
-def score_chunked(problem: Problem, state: State) -> torch.Tensor:
-    """``problem.score`` in chunks of about ``sampler.max_batch`` rows (big reward batches are slower
-    per image on a CPU and may not fit in GPU memory). When the rows are grouped by search with equal
-    counts, chunks hold whole searches, so that rewards that are only comparable within one call
-    (``ranksum``) still compare the candidates of a search with each other."""
-    n, mb = len(state), max(1, problem.sampler.max_batch)
-    if n <= mb:
-        return problem.score(state)
-    P = problem.num_searches
-    per = n // P if n % P == 0 else 1
-    step = max(per, mb // per * per)
-    return torch.cat([problem.score(state.select(torch.arange(lo, min(lo + step, n)))) for lo in range(0, n, step)])
 
 
 def bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -210,7 +152,7 @@ class EpsGreedy(Strategy):
                 pert = pivot.repeat_interleave(N, 0) + bcast(r * scale, direction).to(direction.dtype) * direction
                 cand = torch.where(bcast(coin < self.eps, fresh), fresh, pert)
                 new = problem.start(N, noise=cand) if base is None else s.step(base, cand)
-                scores = score_chunked(problem, new)
+                scores = problem.score(new)
                 j = scores.view(P, N).argmax(1)
                 rows = torch.arange(P) * N + j
                 top = scores[rows]
@@ -230,7 +172,7 @@ class EpsGreedy(Strategy):
                 best_score = torch.where(upd, top, best_score)
             state = best
             li += 1
-        rewards = score_chunked(problem, state)
+        rewards = problem.score(state)
         return SearchResult(
             x0=state.x0,
             rewards=rewards,
@@ -253,4 +195,4 @@ class ZeroOrder(EpsGreedy):
     eps: float = 0.0
 
 
-__all__ = ["EpsGreedy", "ZeroOrder", "noise_steps", "fit_count", "advance", "nfe_between", "deterministic_nfe", "score_chunked"]
+__all__ = ["EpsGreedy", "ZeroOrder"]

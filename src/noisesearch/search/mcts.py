@@ -29,7 +29,6 @@ With 18 Euler-ancestral steps one simulation per step costs 1 + 17 + 16 + ... + 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +36,7 @@ import torch
 from noisesearch.errors import NoiseSearchError
 from noisesearch.models.base import cond_index
 from noisesearch.sampling.samplers import State
-from noisesearch.search.base import Problem, SearchResult, Strategy
-from noisesearch.search.eps_greedy import advance, fit_count, nfe_between, noise_steps, score_chunked
+from noisesearch.search.base import Problem, SearchResult, Strategy, advance, fit_count, nfe_between, noise_steps
 
 
 @dataclass
@@ -222,7 +220,7 @@ class MCTS(Strategy):
                 chunks.setdefault(j + 1, []).insert(0, dict(x=state.x, x0=state.x0, owner=owner, node=nodes, store=stores, fixed=None, flag=state.x0_at_x))
                 j += 1
             final = State(x=x, x0=x0, step=j, cond=cond_index(problem.cond, owner), owner=owner, x0_at_x=True)
-            v = score_chunked(problem, final).double()
+            v = problem.score(final).double()
             values[owner] = v
             terminal_rows = stores == s.num_steps
             tval[owner[terminal_rows], nodes[terminal_rows]] = v[terminal_rows]

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner
-from noisesearch.search.eps_greedy import advance, fit_count, noise_steps, score_chunked
+from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, advance, fit_count, noise_steps
 
 POTENTIALS = ("diff", "max", "sum")
 RESAMPLING = ("systematic", "multinomial")
@@ -78,7 +77,7 @@ class SMC(Strategy):
         offsets = (torch.arange(P) * K).view(P, 1)
 
         state = advance(s, problem.start(K))
-        r = score_chunked(problem, state).view(P, K).double()
+        r = problem.score(state).view(P, K).double()
         log_w = lam * r
         ref = r.clone()  # r_{t-1} for diff, running max for max
         resamples, ess_trace = 0, []
@@ -101,7 +100,7 @@ class SMC(Strategy):
             state = advance(s, s.step(state, s.noise(len(state), g)))
             if state.step >= s.num_steps:
                 break
-            r = score_chunked(problem, state).view(P, K).double()
+            r = problem.score(state).view(P, K).double()
             if self.potential == "diff":
                 log_w = log_w + lam * (r - ref)
                 ref = r
@@ -111,7 +110,7 @@ class SMC(Strategy):
                 ref = new_ref
             else:
                 log_w = log_w + lam * r
-        rewards = score_chunked(problem, state)
+        rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, P)
         return SearchResult(
             x0=state.x0[best.to(state.x0.device)],
