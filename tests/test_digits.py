@@ -15,7 +15,7 @@ from noisesearch.rewards.digit import CLASSIFIER_FILE, JUDGE_FILE, load_classifi
 from noisesearch.train.digits import load_split, make_split, sample_digits, split_data
 
 # Measured with `python -m noisesearch.train.digits --eval` (docs/digits.md) minus a margin.
-CLASSIFIER_MIN_TEST_ACC = 0.97  # measured 0.9933 (298 / 300)
+CLASSIFIER_MIN_TEST_ACC = 0.97  # measured 0.9833 (295 / 300)
 JUDGE_MIN_TEST_ACC = 0.95  # measured 0.9767 (293 / 300)
 SAMPLES_MIN_JUDGE_ACC = 0.90  # 64 samples at guidance 1; measured 1.000 on 1000 samples
 

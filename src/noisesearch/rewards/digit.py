@@ -40,7 +40,7 @@ class DigitCNN(nn.Module):
     ``forward(images01 [B, 1, 8, 8] in [0, 1]) -> logits [B, 10]``.
     """
 
-    def __init__(self, ch: int = 32, hidden: int = 128, dropout: float = 0.25):
+    def __init__(self, ch: int = 10, hidden: int = 64, dropout: float = 0.1):
         super().__init__()
         self.config = dict(arch="cnn", ch=ch, hidden=hidden, dropout=dropout)
         self.conv1 = nn.Conv2d(1, ch, 3, padding=1)  # 8x8
