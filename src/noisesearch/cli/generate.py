@@ -70,6 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler (deterministic), heun (EDM Heun with churn)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own; 1 is fastest on a busy machine)")
 
     g = p.add_argument_group("search")
     g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
@@ -125,6 +126,12 @@ def run(args) -> int:
     from noisesearch import api
 
     prompts = read_prompts(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NoiseSearchError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.budget_nfe is None and args.budget_flops is None:
         raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
