@@ -24,6 +24,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs and weights are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,3 +87,38 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def save_checked_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` atomically as safetensors with ``kind`` and a ``sha256`` digest in the
+    metadata (plus ``metadata``), so that ``load_checked_safetensors`` can tell a wrong or corrupt file."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {**(metadata or {}), "kind": kind, "sha256": tensor_digest(tensors)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_checked_safetensors(path: str | os.PathLike, kind: str, what: str, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a file written by ``save_checked_safetensors``. Raises
+    ``NoiseSearchError`` (``what`` names the file for the user, ``hint`` says what to do) if it is
+    missing, unreadable, truncated, of another kind or fails its checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    from noisesearch.errors import NoiseSearchError
+
+    path = Path(path)
+    if not path.is_file():
+        raise NoiseSearchError(f"{what} not found at {path}; {hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NoiseSearchError(f"{what} at {path} is corrupt or truncated ({e}); {hint}") from None
+    if metadata.get("kind") != kind:
+        raise NoiseSearchError(f"{path} holds {metadata.get('kind') or 'unknown'!r} data, not {kind!r}; {hint}")
+    if metadata.get("sha256") != tensor_digest(tensors):
+        raise NoiseSearchError(f"{what} at {path} fails its checksum (corrupt file); {hint}")
+    return tensors, metadata

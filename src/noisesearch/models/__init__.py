@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from noisesearch.errors import NoiseSearchError, unknown_name
+from noisesearch.errors import unknown_name
 from noisesearch.models.base import Cond, Denoiser, cond_cat, cond_index, cond_repeat
 
 BUILTIN_MODELS = {"digits": "the built-in 8x8 digits diffusion model (class-conditional, shipped weights)"}

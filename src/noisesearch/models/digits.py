@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.io import tensor_digest
+from noisesearch.io import load_checked_safetensors, save_checked_safetensors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DENOISER_FILE = "digits_denoiser.safetensors"
@@ -64,49 +63,19 @@ def save_weights(
     (JSON, FLOP counts measured with ``count_flops`` when the file was written, so that loading
     does not have to run ``FlopCounterMode``, whose first use imports torch._dynamo: seconds).
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"kind": kind, "config": json.dumps(config, sort_keys=True), "sha256": tensor_digest(tensors)}
+    meta = {"config": json.dumps(config, sort_keys=True)}
     if flops is not None:
-        metadata["flops"] = json.dumps(flops, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shipped / shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        meta["flops"] = json.dumps(flops, sort_keys=True)
+    save_checked_safetensors(path, tensors, kind, meta)
 
 
 def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors, config, flops) from a file written by ``save_weights`` (``flops`` is ``{}`` if the
     file has none); ``NoiseSearchError`` if the file is missing, unreadable, truncated, of another
     kind or fails its checksum."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     path = Path(path)
     hint = RETRAIN_HINT.format(name=path.name, dir=path.parent)
-    if not path.is_file():
-        raise NoiseSearchError(f"{kind} weights not found at {path}; {hint}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise NoiseSearchError(f"{kind} weights at {path} are corrupt or truncated ({e}); {hint}") from None
-    if metadata.get("kind") != kind:
-        raise NoiseSearchError(
-            f"{path} holds {metadata.get('kind') or 'unknown'!r} weights, not {kind!r}; {hint}"
-        )
-    if metadata.get("sha256") != tensor_digest(tensors):
-        raise NoiseSearchError(f"{kind} weights at {path} fail their checksum (corrupt file); {hint}")
+    tensors, metadata = load_checked_safetensors(path, kind, f"{kind} weights", hint)
     try:
         config = json.loads(metadata["config"])
         flops = json.loads(metadata.get("flops") or "{}")

@@ -28,15 +28,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.io import tensor_digest
+from noisesearch.io import load_checked_safetensors, save_checked_safetensors
 
 MANIFEST = "noise_aware.json"
 FORMAT_NAME = "noisesearch-noise-aware"
@@ -50,42 +48,13 @@ TRAIN_HINT = "train it with `noisesearch train-reward --pool POOL --reward NAME 
 # ---------------------------------------------------------------------------------------------
 def save_stage(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write a stage's state dict atomically with its checksum and ``meta`` (JSON) in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"kind": STAGE_KIND, "sha256": tensor_digest(tensors), "meta": json.dumps(meta, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_checked_safetensors(path, tensors, STAGE_KIND, {"meta": json.dumps(meta, sort_keys=True)})
 
 
 def load_stage(path) -> dict[str, torch.Tensor]:
     """A stage's state dict; ``NoiseSearchError`` if missing, truncated, of another kind or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     path = Path(path)
-    hint = TRAIN_HINT.format(dir=path.parent)
-    if not path.is_file():
-        raise NoiseSearchError(f"noise-aware checkpoint file missing: {path}; {hint}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise NoiseSearchError(f"noise-aware checkpoint {path} is corrupt or truncated ({e}); {hint}") from None
-    if metadata.get("kind") != STAGE_KIND:
-        raise NoiseSearchError(f"{path} is not a noise-aware stage checkpoint; {hint}")
-    if metadata.get("sha256") != tensor_digest(tensors):
-        raise NoiseSearchError(f"noise-aware checkpoint {path} fails its checksum (corrupt file); {hint}")
+    tensors, _ = load_checked_safetensors(path, STAGE_KIND, "noise-aware checkpoint", TRAIN_HINT.format(dir=path.parent))
     return tensors
 
 
