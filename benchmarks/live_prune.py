@@ -19,6 +19,10 @@ first). Two parts:
 Writes ``docs/live_prune.png`` and ``docs/live_prune_results.json``.
 
     .venv/bin/python benchmarks/live_prune.py [--root .] [--seeds 4] [--samples 5]
+
+``--sampler euler`` does the same on the deterministic Euler sampler with the pools and checkpoint of
+``benchmarks/noise_aware.py --sampler euler`` (``docs/live_prune_euler.*``); its schedule grid also
+has checks at early steps, where a deterministic sampler's estimates already rank the candidates.
 """
 from __future__ import annotations
 
@@ -36,9 +40,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 GRID_STEPS = [(8,), (9,), (10,), (11,), (12,), (9, 11), (10, 12), (8, 10), (8, 11), (10, 11), (2, 5, 10)]
 GRID_KEEP = [0.15, 0.25, 0.35, 0.5, 0.65]
+GRID_STEPS_EARLY = [(0,), (2,), (4,), (6,), (2, 6), (4, 8), (2, 8), (0, 6)]  # added for deterministic samplers
 
 
-def choose_schedules(pool, budgets, iters: int = 200):
+def choose_schedules(pool, budgets, iters: int = 200, grid_steps=GRID_STEPS):
     """Best simulated schedule for TTSnap and for TTSp on ``pool`` (grid search), and the best TTSnap
     schedule whose checks all fall on steps the noise-aware reward covers (``na-steps``)."""
     from noisesearch.pruning import PruneSchedule
@@ -51,7 +56,7 @@ def choose_schedules(pool, budgets, iters: int = 200):
     na = pool.noise_aware.get("digit")
     covered = set() if na is None else {s for s in range(pool.num_steps) if not np.isnan(na[:, :, s]).all()}
     cands = []
-    for steps in GRID_STEPS:
+    for steps in grid_steps:
         if steps == (2, 5, 10):
             keeps = [(0.4, 0.4, 0.5)]  # the paper's schedule mapped to 18 steps
         else:
@@ -87,11 +92,11 @@ def choose_schedules(pool, budgets, iters: int = 200):
     return best, table
 
 
-def live(method: str, budget: float, seed: int, samples: int, options: dict) -> dict:
+def live(method: str, budget: float, seed: int, samples: int, options: dict, sampler: str = "euler-ancestral") -> dict:
     from noisesearch import api
 
     run = api.generate(model="digits", prompts=[str(i) for i in range(10)], guidance=0, reward="digit",
-                       strategy=method, budget_flops=budget, num_samples=samples, seed=seed,
+                       sampler=sampler, strategy=method, budget_flops=budget, num_samples=samples, seed=seed,
                        strategy_options=options, evaluate=True)
     r = run.report
     assert r["flops_per_sample_max"] <= budget * (1 + 1e-12), "over budget"
@@ -100,7 +105,7 @@ def live(method: str, budget: float, seed: int, samples: int, options: dict) -> 
             "candidates": r["strategy_info"].get("candidates"), "wall": r["wall_seconds"]}
 
 
-def plot(budget_units, curves: dict, sim: dict, gains: dict, path: Path) -> None:
+def plot(budget_units, curves: dict, sim: dict, gains: dict, path: Path, sampler: str = "euler-ancestral") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +123,7 @@ def plot(budget_units, curves: dict, sim: dict, gains: dict, path: Path) -> None
                      (bx, "simulated on the evaluation pool (seed 1)")):
         a.set_xlabel("budget per sample in best-of-N candidates (FLOPs-equal)")
         a.set_ylabel("mean final reward  log p(target | image)")
-        a.set_title(f"digits-uncond: {title}", fontsize=9)
+        a.set_title(f"digits-uncond ({sampler}): {title}", fontsize=9)
         a.grid(alpha=0.3)
         a.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -133,6 +138,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=5, help="searches per prompt and seed")
     ap.add_argument("--units", default="2,4,6,8,10,12,14,16,18,20", help="budgets in best-of-N candidates")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--sampler", default="euler-ancestral", choices=["euler-ancestral", "euler"],
+                    help="sampler (euler: the pools and checkpoint of benchmarks/noise_aware.py --sampler euler)")
     args = ap.parse_args()
 
     import torch
@@ -143,15 +150,18 @@ def main() -> int:
     from noisesearch.simulate.metrics import auc_gain_with_se
 
     torch.set_num_threads(1)
-    reward_dir = args.root / "rewards/digit-noise-aware"
-    pool = load_pool(args.root / "pools/digits-eval")
+    suffix = "" if args.sampler == "euler-ancestral" else f"-{args.sampler}"
+    reward_dir = args.root / f"rewards/digit-noise-aware{suffix}"
+    pool = load_pool(args.root / f"pools/digits{suffix}-eval")
+    if pool.extra.get("sampler", "euler-ancestral") != args.sampler:
+        raise SystemExit(f"the evaluation pool was sampled with {pool.extra.get('sampler')}, not {args.sampler}")
     den, rew = load_model("digits", guidance=0), make_reward("digit")
     T = 18 * den.flops_per_call + rew.flops_per_image
     assert abs(T - (pool.num_steps * pool.flops_per_step + pool.flops_per_reward["digit"])) < 1e-6 * T
     units = np.array([float(u) for u in args.units.split(",")])
     budgets = units * T
     t0 = time.perf_counter()
-    sim, table = choose_schedules(pool, budgets)
+    sim, table = choose_schedules(pool, budgets, grid_steps=GRID_STEPS + (GRID_STEPS_EARLY if suffix else []))
     print(f"schedule choice on the evaluation pool ({time.perf_counter() - t0:.0f} s):")
     for m in sim:
         if m != "best-of-n":
@@ -171,7 +181,7 @@ def main() -> int:
     for bi, B in enumerate(budgets):
         for m, (strategy, o) in opts.items():
             for si, seed in enumerate(seeds):
-                r = live(strategy, B, seed, args.samples, o)
+                r = live(strategy, B, seed, args.samples, o, args.sampler)
                 per[m][si, bi] = r["reward_mean"]
                 judge[m][si, bi] = r["judge_accuracy"]
                 starts[m][bi] = r["candidates"]
@@ -206,8 +216,10 @@ def main() -> int:
         print(f"ttsnap - ttsp, same schedule and candidates: mean final reward {paired['mean_reward_diff']:+.3f} ± {paired['se']:.3f}")
     d = args.docs
     d.mkdir(parents=True, exist_ok=True)
-    plot(units, curves, sim, gains, d / "live_prune.png")
+    stem = "live_prune" + suffix.replace("-", "_")
+    plot(units, curves, sim, gains, d / f"{stem}.png", args.sampler)
     out = {
+        "sampler": args.sampler,
         "budgets_in_best_of_n_candidates": units.tolist(),
         "flops_per_best_of_n_candidate": T,
         "seeds": seeds,
@@ -221,8 +233,8 @@ def main() -> int:
         "live_gain": gains,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (d / "live_prune_results.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {d / 'live_prune.png'} and {d / 'live_prune_results.json'}")
+    (d / f"{stem}_results.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {d / f'{stem}.png'} and {d / f'{stem}_results.json'}")
     return 0
 
 

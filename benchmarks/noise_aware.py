@@ -16,6 +16,11 @@ images found among the 10% best by the step's score), with the standard error ov
 ``docs/noise_aware_spearman.png``, ``docs/noise_aware_recall.png`` and ``docs/noise_aware_results.json``.
 
     .venv/bin/python benchmarks/noise_aware.py [--root .] [--train-args "--iters 300"]
+
+``--sampler euler`` runs the same on the deterministic Euler sampler (eta = 0, the probability-flow
+ODE: each candidate's final image is a function of its initial noise, as with FLUX's flow sampler
+in the TTSnap paper), with its own pools (``pools/digits-euler``, ``pools/digits-euler-eval``),
+checkpoint (``rewards/digit-noise-aware-euler``) and figures (``docs/noise_aware_euler_*``).
 """
 from __future__ import annotations
 
@@ -97,8 +102,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         if key == "spearman":
             ax.axhline(0.9, color="k", lw=0.6, ls=":")
         ax.set_ylabel(label)
-        ax.set_title(f"digits-uncond, held-out candidates ({results['shape'][0]} prompts x {results['shape'][1]}, seed 1)",
-                     fontsize=10)
+        ax.set_title(f"digits-uncond, {results.get('sampler', 'euler-ancestral')} sampler, held-out candidates "
+                     f"({results['shape'][0]} prompts x {results['shape'][1]}, seed 1)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
         se = np.array([r[f"{key}_diff_se"] for r in rows])
@@ -113,7 +118,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         bx.grid(alpha=0.3)
         bx.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / fname
+        path = out_dir / fname.replace("noise_aware_", f"noise_aware{results.get('suffix', '')}_")
         fig.savefig(path)
         plt.close(fig)
         files.append(path)
@@ -127,6 +132,8 @@ def main() -> int:
     ap.add_argument("--eval-candidates", type=int, default=1000)
     ap.add_argument("--train-args", default="", help="extra train-reward options, e.g. '--iters 300 --lora-rank 8'")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where figures and results go")
+    ap.add_argument("--sampler", default="euler-ancestral", choices=["euler-ancestral", "euler", "heun"],
+                    help="sampler of the pools (default euler-ancestral: the search benchmark's digits-uncond)")
     ap.add_argument("--fresh", action="store_true", help="remove existing pools and checkpoint first")
     ap.add_argument("--retrain", action="store_true", help="remove the checkpoint (and the evaluation pool) first")
     args = ap.parse_args()
@@ -134,11 +141,14 @@ def main() -> int:
     from noisesearch.pools import load_pool
 
     root = args.root
-    train_pool, eval_pool, reward_dir = root / "pools/digits", root / "pools/digits-eval", root / "rewards/digit-noise-aware"
+    suffix = "" if args.sampler == "euler-ancestral" else f"-{args.sampler}"
+    train_pool, eval_pool = root / f"pools/digits{suffix}", root / f"pools/digits{suffix}-eval"
+    reward_dir = root / f"rewards/digit-noise-aware{suffix}"
     if args.fresh or args.retrain:
         for d in ((train_pool,) if args.fresh else ()) + (eval_pool, reward_dir):
             shutil.rmtree(d, ignore_errors=True)
-    common = ["--model", "digits", "--guidance", "0", "--prompts", PROMPTS, "--device", "cpu", "--no-progress"]
+    common = ["--model", "digits", "--guidance", "0", "--prompts", PROMPTS, "--sampler", args.sampler, "--device", "cpu",
+              "--no-progress"]
     t0 = time.perf_counter()
     cli(["pool", *common, "--reward", "digit", "--candidates", str(args.train_candidates), "--save-images",
          "--seed", "0", "--out", str(train_pool)])
@@ -154,6 +164,7 @@ def main() -> int:
 
     pool = load_pool(eval_pool)
     res = per_step_metrics(pool)
+    res["sampler"], res["suffix"] = args.sampler, suffix.replace("-", "_")
     manifest = json.loads((reward_dir / "noise_aware.json").read_text())
     res["train"] = {"config": manifest["config"], "seconds_total": sum(s["seconds"] for s in manifest["stages"]),
                     "stages": manifest["stages"], "train_candidates": manifest["train_candidates"]}
@@ -177,8 +188,9 @@ def main() -> int:
     args.docs.mkdir(parents=True, exist_ok=True)
     for f in plot(res, args.docs):
         print(f"wrote {f}")
-    (args.docs / "noise_aware_results.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.docs / 'noise_aware_results.json'}")
+    out = args.docs / f"noise_aware{res['suffix']}_results.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

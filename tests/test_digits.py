@@ -182,3 +182,14 @@ def test_train_digits_cli_writes_loadable_files(tmp_path, capsys):
     assert load_split(tmp_path / SPLIT_FILE) == load_split()
     assert load_judge(weights=tmp_path / JUDGE_FILE).predict(torch.zeros(2, 1, 8, 8))[0].shape == (2,)
     assert main(["train-digits", "--out", str(tmp_path), "--epochs", "0"]) == 2
+
+
+def test_strided_max_pool_equals_max_pool2d():
+    from torch.nn import functional as F
+
+    from noisesearch.rewards.digit import max_pool2
+
+    h = torch.randn(7, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    h[:, :, :4] = torch.relu(h[:, :, :4])  # ties at zero, as after a ReLU
+    assert torch.equal(max_pool2(h), F.max_pool2d(h, 2))
+    assert torch.equal(max_pool2(h[:, :, :4, :4]), F.max_pool2d(h[:, :, :4, :4], 2))

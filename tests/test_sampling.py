@@ -60,6 +60,7 @@ def test_noise_is_the_only_randomness():
 def test_deterministic_euler_ignores_noise_and_heun_costs_edm_2n_minus_1():
     d = toy()
     s = make_sampler("euler", d, 10)
+    assert s.name == "euler" and s.eta == 0.0  # recorded as such in report.json and pool metadata
     assert not any(s.uses_noise(i) for i in range(s.num_steps))
     h = HeunChurn(d, 10, s_churn=0.0)
     assert h.nfe_per_trajectory == 2 * 10 - 1  # EDM: the start call is reused by the first step

@@ -217,6 +217,26 @@ def test_reward_calls_chunked_by_whole_searches(name, opts):
     assert int(problem.budget.nfe.max()) <= 200
 
 
+@pytest.mark.parametrize(
+    "name,opts",
+    [("eps-greedy", {"n_candidates": 1, "iterations": 1}), ("zero-order", {"n_candidates": 1, "iterations": 1}),
+     ("beam", {"beams": 3, "n_candidates": 1}), ("smc", {"particles": 1})],
+)
+def test_no_reward_calls_without_a_choice(name, opts):
+    # one candidate per decision: nothing to choose, so only the final images are scored, and the
+    # result is exactly the run that scores everything (same noise draws)
+    problem = make_problem(nfe=100, n=8)
+    result = make_strategy(name, **opts).search(problem)
+    keep = opts.get("beams", 1)
+    assert problem.budget.reward_calls.tolist() == [keep] * 8
+    assert problem.budget.nfe.tolist() == [STEPS * keep] * 8
+    # with FLOPs budgets the saved reward calls buy nothing here, but are not charged either
+    problem2 = make_problem(flops=float(STEPS * keep * 10 + keep * 3), n=8)
+    result2 = make_strategy(name, **opts).search(problem2)
+    assert torch.equal(result.x0, result2.x0)
+    assert float(problem2.budget.flops.max()) == STEPS * keep * 10 + keep * 3
+
+
 def test_mcts_finds_the_mode_with_many_simulations():
     # with enough simulations per step MCTS is a near-exhaustive search of its 4-ary tree
     _, res = run("mcts", {"simulations": 10}, nfe=3000, n=12)

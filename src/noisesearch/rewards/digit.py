@@ -34,6 +34,17 @@ JUDGE_FILE = "digit_judge.safetensors"
 IMAGE_SHAPE = (1, 8, 8)
 
 
+def max_pool2(h: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling with stride 2 (even H and W), as strided maxima.
+
+    Equal to ``F.max_pool2d(h, 2)`` bit for bit, and 2-3x faster on a CPU for the small feature
+    maps of ``DigitCNN``: ``max_pool2d`` computes the argmax indices as well, which took half of
+    the classifier's time there (the reward is called on every candidate of every search step).
+    """
+    h = torch.maximum(h[:, :, 0::2], h[:, :, 1::2])
+    return torch.maximum(h[..., 0::2], h[..., 1::2])
+
+
 class DigitCNN(nn.Module):
     """Reward classifier: conv(1->c)-conv(c->2c)-maxpool-conv(2c->2c)-maxpool-fc-fc.
 
@@ -53,8 +64,8 @@ class DigitCNN(nn.Module):
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
         h = images01 * 2 - 1
         h = F.relu(self.conv1(h))
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        h = F.max_pool2d(F.relu(self.conv3(h)), 2)
+        h = max_pool2(F.relu(self.conv2(h)))
+        h = max_pool2(F.relu(self.conv3(h)))
         h = F.relu(self.fc1(self.dropout(h.flatten(1))))
         return self.fc2(self.dropout(h))
 

@@ -221,6 +221,20 @@ class EulerAncestral(Sampler):
         return replace(state, x=x, x0=x0, step=i + 1, x0_at_x=True)
 
 
+class Euler(EulerAncestral):
+    """Plain Euler on the probability-flow ODE: ``EulerAncestral`` with ``eta = 0``.
+
+    Deterministic: the final image is a function of the initial noise alone (no step injects noise).
+    """
+
+    name = "euler"
+
+    def __init__(self, denoiser: Denoiser, steps: int | None = None, **kw):
+        if kw.pop("eta", 0.0) != 0.0:
+            raise ValueError("the euler sampler is deterministic (eta = 0); use euler-ancestral for eta > 0")
+        super().__init__(denoiser, steps, eta=0.0, **kw)
+
+
 class HeunChurn(Sampler):
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2) with churn.
 
@@ -281,7 +295,7 @@ class HeunChurn(Sampler):
         return replace(state, x=x_next, x0=denoised2, step=i + 1, x0_at_x=False)
 
 
-SAMPLERS = {"euler-ancestral": EulerAncestral, "euler": lambda d, steps=None, **kw: EulerAncestral(d, steps, eta=0.0, **kw), "heun": HeunChurn}
+SAMPLERS = {"euler-ancestral": EulerAncestral, "euler": Euler, "heun": HeunChurn}
 
 
 def make_sampler(name: str, denoiser: Denoiser, steps: int | None = None, **kw) -> Sampler:

@@ -10,7 +10,8 @@ highest final reward is returned.
 Budget: ``beams=0`` (default) fits ``B`` to the budget. The cost per search is ``B * N`` candidates
 per searched level (``sampler.step_nfe`` NFEs and one reward call each), ``B`` rows through the
 steps that inject no noise, and ``B`` final reward calls: with 18 Euler-ancestral steps it is
-``18 * B * N`` NFEs. ``B = 1`` is greedy (the best of ``N`` fresh noises at every step).
+``18 * B * N`` NFEs. With ``N = 1`` every candidate is kept, so nothing is scored but the final
+images. ``B = 1`` is greedy (the best of ``N`` fresh noises at every step).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class Beam(Strategy):
         levels = len(noise_steps(s)) + 1  # + the initial noise
         n = self.n_candidates
         nfe = b * n * s.start_nfe + sum(b * n * s.step_nfe(i) for i in noise_steps(s)) + b * deterministic_nfe(s)
-        calls = levels * b * n + b
+        calls = (levels * b * n if n > 1 else 0) + b  # with N = 1 every candidate is kept: no scoring
         return nfe, calls
 
     def search(self, problem: Problem) -> SearchResult:
@@ -49,8 +50,8 @@ class Beam(Strategy):
         else:
             B = fit_count(problem, lambda b: self._cost(s, b), what)
         state = problem.start(B * N)
-        scores = problem.score(state)
-        state = state.select(topk_per_owner(scores, state.owner, B))
+        if N > 1:  # with one candidate per beam all are kept: nothing to score
+            state = state.select(topk_per_owner(problem.score(state), state.owner, B))
         steps = 0
         while True:
             state = advance(s, state)
@@ -58,8 +59,7 @@ class Beam(Strategy):
                 break
             cand = state.repeat(N)
             cand = s.step(cand, s.noise(len(cand), g))
-            scores = problem.score(cand)
-            state = cand.select(topk_per_owner(scores, cand.owner, B))
+            state = cand.select(topk_per_owner(problem.score(cand), cand.owner, B)) if N > 1 else cand
             steps += 1
         rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, P)

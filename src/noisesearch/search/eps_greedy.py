@@ -24,7 +24,8 @@ Variants (all options of the same strategy):
 
 Budget: ``iterations=0`` (default) fits ``K`` to the budget: the largest ``K`` whose total cost
 (``N * K_l`` candidates at every searched level ``l``, each ``sampler.step_nfe`` NFEs and one reward
-call, plus the unsearched steps and one final reward call) fits, then one extra iteration at the
+call, plus the unsearched steps and one final reward call) fits; a level with a single candidate
+(``N = K_l = 1``) offers no choice and is not scored, then one extra iteration at the
 earliest searched levels while the leftover allows. With 18 Euler-ancestral steps and ``N = 4`` the
 cost is ``1 + 68 K`` NFEs (``72 K`` with ``search_init``): the paper's ``K = 20`` is a 1440-NFE budget.
 
@@ -80,7 +81,7 @@ class EpsGreedy(Strategy):
         levels = self._levels(s)
         nfe = sum(k * n * c for k, (_, _, c) in zip(ks, levels))
         nfe += deterministic_nfe(s) + (0 if self.search_init else s.start_nfe)
-        calls = sum(k * n for k in ks) + 1  # + the final reward
+        calls = sum(k * n for k in ks if k * n > 1) + 1  # a lone candidate is not scored; + the final reward
         return nfe, calls
 
     def plan(self, problem: Problem) -> list[int]:
@@ -152,6 +153,9 @@ class EpsGreedy(Strategy):
                 pert = pivot.repeat_interleave(N, 0) + bcast(r * scale, direction).to(direction.dtype) * direction
                 cand = torch.where(bcast(coin < self.eps, fresh), fresh, pert)
                 new = problem.start(N, noise=cand) if base is None else s.step(base, cand)
+                if N * ks[li] == 1:  # a lone candidate: nothing to choose, so no reward call
+                    best = new
+                    break
                 scores = problem.score(new)
                 j = scores.view(P, N).argmax(1)
                 rows = torch.arange(P) * N + j

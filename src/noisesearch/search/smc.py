@@ -16,7 +16,7 @@ particle with the highest final reward is returned.
 
 Budget: ``particles=0`` (default) fits ``K`` to the budget: ``K`` full trajectories
 (``K * sampler.nfe_per_trajectory`` NFEs) and one reward call per particle at every scored level
-plus a final one.
+plus a final one (with ``K = 1`` only the final one: a lone particle's weight never matters).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class SMC(Strategy):
     resampling: str = "systematic"  # systematic | multinomial
 
     def _cost(self, s, k: int) -> tuple[float, float]:
-        return k * s.nfe_per_trajectory, k * (len(noise_steps(s)) + 2)
+        return k * s.nfe_per_trajectory, (k * (len(noise_steps(s)) + 1) if k > 1 else 0) + k
 
     def search(self, problem: Problem) -> SearchResult:
         if self.potential not in POTENTIALS:
@@ -77,7 +77,8 @@ class SMC(Strategy):
         offsets = (torch.arange(P) * K).view(P, 1)
 
         state = advance(s, problem.start(K))
-        r = problem.score(state).view(P, K).double()
+        weigh = K > 1  # one particle per search: its weight never matters, so nothing is scored on the way
+        r = problem.score(state).view(P, K).double() if weigh else torch.zeros(P, K, dtype=torch.float64)
         log_w = lam * r
         ref = r.clone()  # r_{t-1} for diff, running max for max
         resamples, ess_trace = 0, []
@@ -100,6 +101,8 @@ class SMC(Strategy):
             state = advance(s, s.step(state, s.noise(len(state), g)))
             if state.step >= s.num_steps:
                 break
+            if not weigh:
+                continue
             r = problem.score(state).view(P, K).double()
             if self.potential == "diff":
                 log_w = log_w + lam * (r - ref)

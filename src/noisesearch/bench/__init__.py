@@ -1,0 +1,6 @@
+"""Benchmarks that ship with the package (``noisesearch bench NAME``).
+
+Each module has ``main(argv, prog, default_out) -> int`` with its own argparse options; the scripts
+under ``benchmarks/`` call the same functions with ``docs/`` as the output folder.
+"""
+BENCHMARKS = {"search": "noise-trajectory search at equal compute on digits-uncond (issue #3)"}

@@ -1,0 +1,457 @@
+"""Noise-trajectory search at equal compute on ``digits-uncond`` (issue #3).
+
+For every budget (NFEs per output sample) and every strategy, one problem holds
+``10 targets x --seeds`` independent searches (all batched), sampled with 18 Euler-ancestral steps
+from the unconditional digits model and rewarded by ``log p(target | image)`` (reward ``digit``).
+Reported per cell: mean reward, accuracy by the optimised classifier and by the independent judge,
+diversity (mean pairwise L2 distance between the images of the same target, pixels in [0, 1]),
+wall seconds of the search, and the overhead ratio::
+
+    wall / sum over denoiser calls of t(rows of that call)
+
+where ``t(b)`` is the time of one denoiser call on ``b`` rows, measured separately (median of
+several repetitions, the same thread count) for the batch sizes the strategy used; for a strategy
+whose calls all have the same size this is ``wall / (NFEs x time of one call at that size)``.
+Everything else (reward calls, candidate bookkeeping, Python) counts as overhead.
+
+    noisesearch bench search                                    # the full run (outputs in runs/bench-search)
+    noisesearch bench search --budgets 72,360 --seeds 2 --strategies eps-greedy,best-of-n --out /tmp/b
+    .venv/bin/python benchmarks/search.py                       # the same, writing the tables in docs/
+
+Outputs in ``--out``: ``search_results.json`` (every cell), ``search_results.md`` (tables) and
+``search_reward_vs_nfe.png`` (plus ``search_other_rewards.png`` for brightness / compressibility);
+with ``--budget-kind flops`` (budgets in FLOPs, network and reward together, given in
+NFE-equivalents) the prefix is ``search_flops``. Overheads are measured in CPU time (see ``CLOCK``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from noisesearch.budget import Budget, CostModel
+from noisesearch.errors import BudgetError
+from noisesearch.models import load_model
+from noisesearch.rewards.base import make_reward, score
+from noisesearch.sampling.samplers import make_sampler
+from noisesearch.search import make_strategy
+from noisesearch.search.base import Problem
+
+TRAJ = 18  # NFEs of one 18-step Euler-ancestral trajectory on digits
+# Overheads are measured in CPU time of this process (one torch thread): on a CPU shared with other
+# jobs, wall time also counts the time other processes took; on an idle machine the two agree.
+CLOCK = time.process_time
+
+
+# ---- strategy configurations: name -> (strategy, options(budget)) -----------------------------------
+def _n(budget: int, cap: int = 4) -> int:
+    """Candidates per decision: the paper's 4, fewer when the budget cannot afford 4 per step."""
+    return max(1, min(cap, budget // TRAJ))
+
+
+CONFIGS = {
+    "naive": ("naive", lambda b: {}),
+    "best-of-n": ("best-of-n", lambda b: {}),
+    "eps-greedy": ("eps-greedy", lambda b: {"n_candidates": _n(b)}),
+    "eps-greedy-elitist": ("eps-greedy", lambda b: {"n_candidates": _n(b), "elitist": True}),
+    "eps-greedy-window": ("eps-greedy", lambda b: {"n_candidates": _n(b), "sigma_window": (0.01, 1.0)}),
+    "zero-order": ("zero-order", lambda b: {"n_candidates": _n(b)}),
+    "beam": ("beam", lambda b: {"n_candidates": _n(b)}),
+    "greedy": ("beam", lambda b: {"beams": 1, "n_candidates": max(1, b // TRAJ)}),
+    "mcts": ("mcts", lambda b: {"n_candidates": 4}),
+    # lambda must match the reward's spread: 10 for log-probabilities, 300 for rewards in [0, 1]
+    "smc": ("smc", lambda b, reward="digit": {} if reward in ("digit", "judge") else {"potential_scale": 300.0}),
+}
+# extra configurations, not in the default sweep (--strategies eps-greedy,eps-greedy-init)
+EXTRA_CONFIGS = {
+    "eps-greedy-init": ("eps-greedy", lambda b: {"n_candidates": _n(b), "search_init": True}),
+}
+DEFAULT_STRATEGIES = list(CONFIGS)
+CONFIGS.update(EXTRA_CONFIGS)
+OTHER_REWARD_STRATEGIES = ["naive", "best-of-n", "eps-greedy", "eps-greedy-elitist", "beam", "greedy", "smc"]
+
+
+def fitted(strategy: str, info: dict, params: dict) -> str:
+    """Short description of the size a strategy chose (the hyperparameters fitted to the budget)."""
+    if strategy == "best-of-n":
+        return f"n={info['candidates']}"
+    if strategy in ("eps-greedy", "zero-order"):
+        ks = info["iterations_per_step"]
+        kk = sorted(set(ks))
+        k = f"K={kk[0]}" if len(kk) == 1 else f"K={'/'.join(map(str, kk))} (sum {sum(ks)})"
+        extra = " elitist" if params.get("elitist") else ""
+        extra += " window" if params.get("sigma_window") else ""
+        return f"N={info['n_candidates']} {k} eps={params['eps']:g} lam={params['radius']:g}{extra}"
+    if strategy == "beam":
+        return f"B={info['beams']} N={info['n_candidates']}"
+    if strategy == "mcts":
+        ss = info["simulations_per_step"]
+        return f"N={info['n_candidates']} S={min(ss)}..{max(ss)} (sum {sum(ss)}) c={params['c_uct']:g}"
+    if strategy == "smc":
+        return f"K={info['particles']} {params['potential']} lam={params['potential_scale']:g}"
+    return "-"
+
+
+# ---- timing ------------------------------------------------------------------------------------------
+class CallTimer:
+    """t(b): time of one denoiser call on b rows, measured right after each cell (the CPU may be
+    shared: measuring next to the run keeps numerator and denominator under the same load). Returns
+    the median of every measurement of that size so far (``reps`` per cell), so that one disturbed
+    measurement does not swing a cell's ratio."""
+
+    def __init__(self, denoiser, reps: int = 5, max_sizes: int = 12):
+        self.den, self.reps, self.max_sizes = denoiser, reps, max_sizes
+        self.log: dict[int, list[float]] = {}  # every measurement, for the report
+
+    def time(self, b: int) -> float:
+        x = torch.randn(b, *self.den.sample_shape)
+        sigma = torch.rand(b) * 5 + 0.01
+        with torch.no_grad():
+            self.den(x, sigma, None)  # warm-up
+            times = []
+            for _ in range(self.reps):
+                t0 = CLOCK()
+                self.den(x, sigma, None)
+                times.append(CLOCK() - t0)
+        self.log.setdefault(b, []).extend(times)
+        return statistics.median(self.log[b])
+
+    def expected(self, calls: list[int], max_batch: int) -> float:
+        """Sum over calls of t(rows), chunked like ``Sampler.denoise``."""
+        counts: dict[int, int] = {}
+        for rows in calls:
+            full, rest = divmod(rows, max_batch)
+            if full:
+                counts[max_batch] = counts.get(max_batch, 0) + full
+            if rest:
+                counts[rest] = counts.get(rest, 0) + 1
+        sizes = sorted(counts)
+        if len(sizes) <= self.max_sizes:
+            measured = {b: self.time(b) for b in sizes}
+            return sum(n * measured[b] for b, n in counts.items())
+        # many distinct sizes (MCTS): measure a grid, interpolate linearly in b
+        idx = sorted({round(i * (len(sizes) - 1) / (self.max_sizes - 1)) for i in range(self.max_sizes)})
+        grid = [sizes[i] for i in idx]
+        tg = [self.time(b) for b in grid]
+
+        def interp(b: int) -> float:
+            for (b0, t0), (b1, t1) in zip(zip(grid, tg), zip(grid[1:], tg[1:])):
+                if b0 <= b <= b1:
+                    return t0 + (t1 - t0) * (b - b0) / (b1 - b0)
+            return tg[-1]
+
+        return sum(n * interp(b) for b, n in counts.items())
+
+
+class TimedDenoiser:
+    """The denoiser with its calls timed (the in-run denoiser time, a cross-check of the ratio)."""
+
+    def __init__(self, den):
+        self._den, self.seconds = den, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._den, name)
+
+    def __call__(self, x, sigma, cond):
+        t0 = CLOCK()
+        out = self._den(x, sigma, cond)
+        self.seconds += CLOCK() - t0
+        return out
+
+
+class TimedReward:
+    def __init__(self, reward):
+        self.reward, self.name, self.flops_per_image, self.seconds = reward, reward.name, reward.flops_per_image, 0.0
+
+    def __call__(self, images, prompts):
+        t0 = CLOCK()
+        out = self.reward(images, prompts)
+        self.seconds += CLOCK() - t0
+        return out
+
+
+# ---- one cell ----------------------------------------------------------------------------------------
+def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, seeds: int, seed: int, max_batch: int, kind: str = "nfe") -> dict:
+    """One strategy at one budget. ``kind="flops"``: the budget is ``budget`` NFE-equivalents of
+    FLOPs (``budget * flops_per_call``), network and reward FLOPs together."""
+    strategy_name, options = CONFIGS[label]
+    size_budget = budget
+    if kind == "flops":  # size the candidates by the NFEs the budget buys when every NFE is scored
+        size_budget = int(budget * den.flops_per_call / (den.flops_per_call + reward.flops_per_image))
+    try:
+        opts = options(size_budget, reward=reward.name)
+    except TypeError:
+        opts = options(size_budget)
+    prompts = [str(d) for d in range(10) for _ in range(seeds)]
+    cost = CostModel(den.flops_per_call, reward.flops_per_image)
+    if kind == "flops":
+        b = Budget(len(prompts), flops=budget * den.flops_per_call, cost=cost)
+    else:
+        b = Budget(len(prompts), nfe=budget, cost=cost)
+    tden = TimedDenoiser(den)
+    sampler = make_sampler("euler-ancestral", tden, TRAJ, max_batch=max_batch, budget=b)
+    calls: list[int] = []
+    sampler.on_call = calls.append
+    timed = TimedReward(reward)
+    problem = Problem(sampler, timed, b, prompts, den.encode(prompts), torch.Generator().manual_seed(seed))
+    strat = make_strategy(strategy_name, **opts)
+    cell = {"label": label, "strategy": strategy_name, "budget": budget, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}}
+    t0, c0 = time.perf_counter(), CLOCK()
+    try:
+        with torch.no_grad():
+            result = strat.search(problem)
+    except BudgetError as e:
+        cell.update(status="n/a", reason=str(e))
+        return cell
+    wall, cpu = time.perf_counter() - t0, CLOCK() - c0
+    images = den.decode(result.x0).float().cpu()
+    targets = torch.tensor([int(p) for p in prompts])
+    with torch.no_grad():
+        cls, _ = classifier.predict(images)
+        jcls, _ = judge.predict(images)
+    div = []
+    for d in range(10):
+        flat = images[targets == d].flatten(1)
+        if flat.shape[0] > 1:
+            div.append(float(torch.pdist(flat).mean()))
+    expected = timer.expected(calls, max_batch)
+    nfe = int(b.nfe.sum())
+    info = {k: v for k, v in result.info.items() if k != "all_rewards"}
+    cell.update(
+        status="ok",
+        fitted=fitted(strategy_name, info, strat.params()),
+        reward_mean=float(result.rewards.mean()),
+        reward_sem=float(result.rewards.std() / math.sqrt(len(prompts))),
+        classifier_accuracy=float((cls == targets).float().mean()),
+        judge_accuracy=float((jcls == targets).float().mean()),
+        diversity=sum(div) / len(div) if div else float("nan"),
+        wall_seconds=wall,
+        cpu_seconds=cpu,
+        reward_cpu_seconds=timed.seconds,
+        denoiser_cpu_seconds_expected=expected,
+        overhead_ratio=cpu / expected if expected > 0 else float("nan"),
+        overhead_ratio_wall=wall / expected if expected > 0 else float("nan"),
+        denoiser_cpu_seconds_in_run=tden.seconds,
+        overhead_ratio_in_run=cpu / tden.seconds if tden.seconds > 0 else float("nan"),
+        overhead_ratio_without_reward=(cpu - timed.seconds) / tden.seconds if tden.seconds > 0 else float("nan"),
+        nfe_max=int(b.nfe.max()),
+        flops_max=float(b.flops.max()),
+        flops_mean_in_nfe=float(b.flops.mean()) / den.flops_per_call,
+        nfe_mean=nfe / len(prompts),
+        reward_calls_mean=float(b.reward_calls.double().mean()),
+        calls=len(calls),
+        rows_per_call=nfe / max(1, len(calls)),
+        info=info,
+        params=strat.params(),
+    )
+    return cell
+
+
+# ---- outputs -----------------------------------------------------------------------------------------
+def table(cells: list[dict], reward: str) -> str:
+    rows = [
+        f"| strategy | budget/sample | fitted hyperparameters | mean {reward} | classifier acc | judge acc | diversity | wall s | overhead: CPU (in-run CPU, wall) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        if c["status"] != "ok":
+            rows.append(f"| {c['label']} | {c['budget']} | n/a: below the minimum | | | | | | |")
+            continue
+        rows.append(
+            f"| {c['label']} | {c['budget']} | {c['fitted']} | {c['reward_mean']:.3f} ± {c['reward_sem']:.3f} | "
+            f"{c['classifier_accuracy']:.3f} | {c['judge_accuracy']:.3f} | {c['diversity']:.3f} | {c['wall_seconds']:.1f} | {c['overhead_ratio']:.2f} ({c['overhead_ratio_in_run']:.2f}, {c['overhead_ratio_wall']:.2f}) |"
+        )
+    return "\n".join(rows)
+
+
+def pivot(cells: list[dict], key: str, fmt: str, budgets: list[int], labels: list[str]) -> str:
+    head = "| strategy | " + " | ".join(str(b) for b in budgets) + " |"
+    rows = [head, "|---|" + "---:|" * len(budgets)]
+    by = {(c["label"], c["budget"]): c for c in cells}
+    for label in labels:
+        vals = []
+        for b in budgets:
+            c = by.get((label, b))
+            vals.append(format(c[key], fmt) if c and c["status"] == "ok" else "n/a")
+        rows.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(rows)
+
+
+def plot(groups: dict[str, list[dict]], path: Path, keys: list[tuple[str, str]], ncols: int = 3) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(reward, key, title) for reward in groups for key, title in keys]
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (reward, key, title) in zip(axes.flat, panels):
+        cells = groups[reward]
+        # a log-probability reward saturates at 0: plot -reward on a log axis to keep differences visible
+        neg = key == "reward_mean" and reward in ("digit", "judge")
+        for label in dict.fromkeys(c["label"] for c in cells):
+            pts = sorted((c["budget"], max(-c[key], 1e-9) if neg else c[key]) for c in cells if c["label"] == label and c["status"] == "ok")
+            if pts:
+                style = "--" if label in ("naive", "best-of-n") else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
+        if key.startswith("overhead"):
+            ax.axhline(1.3, color="k", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("NFEs per sample")
+        if neg:
+            ax.set_yscale("log")
+            title = f"-{title} (log scale, lower is better)"
+        ax.set_title(f"{title} ({reward})" if key == "reward_mean" else title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
+    """search_results.json / .md and the plots from the collected cells."""
+    meta, main_cells, other = data["meta"], data["cells"], data["other_rewards"]
+    (out / f"{prefix}_results.json").write_text(json.dumps(data, indent=1))
+    budgets = sorted({c["budget"] for c in main_cells})
+    labels = list(dict.fromkeys(c["label"] for c in main_cells))
+    reward = main_cells[0]["reward"]
+    unit = "NFE-equivalents of FLOPs (network + reward)" if meta.get("budget_kind") == "flops" else "NFEs"
+    md = [f"# Search benchmark results\n\nCommand: `{meta['command']}`  \nBudgets in {unit} per sample. {meta['model']}; {meta['searches_per_cell']} searches per cell "
+          f"(10 targets x {meta['searches_per_cell'] // 10}); {meta['threads']} torch thread(s); total {meta['total_seconds']:.0f} s.\n"]
+    md.append(f"## Reward `{reward}`: mean reward\n\n" + pivot(main_cells, "reward_mean", ".3f", budgets, labels))
+    md.append("## Judge accuracy\n\n" + pivot(main_cells, "judge_accuracy", ".3f", budgets, labels))
+    md.append("## Classifier (optimised) accuracy\n\n" + pivot(main_cells, "classifier_accuracy", ".3f", budgets, labels))
+    md.append("## Diversity (mean pairwise L2 distance within a target)\n\n" + pivot(main_cells, "diversity", ".2f", budgets, labels))
+    md.append("## Overhead ratio: CPU time / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_in_run", ".2f", budgets, labels))
+    md.append("## Overhead ratio without the reward calls: (CPU time - reward CPU time) / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_without_reward", ".3f", budgets, labels))
+    md.append("## Overhead ratio: CPU time / (sum over calls of the CPU time of one denoiser call at that size, timed separately after the cell)\n\n" + pivot(main_cells, "overhead_ratio", ".2f", budgets, labels))
+    md.append("## Overhead ratio with wall time (shared CPU: includes time taken by other processes)\n\n" + pivot(main_cells, "overhead_ratio_wall", ".2f", budgets, labels))
+    md.append("## Every cell\n\n" + table(main_cells, reward))
+    for r, cells in other.items():
+        ob = sorted({c["budget"] for c in cells})
+        ol = list(dict.fromkeys(c["label"] for c in cells))
+        n = meta.get("other_searches_per_cell", "?")
+        md.append(f"## Reward `{r}` ({n} searches per cell)\n\nMean reward:\n\n" + pivot(cells, "reward_mean", ".4f", ob, ol)
+                  + "\n\nDiversity:\n\n" + pivot(cells, "diversity", ".2f", ob, ol)
+                  + "\n\nOverhead ratio (CPU, timed separately):\n\n" + pivot(cells, "overhead_ratio", ".2f", ob, ol))
+    (out / f"{prefix}_results.md").write_text("\n\n".join(md) + "\n")
+    plot({reward: main_cells}, out / f"{prefix}_reward_vs_nfe.png",
+         [("reward_mean", "mean reward"), ("judge_accuracy", "judge accuracy"), ("classifier_accuracy", "classifier accuracy"),
+          ("diversity", "diversity (pairwise L2, same target)"), ("overhead_ratio", "overhead (CPU, denoiser timed separately)"),
+          ("overhead_ratio_in_run", "overhead (CPU, in-run denoiser time)"), ("overhead_ratio_without_reward", "overhead without reward calls")],
+         ncols=4)
+    if other:
+        plot(other, out / f"{prefix}_other_rewards.png", [("reward_mean", "mean reward"), ("diversity", "diversity")], ncols=2)
+
+
+def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = Path("runs/bench-search")) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", default="18,72,144,360,720,1440", help="NFEs per sample (comma separated)")
+    p.add_argument("--seeds", type=int, default=8, help="independent searches per target digit (default 8: 80 searches)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed of every cell")
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"configurations among {', '.join(CONFIGS)}")
+    p.add_argument("--reward", default="digit", help="the main reward (default digit)")
+    p.add_argument("--other-rewards", default="brightness,compressibility", help="rewards of the smaller sweep ('' = none)")
+    p.add_argument("--other-budgets", default="72,360,1440")
+    p.add_argument("--other-seeds", type=int, default=4)
+    p.add_argument("--other-strategies", default=",".join(OTHER_REWARD_STRATEGIES))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: lean, stable timings)")
+    p.add_argument("--max-batch", type=int, default=512)
+    p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument("--weights-dir", type=Path, default=None, help="folder with digits_denoiser / digit_classifier / digit_judge .safetensors (default: the shipped weights)")
+    p.add_argument("--budget-kind", choices=("nfe", "flops"), default="nfe", help="budgets in NFEs (default) or in FLOPs (network + reward) expressed in NFE-equivalents")
+    p.add_argument("--prefix", default=None, help="output file prefix (default: search, or search_flops with --budget-kind flops)")
+    p.add_argument("--replot", action="store_true", help="only rewrite the tables and plots from OUT/PREFIX_results.json")
+    args = p.parse_args(argv)
+    prefix = args.prefix or ("search_flops" if args.budget_kind == "flops" else "search")
+    if args.replot:
+        write_outputs(json.loads((args.out / f"{prefix}_results.json").read_text()), args.out, prefix)
+        print(f"rewrote {args.out}/{prefix}_results.md and the plots")
+        return 0
+
+    torch.set_num_threads(args.threads)
+    budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
+    labels = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    for label in labels + [x.strip() for x in args.other_strategies.split(",") if x.strip()]:
+        if label not in CONFIGS:
+            p.error(f"unknown strategy configuration {label!r}; choose among {', '.join(CONFIGS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from noisesearch.rewards.digit import load_classifier, load_judge
+
+    w = args.weights_dir
+    den = load_model("digits", guidance=0, **({"weights": w / "digits_denoiser.safetensors"} if w else {}))
+    classifier = load_classifier("cpu", w / "digit_classifier.safetensors" if w else None)
+    judge = load_judge("cpu", w / "digit_judge.safetensors" if w else None)
+    timer = CallTimer(den)
+    t_start = time.perf_counter()
+
+    def sweep(reward_name, budgets_, labels_, seeds):
+        reward = classifier if reward_name == "digit" and w else make_reward(reward_name)
+        cells = []
+        for label in labels_:
+            for b in budgets_:
+                if label == "naive" and b != budgets_[0]:  # naive ignores the budget: run once, repeat
+                    c = dict(cells[-1]) if cells and cells[-1]["label"] == "naive" else None
+                    if c is not None:
+                        c["budget"] = b
+                        cells.append(c)
+                        continue
+                cell = run_cell(den, reward, classifier, judge, timer, label, b, seeds, args.seed, args.max_batch, args.budget_kind)
+                cell["reward"] = reward_name
+                cells.append(cell)
+                if cell["status"] == "ok":
+                    print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  reward {cell['reward_mean']:8.4f}  "
+                          f"judge {cell['judge_accuracy']:.3f}  div {cell['diversity']:.3f}  wall {cell['wall_seconds']:6.1f}s  "
+                          f"overhead {cell['overhead_ratio']:.2f}  {cell['fitted']}", flush=True)
+                else:
+                    print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  n/a ({cell['reason'][:80]})", flush=True)
+        return cells
+
+    main_cells = sweep(args.reward, budgets, labels, args.seeds)
+    other = {}
+    for r in [x.strip() for x in args.other_rewards.split(",") if x.strip()]:
+        other[r] = sweep(r, [int(x) for x in args.other_budgets.split(",")], [x.strip() for x in args.other_strategies.split(",") if x.strip()], args.other_seeds)
+
+    command = prog + " " + shlex.join(argv if argv is not None else sys.argv[1:])
+    meta = {
+        "command": command.strip(),
+        "model": "digits (guidance 0, unconditional), 18 Euler-ancestral steps",
+        "budget_kind": args.budget_kind,
+        "searches_per_cell": 10 * args.seeds,
+        "other_searches_per_cell": 10 * args.other_seeds,
+        "seed": args.seed,
+        "threads": args.threads,
+        "max_batch": args.max_batch,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "denoiser_call_seconds": {str(k): statistics.median(v) for k, v in sorted(timer.log.items())},
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    write_outputs({"meta": meta, "cells": main_cells, "other_rewards": other}, args.out, prefix)
+    print()
+    print(pivot(main_cells, "reward_mean", ".3f", budgets, labels))
+    print()
+    print(pivot(main_cells, "judge_accuracy", ".3f", budgets, labels))
+    print()
+    print(pivot(main_cells, "overhead_ratio", ".2f", budgets, labels))
+    print(f"\nwrote {args.out}/{prefix}_results.json, {prefix}_results.md, {prefix}_reward_vs_nfe.png" + (f", {prefix}_other_rewards.png" if other else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
