@@ -139,3 +139,19 @@ def test_errors(tmp_path, na_dir, monkeypatch, capsys):
     assert code == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "g" / "report.json").read_text())
     assert rep["strategy"] == "ttsnap" and rep["nfe_max"] <= 80 and rep["strategy_info"]["prune_reward_noise_aware"]
+
+
+def test_prune_reward_trained_on_another_sampler_warns(na_dir):
+    # na_dir was trained on euler-ancestral pools: pruning a deterministic (euler) run with it works,
+    # but says that a checkpoint trained on euler pools would rank better
+    opts = dict(prune_steps=(1,), keep=(0.5,), prune_reward=str(na_dir))
+    kw = dict(model="digits", prompts=["3"], reward="digit", strategy="ttsnap", budget_nfe=4 * STEPS, steps=STEPS,
+              guidance=0, strategy_options=opts, evaluate=False)
+    with pytest.warns(UserWarning, match="trained on euler-ancestral pools but this run samples with euler"):
+        run = api.generate(sampler="euler", **kw)
+    assert run.report["strategy_info"]["prune_reward_trained_on_sampler"] == ["euler-ancestral"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching sampler: no warning
+        api.generate(sampler="euler-ancestral", **kw)

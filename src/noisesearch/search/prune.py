@@ -25,6 +25,8 @@ is ``realised_cost`` itself).
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -152,6 +154,15 @@ class _Prune(Strategy):
         S = len(layout["state_steps"])
         schedule = self.schedule(S)
         prune_reward, parts = self.load_prune_rewards(problem)
+        trained_on = sorted({m["sampler"] for r in parts if is_noise_aware(r)
+                             for m in [getattr(r, "manifest", {}) or {}] if m.get("sampler")})
+        if any(t != s.name for t in trained_on):
+            warnings.warn(
+                f"the noise-aware prune reward was trained on {', '.join(trained_on)} pools but this run samples "
+                f"with {s.name}: its scores are matched by noise level, but a checkpoint trained on {s.name} "
+                f"pools (noisesearch pool --sampler {s.name}) will rank the candidates better",
+                stacklevel=2,
+            )
         prune_flops = float(sum(float(getattr(r, "flops_per_image", 0.0)) for r in parts))
         final_flops = float(getattr(problem.reward, "flops_per_image", 0.0))
         budget = problem.budget
@@ -238,6 +249,7 @@ class _Prune(Strategy):
             "chosen": cand[best].tolist(),
             "prune_reward": getattr(prune_reward, "name", str(prune_reward)),
             "prune_reward_noise_aware": any(is_noise_aware(r) for r in parts),
+            "prune_reward_trained_on_sampler": trained_on,
             "prune_flops_per_image": prune_flops,
             "cost_model": self.cost_model,
             "planned": plan,
