@@ -293,3 +293,32 @@ def test_float16_weights_keep_float32_states(tiny_sdxl_dir):
     assert state.x.dtype == torch.float32 and torch.isfinite(images).all()
     with pytest.raises(NoiseSearchError, match="dtype"):
         load_model(tiny_sdxl_dir, dtype="float17")
+
+
+def test_generate_cli_pipeline_options(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from noisesearch.cli import main
+
+    out = tmp_path / "run"
+    argv = ["generate", "--model", tiny_sd_dir, "--prompt", "a cat", "--guidance", "2", "--steps", "4",
+            "--height", "32", "--width", "24", "--dtype", "float32", "--negative-prompt", "blurry",
+            "--reward", "brightness", "--strategy", "best-of-n", "--budget-nfe", "8", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_options"] == {"height": "32", "width": "24", "dtype": "float32", "negative_prompt": "blurry"}
+    assert np.load(out / "images.npy").shape == (1, 3, 32, 24)
+    assert report["samples"][0]["nfe"] == 8  # best-of-2 with CFG: 2 x 4 steps (both branches in one call)
+    # the negative prompt is used: another one gives another image from the same seed
+    argv2 = list(argv)
+    argv2[argv2.index("blurry")] = "a dog"
+    argv2[-1] = str(tmp_path / "run3")
+    assert main(argv2) == 0
+    assert not np.allclose(np.load(out / "images.npy"), np.load(tmp_path / "run3" / "images.npy"))
+    # the digits model has no such options: one clear line, exit code 2
+    assert main(["generate", "--prompt", "3", "--height", "32", "--budget-nfe", "18", "--out", str(tmp_path / "d")]) == 2
+    assert "diffusers pipelines" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

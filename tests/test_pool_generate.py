@@ -148,12 +148,14 @@ def test_cli_pool_and_bad_input(tmp_path, capsys):
     assert main(args + ["--out", str(out)]) == 0
     m = json.loads((out / "pool.json").read_text())
     assert m["shape"] == [2, 4, 6] and m["model"] == "digits" and m["extra"]["command"].startswith("noisesearch pool")
+    assert m["extra"]["sampler"] == "euler-ancestral"
     capsys.readouterr()
     for bad, msg in [(["--reward", "nope"], "unknown reward"), (["--prompts", "x"], "prompt"),
-                     (["--candidates", "0"], "candidates")]:
+                     (["--candidates", "0"], "candidates"), (["--device", "cpu", "--threads", "0"], "--threads")]:
         argv = list(args)
         i = argv.index(bad[0])
         argv[i + 1] = bad[1]
+        argv += bad[2:]
         assert main(argv + ["--out", str(tmp_path / "bad")]) == 2, bad
         assert msg in capsys.readouterr().err, bad
     # a corrupt part is recomputed, not trusted

@@ -93,11 +93,17 @@ def generate(
     strategy_options: dict[str, Any] | None = None,
     progress: bool = False,
     evaluate: bool = True,
+    model_options: dict[str, Any] | None = None,
 ) -> Run:
-    """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input."""
+    """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
+
+    ``model_options`` go to ``load_model`` when ``model`` is a name: for diffusers pipelines
+    ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
-    denoiser = load_model(model, device=device, guidance=guidance) if isinstance(model, str) else model
+    if model_options and not isinstance(model, str):
+        raise NoiseSearchError("model_options apply when the model is given by name; configure a denoiser object directly")
+    denoiser = load_model(model, device=device, guidance=guidance, **(model_options or {})) if isinstance(model, str) else model
     reward_fn = make_reward(reward, device=device) if isinstance(reward, str) else reward
     all_prompts = expand_prompts([str(p) for p in prompts], num_samples)
     cond = denoiser.encode(all_prompts)
@@ -142,6 +148,7 @@ def generate(
         "noisesearch_version": __version__,
         "model": getattr(denoiser, "name", str(model)),
         "guidance": guidance,
+        "model_options": {k: str(v) for k, v in (model_options or {}).items()},
         "reward": reward_fn.name,
         "strategy": strat.name,
         "params": strat.params(),

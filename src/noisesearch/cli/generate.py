@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from noisesearch.cli.common import add_threads, apply_threads
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -70,7 +71,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler (deterministic), heun (EDM Heun with churn)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own; 1 is fastest on a busy machine)")
+    add_threads(g)
+
+    g = p.add_argument_group("diffusers pipelines")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    g.add_argument("--dtype", default=None, help="network dtype: float32, float16, bfloat16 (default: float16 on CUDA, else float32)")
+    g.add_argument("--negative-prompt", default=None, help="the unconditional prompt of classifier-free guidance (default: empty)")
+    g.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
 
     g = p.add_argument_group("search")
     g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
@@ -126,15 +134,12 @@ def run(args) -> int:
     from noisesearch import api
 
     prompts = read_prompts(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise NoiseSearchError("--threads must be at least 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.budget_nfe is None and args.budget_flops is None:
         raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    model_options = {k: getattr(args, k) for k in ("height", "width", "dtype", "negative_prompt", "variant")
+                     if getattr(args, k) is not None}
     result = api.generate(
         model=args.model,
         prompts=prompts,
@@ -151,6 +156,7 @@ def run(args) -> int:
         max_batch=args.max_batch,
         strategy_options=options,
         progress=not (args.no_progress or args.quiet),
+        model_options=model_options,
     )
     result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     out = api.save_run(result, args.out)

@@ -6,6 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from noisesearch.cli.common import add_threads, apply_threads
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -39,6 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 18 for digits)")
     g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler, heun")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    add_threads(g)
     g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
 
     g = p.add_argument_group("pool")
@@ -68,6 +70,7 @@ def read_pool_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    apply_threads(args)
     from noisesearch.cli.generate import resolve_device
     from noisesearch.pools.generate import generate_pool, split_specs
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from noisesearch.cli.common import add_threads, apply_threads
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -52,6 +53,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "beat the base reward on held-out candidates (default: such steps are scored by the base reward)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto (default)")
+    add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
@@ -59,6 +61,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    apply_threads(args)
     from noisesearch.cli.generate import resolve_device
     from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
 

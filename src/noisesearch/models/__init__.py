@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from noisesearch.errors import unknown_name
+from noisesearch.errors import NoiseSearchError, unknown_name
 from noisesearch.models.base import Cond, Denoiser, cond_cat, cond_index, cond_repeat
 
 BUILTIN_MODELS = {"digits": "the built-in 8x8 digits diffusion model (class-conditional, shipped weights)"}
@@ -17,6 +17,12 @@ def load_model(name: str, device: str = "cpu", guidance: float = 1.0, **kw) -> D
     if name == "digits":
         from noisesearch.models.digits import DigitsDenoiser
 
+        extra = sorted(set(kw) - {"weights"})
+        if extra:
+            raise NoiseSearchError(
+                f"the digits model takes no option {', '.join(extra)} (8x8 images, float32); "
+                "height, width, dtype and negative prompts apply to diffusers pipelines"
+            )
         return DigitsDenoiser(guidance=guidance, device=device, **kw)
     if os.path.isdir(name) or (name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/"))):
         from noisesearch.models.diffusers import load_diffusers
