@@ -2,7 +2,7 @@
 ``noisesearch bench search`` (``noisesearch.bench.search``), with the tables and plots written into
 ``docs/`` by default.
 
-    .venv/bin/python benchmarks/search.py                       # the full run (about 6 min, one thread)
+    .venv/bin/python benchmarks/search.py                       # the full run (about 9 min, one thread)
     .venv/bin/python benchmarks/search.py --budget-kind flops   # budgets in FLOPs (search_flops_*)
     .venv/bin/python benchmarks/search.py --help
 """

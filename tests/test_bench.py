@@ -30,6 +30,8 @@ def test_bench_search_tiny_sweep(tmp_path, capsys):
     for (label, budget), c in cells.items():
         assert c["status"] == "ok" and c["nfe_max"] <= budget
         assert 0.0 <= c["judge_accuracy"] <= 1.0 and c["overhead_ratio_in_run"] > 0
+        # paired timing: one extra timed call per denoiser call, none of it charged to the strategy
+        assert c["denoiser_cpu_seconds_paired"] > 0 and c["overhead_ratio_paired"] > 0
     # 18 NFEs is one trajectory: no choice anywhere, so only the final image is scored
     assert cells[("eps-greedy", 18)]["reward_calls_mean"] == 1 and cells[("smc", 18)]["reward_calls_mean"] == 1
     # 40 NFEs buy two trajectories' worth: best-of-2 and two SMC particles

@@ -5,13 +5,18 @@ For every budget (NFEs per output sample) and every strategy, one problem holds
 from the unconditional digits model and rewarded by ``log p(target | image)`` (reward ``digit``).
 Reported per cell: mean reward, accuracy by the optimised classifier and by the independent judge,
 diversity (mean pairwise L2 distance between the images of the same target, pixels in [0, 1]),
-wall seconds of the search, and the overhead ratio::
+wall seconds of the search, and the overhead ratio: CPU time of the search divided by "NFEs x the
+time of one denoiser call at the batch size the strategy uses", measured three ways:
 
-    wall / sum over denoiser calls of t(rows of that call)
+* **paired** (the headline): right after every denoiser call of the run, the same call is made once
+  more on its own and timed; the denominator is the sum of those times, and the paired calls are
+  taken out of the numerator. Numerator and denominator come from the same moments, so the ratio
+  does not drift with the speed of a shared machine (``--no-paired-timing`` skips it);
+* **in-run**: the time of the denoiser calls inside the run itself;
+* **timed after**: ``t(b)``, the median time of a call on ``b`` rows measured after each cell,
+  summed over the calls; on a shared VM this drifts by up to 2x within a minute
+  (``benchmarks/call_timing.py``), so it is reported but not read.
 
-where ``t(b)`` is the time of one denoiser call on ``b`` rows, measured separately (median of
-several repetitions, the same thread count) for the batch sizes the strategy used; for a strategy
-whose calls all have the same size this is ``wall / (NFEs x time of one call at that size)``.
 Everything else (reward calls, candidate bookkeeping, Python) counts as overhead.
 
     noisesearch bench search                                    # the full run (outputs in runs/bench-search)
@@ -153,10 +158,20 @@ class CallTimer:
 
 
 class TimedDenoiser:
-    """The denoiser with its calls timed (the in-run denoiser time, a cross-check of the ratio)."""
+    """The denoiser with its calls timed (``seconds``: the in-run denoiser time).
 
-    def __init__(self, den):
-        self._den, self.seconds = den, 0.0
+    ``paired=True``: right after every call, the same call (same rows, sigma and condition) is
+    made once more on its own and timed (``paired_seconds``); its output is discarded and its
+    time (with the bookkeeping around it, ``shadow_seconds``) is taken out of the run's CPU time.
+    The sum of the paired times is "NFEs x the time of one denoiser call at the batch size the
+    strategy uses", measured at the same moment as the work it is compared with, so it does not
+    drift with the machine's speed the way a timing taken before or after the run does. (The
+    paired call finds the network's weights in cache: if anything it is faster than the call
+    inside the run, which makes the ratio conservative.)"""
+
+    def __init__(self, den, paired: bool = False):
+        self._den, self.seconds, self.paired = den, 0.0, paired
+        self.paired_seconds, self.shadow_seconds = 0.0, 0.0
 
     def __getattr__(self, name):
         return getattr(self._den, name)
@@ -164,7 +179,13 @@ class TimedDenoiser:
     def __call__(self, x, sigma, cond):
         t0 = CLOCK()
         out = self._den(x, sigma, cond)
-        self.seconds += CLOCK() - t0
+        t1 = CLOCK()
+        self.seconds += t1 - t0
+        if self.paired:
+            self._den(x, sigma, cond)
+            t2 = CLOCK()
+            self.paired_seconds += t2 - t1
+            self.shadow_seconds += CLOCK() - t1
         return out
 
 
@@ -180,7 +201,8 @@ class TimedReward:
 
 
 # ---- one cell ----------------------------------------------------------------------------------------
-def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, seeds: int, seed: int, max_batch: int, kind: str = "nfe") -> dict:
+def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, seeds: int, seed: int, max_batch: int, kind: str = "nfe",
+             paired: bool = True) -> dict:
     """One strategy at one budget. ``kind="flops"``: the budget is ``budget`` NFE-equivalents of
     FLOPs (``budget * flops_per_call``), network and reward FLOPs together."""
     strategy_name, options = CONFIGS[label]
@@ -197,7 +219,7 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
         b = Budget(len(prompts), flops=budget * den.flops_per_call, cost=cost)
     else:
         b = Budget(len(prompts), nfe=budget, cost=cost)
-    tden = TimedDenoiser(den)
+    tden = TimedDenoiser(den, paired=paired)
     sampler = make_sampler("euler-ancestral", tden, TRAJ, max_batch=max_batch, budget=b)
     calls: list[int] = []
     sampler.on_call = calls.append
@@ -213,6 +235,7 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
         cell.update(status="n/a", reason=str(e))
         return cell
     wall, cpu = time.perf_counter() - t0, CLOCK() - c0
+    wall, cpu = wall - tden.shadow_seconds, cpu - tden.shadow_seconds  # the paired calls are not the strategy's
     images = den.decode(result.x0).float().cpu()
     targets = torch.tensor([int(p) for p in prompts])
     with torch.no_grad():
@@ -243,6 +266,8 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
         denoiser_cpu_seconds_in_run=tden.seconds,
         overhead_ratio_in_run=cpu / tden.seconds if tden.seconds > 0 else float("nan"),
         overhead_ratio_without_reward=(cpu - timed.seconds) / tden.seconds if tden.seconds > 0 else float("nan"),
+        denoiser_cpu_seconds_paired=tden.paired_seconds if paired else None,
+        overhead_ratio_paired=cpu / tden.paired_seconds if paired and tden.paired_seconds > 0 else float("nan"),
         nfe_max=int(b.nfe.max()),
         flops_max=float(b.flops.max()),
         flops_mean_in_nfe=float(b.flops.mean()) / den.flops_per_call,
@@ -259,7 +284,7 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
 # ---- outputs -----------------------------------------------------------------------------------------
 def table(cells: list[dict], reward: str) -> str:
     rows = [
-        f"| strategy | budget/sample | fitted hyperparameters | mean {reward} | classifier acc | judge acc | diversity | wall s | overhead: CPU (in-run CPU, wall) |",
+        f"| strategy | budget/sample | fitted hyperparameters | mean {reward} | classifier acc | judge acc | diversity | wall s | overhead: paired (in-run, timed after, wall) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
@@ -268,7 +293,7 @@ def table(cells: list[dict], reward: str) -> str:
             continue
         rows.append(
             f"| {c['label']} | {c['budget']} | {c['fitted']} | {c['reward_mean']:.3f} ± {c['reward_sem']:.3f} | "
-            f"{c['classifier_accuracy']:.3f} | {c['judge_accuracy']:.3f} | {c['diversity']:.3f} | {c['wall_seconds']:.1f} | {c['overhead_ratio']:.2f} ({c['overhead_ratio_in_run']:.2f}, {c['overhead_ratio_wall']:.2f}) |"
+            f"{c['classifier_accuracy']:.3f} | {c['judge_accuracy']:.3f} | {c['diversity']:.3f} | {c['wall_seconds']:.1f} | {c.get('overhead_ratio_paired', float('nan')):.2f} ({c['overhead_ratio_in_run']:.2f}, {c['overhead_ratio']:.2f}, {c['overhead_ratio_wall']:.2f}) |"
         )
     return "\n".join(rows)
 
@@ -281,7 +306,7 @@ def pivot(cells: list[dict], key: str, fmt: str, budgets: list[int], labels: lis
         vals = []
         for b in budgets:
             c = by.get((label, b))
-            vals.append(format(c[key], fmt) if c and c["status"] == "ok" else "n/a")
+            vals.append(format(c.get(key, float("nan")), fmt) if c and c["status"] == "ok" else "n/a")
         rows.append(f"| {label} | " + " | ".join(vals) + " |")
     return "\n".join(rows)
 
@@ -335,6 +360,8 @@ def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
     md.append("## Judge accuracy\n\n" + pivot(main_cells, "judge_accuracy", ".3f", budgets, labels))
     md.append("## Classifier (optimised) accuracy\n\n" + pivot(main_cells, "classifier_accuracy", ".3f", budgets, labels))
     md.append("## Diversity (mean pairwise L2 distance within a target)\n\n" + pivot(main_cells, "diversity", ".2f", budgets, labels))
+    md.append("## Overhead ratio (paired timing): CPU time / (sum over the run's denoiser calls of the time of the same call made once more, right after it)\n\n"
+              + pivot(main_cells, "overhead_ratio_paired", ".2f", budgets, labels))
     md.append("## Overhead ratio: CPU time / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_in_run", ".2f", budgets, labels))
     md.append("## Overhead ratio without the reward calls: (CPU time - reward CPU time) / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_without_reward", ".3f", budgets, labels))
     md.append("## Overhead ratio: CPU time / (sum over calls of the CPU time of one denoiser call at that size, timed separately after the cell)\n\n" + pivot(main_cells, "overhead_ratio", ".2f", budgets, labels))
@@ -346,11 +373,12 @@ def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
         n = meta.get("other_searches_per_cell", "?")
         md.append(f"## Reward `{r}` ({n} searches per cell)\n\nMean reward:\n\n" + pivot(cells, "reward_mean", ".4f", ob, ol)
                   + "\n\nDiversity:\n\n" + pivot(cells, "diversity", ".2f", ob, ol)
-                  + "\n\nOverhead ratio (CPU, timed separately):\n\n" + pivot(cells, "overhead_ratio", ".2f", ob, ol))
+                  + "\n\nOverhead ratio (paired timing):\n\n" + pivot(cells, "overhead_ratio_paired", ".2f", ob, ol)
+                  + "\n\nOverhead ratio (in-run denoiser time):\n\n" + pivot(cells, "overhead_ratio_in_run", ".2f", ob, ol))
     (out / f"{prefix}_results.md").write_text("\n\n".join(md) + "\n")
     plot({reward: main_cells}, out / f"{prefix}_reward_vs_nfe.png",
          [("reward_mean", "mean reward"), ("judge_accuracy", "judge accuracy"), ("classifier_accuracy", "classifier accuracy"),
-          ("diversity", "diversity (pairwise L2, same target)"), ("overhead_ratio", "overhead (CPU, denoiser timed separately)"),
+          ("diversity", "diversity (pairwise L2, same target)"), ("overhead_ratio_paired", "overhead (CPU, paired timing)"),
           ("overhead_ratio_in_run", "overhead (CPU, in-run denoiser time)"), ("overhead_ratio_without_reward", "overhead without reward calls")],
          ncols=4)
     if other:
@@ -374,6 +402,8 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
     p.add_argument("--weights-dir", type=Path, default=None, help="folder with digits_denoiser / digit_classifier / digit_judge .safetensors (default: the shipped weights)")
     p.add_argument("--budget-kind", choices=("nfe", "flops"), default="nfe", help="budgets in NFEs (default) or in FLOPs (network + reward) expressed in NFE-equivalents")
     p.add_argument("--prefix", default=None, help="output file prefix (default: search, or search_flops with --budget-kind flops)")
+    p.add_argument("--no-paired-timing", dest="paired", action="store_false",
+                   help="skip the paired timing of every denoiser call (halves the denoiser time of the benchmark)")
     p.add_argument("--replot", action="store_true", help="only rewrite the tables and plots from OUT/PREFIX_results.json")
     args = p.parse_args(argv)
     prefix = args.prefix or ("search_flops" if args.budget_kind == "flops" else "search")
@@ -410,13 +440,14 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
                         c["budget"] = b
                         cells.append(c)
                         continue
-                cell = run_cell(den, reward, classifier, judge, timer, label, b, seeds, args.seed, args.max_batch, args.budget_kind)
+                cell = run_cell(den, reward, classifier, judge, timer, label, b, seeds, args.seed, args.max_batch, args.budget_kind,
+                                paired=args.paired)
                 cell["reward"] = reward_name
                 cells.append(cell)
                 if cell["status"] == "ok":
                     print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  reward {cell['reward_mean']:8.4f}  "
                           f"judge {cell['judge_accuracy']:.3f}  div {cell['diversity']:.3f}  wall {cell['wall_seconds']:6.1f}s  "
-                          f"overhead {cell['overhead_ratio']:.2f}  {cell['fitted']}", flush=True)
+                          f"overhead {cell['overhead_ratio_paired']:.2f} (in-run {cell['overhead_ratio_in_run']:.2f})  {cell['fitted']}", flush=True)
                 else:
                     print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  n/a ({cell['reason'][:80]})", flush=True)
         return cells
@@ -448,7 +479,7 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
     print()
     print(pivot(main_cells, "judge_accuracy", ".3f", budgets, labels))
     print()
-    print(pivot(main_cells, "overhead_ratio", ".2f", budgets, labels))
+    print(pivot(main_cells, "overhead_ratio_paired", ".2f", budgets, labels))
     print(f"\nwrote {args.out}/{prefix}_results.json, {prefix}_results.md, {prefix}_reward_vs_nfe.png" + (f", {prefix}_other_rewards.png" if other else ""))
     return 0
 
