@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         help="run a benchmark (search: strategies at equal NFEs on digits-uncond)",
         description="Run a shipped benchmark; the options after NAME are the benchmark's own "
         "(noisesearch bench NAME --help lists them).",
-        epilog="\n".join(f"  {k}: {v}" for k, v in BENCHMARKS.items()),
+        epilog="benchmarks:\n" + "\n".join(f"  {k}: {v}" for k, v in BENCHMARKS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", metavar="NAME", help=f"benchmark: {', '.join(BENCHMARKS)}")
