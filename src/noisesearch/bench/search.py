@@ -1,4 +1,4 @@
-"""Noise-trajectory search at equal compute on ``digits-uncond`` (issue #3).
+"""Noise-trajectory search at equal compute on ``digits-uncond``.
 
 For every budget (NFEs per output sample) and every strategy, one problem holds
 ``10 targets x --seeds`` independent searches (all batched), sampled with 18 Euler-ancestral steps
@@ -326,11 +326,19 @@ def plot(groups: dict[str, list[dict]], path: Path, keys: list[tuple[str, str]],
         cells = groups[reward]
         # a log-probability reward saturates at 0: plot -reward on a log axis to keep differences visible
         neg = key == "reward_mean" and reward in ("digit", "judge")
+        drawn = False
         for label in dict.fromkeys(c["label"] for c in cells):
-            pts = sorted((c["budget"], max(-c[key], 1e-9) if neg else c[key]) for c in cells if c["label"] == label and c["status"] == "ok")
+            pts = sorted((c["budget"], max(-c[key], 1e-9) if neg else c.get(key, float("nan")))
+                         for c in cells if c["label"] == label and c["status"] == "ok")
+            pts = [p for p in pts if p[1] is not None and math.isfinite(p[1])]  # e.g. not measured (--no-paired-timing)
             if pts:
+                drawn = True
                 style = "--" if label in ("naive", "best-of-n") else "-"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
+        if not drawn:
+            ax.set_title(f"{title}: not measured", fontsize=10)
+            ax.axis("off")
+            continue
         if key.startswith("overhead"):
             ax.axhline(1.3, color="k", lw=0.8, ls=":")
         ax.set_xscale("log")
