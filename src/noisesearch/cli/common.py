@@ -21,3 +21,14 @@ def apply_threads(args) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def resolve_device(name: str) -> str:
+    """``--device``: ``auto`` picks CUDA when available; a CUDA device that is not there is a clear error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NoiseSearchError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name

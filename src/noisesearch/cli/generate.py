@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_threads, apply_threads
+from noisesearch.cli.common import add_threads, apply_threads, resolve_device
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -118,16 +118,6 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise NoiseSearchError("give at least one prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NoiseSearchError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return name
 
 
 def run(args) -> int:

@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_threads, apply_threads
+from noisesearch.cli.common import add_threads, apply_threads, resolve_device
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -71,7 +71,6 @@ def read_pool_prompts(args) -> list[str]:
 
 def run(args) -> int:
     apply_threads(args)
-    from noisesearch.cli.generate import resolve_device
     from noisesearch.pools.generate import generate_pool, split_specs
 
     prompts = read_pool_prompts(args)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_threads, apply_threads
+from noisesearch.cli.common import add_threads, apply_threads, resolve_device
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -62,7 +62,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     apply_threads(args)
-    from noisesearch.cli.generate import resolve_device
     from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
 
     try:
