@@ -47,9 +47,9 @@ def choose_schedules(pool, budgets, iters: int = 200, grid_steps=GRID_STEPS):
     """Best simulated schedule for TTSnap and for TTSp on ``pool`` (grid search), and the best TTSnap
     schedule whose checks all fall on steps the noise-aware reward covers (``na-steps``)."""
     from noisesearch.pruning import PruneSchedule
-    from noisesearch.simulate.costs import CostSpec
+    from noisesearch.pruning import CostSpec
     from noisesearch.simulate.engine import Replay, simulate
-    from noisesearch.simulate.strategies import Plan, Prune
+    from noisesearch.pruning import PrunePlan, FixedPolicy
 
     rep = Replay(pool, ["digit"])
     cost = CostSpec.from_pool(pool, ["digit"])
@@ -66,7 +66,7 @@ def choose_schedules(pool, budgets, iters: int = 200, grid_steps=GRID_STEPS):
     strategies = []
     for i, sched in enumerate(cands):
         for na_flag in (True, False):
-            strategies.append(Prune(Plan(sched, noise_aware=na_flag), name=f"{'ttsnap' if na_flag else 'ttsp'}-{i}"))
+            strategies.append(FixedPolicy(PrunePlan(sched, noise_aware=na_flag), name=f"{'ttsnap' if na_flag else 'ttsp'}-{i}"))
     sim = simulate(rep, strategies, budgets, cost, iters=iters, seed=0)
     best, table = {}, []
     for s in strategies:

@@ -28,14 +28,14 @@ SHARED = REPO / ".." / "shared" / "data" / "ttsnap-flux"
 sys.path.insert(0, str(REPO / "src"))
 
 from noisesearch.pruning import keep_count, select_survivors  # noqa: E402
-from noisesearch.simulate.costs import CostSpec  # noqa: E402
+from noisesearch.pruning import CostSpec  # noqa: E402
 from noisesearch.simulate.engine import Replay, draw_subsets, simulate  # noqa: E402
 from noisesearch.simulate.metrics import auc_gain, expected_best_of_n  # noqa: E402
-from noisesearch.simulate.strategies import BestOfN, Plan, Prune  # noqa: E402
+from noisesearch.pruning import BestOfNPolicy, PrunePlan, FixedPolicy  # noqa: E402
 
 PUBLISHED = {"hps": 27.0, "imr": 31.0, "pic": 37.0, ("multi", "imr"): 13.0, ("multi", "pic"): 23.0, ("multi", "hps"): 26.0}
-SINGLE = Plan.from_dict({"method": "ttsnap", "steps": [2, 6, 11], "keep": [0.4, 0.4, 0.5]})
-MULTI = Plan.from_dict({"method": "ttsnap", "steps": [4, 6, 11], "keep": [0.4, 0.5, 0.6]})
+SINGLE = PrunePlan.from_dict({"method": "ttsnap", "steps": [2, 6, 11], "keep": [0.4, 0.4, 0.5]})
+MULTI = PrunePlan.from_dict({"method": "ttsnap", "steps": [4, 6, 11], "keep": [0.4, 0.5, 0.6]})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def reproduction(pool, iters_single=50, iters_multi=40, seed=0):
                 if fix:
                     cost = PartlyCorrectedCost(cost, *fix)
                 budgets = np.arange(400, 4001, 200) * 1e12
-                sim = simulate(replay, [Prune(SINGLE, "ttsnap"), Prune(Plan(SINGLE.schedule, False), "ttsp")],
+                sim = simulate(replay, [FixedPolicy(SINGLE, "ttsnap"), FixedPolicy(PrunePlan(SINGLE.schedule, False), "ttsp")],
                                budgets, cost, iters_single, seed)
                 g, se = sim.gain("ttsnap")
                 gp, sep = sim.gain("ttsp")
@@ -174,7 +174,7 @@ def reproduction(pool, iters_single=50, iters_multi=40, seed=0):
                 budgets = np.arange(200, 4001, 200) * 1e12
             else:
                 budgets = np.arange(1, 21) * cost.best_of_n * (1 + 1e-12)
-            sim = simulate(replay, [Prune(MULTI, "ttsnap")], budgets, cost, iters_multi, seed)
+            sim = simulate(replay, [FixedPolicy(MULTI, "ttsnap")], budgets, cost, iters_multi, seed)
             g, se = sim.gain("ttsnap")
             for j, r in enumerate(rs):
                 rows.append({"cost_model": label, "setting": "multi", "grid": grid, "reward": r, "ttsnap": g[j],
@@ -187,9 +187,9 @@ def speed(pool, iters=50, seed=0, loop_iters=None):
     pool1 = pool.select_rewards([r])
     cost = CostSpec.from_pool(pool1, [r], "reference")
     budgets = np.arange(400, 4001, 200) * 1e12
-    plans = {"best-of-n": Plan(), "ttsp": Plan(SINGLE.schedule, False), "ttsnap": SINGLE}
+    plans = {"best-of-n": PrunePlan(), "ttsp": PrunePlan(SINGLE.schedule, False), "ttsnap": SINGLE}
     perms = draw_subsets(pool1.num_candidates, iters, seed)
-    strategies = [BestOfN()] + [Prune(p, n) for n, p in plans.items() if n != "best-of-n"]
+    strategies = [BestOfNPolicy()] + [FixedPolicy(p, n) for n, p in plans.items() if n != "best-of-n"]
     vec_times = []
     for _ in range(3):  # best of 3: the machine is shared
         t0 = time.process_time()
@@ -220,7 +220,7 @@ def closed_form(pool, iters=200, seed=1):
         replay = Replay(pool, [r])
         cost = CostSpec.from_pool(pool, [r], "reference")
         budgets = np.arange(400, 4001, 200) * 1e12
-        sim = simulate(replay, [BestOfN()], budgets, cost, iters, seed)
+        sim = simulate(replay, [BestOfNPolicy()], budgets, cost, iters, seed)
         m = sim.methods["best-of-n"]
         exact = expected_best_of_n(replay.final_values[0], m.starts)
         z = (m.curve[:, 0] - exact) / m.stderr[:, 0]

@@ -24,10 +24,10 @@ from noisesearch.pruning import (
     zscore_sum,
 )
 from noisesearch.simulate import (
-    BestOfN,
+    BestOfNPolicy,
     CostSpec,
-    Plan,
-    Prune,
+    PrunePlan,
+    FixedPolicy,
     Replay,
     auc_gain,
     draw_subsets,
@@ -148,7 +148,7 @@ def test_closed_form_matches_monte_carlo():
     replay = Replay(pool, ["r1"])
     cost = CostSpec.from_pool(pool, ["r1"], "exact")
     budgets = np.array([1, 2, 5, 10, 20, 30]) * cost.best_of_n
-    sim = simulate(replay, [BestOfN()], budgets, cost, iters=400, seed=1)
+    sim = simulate(replay, [BestOfNPolicy()], budgets, cost, iters=400, seed=1)
     m = sim.methods["best-of-n"]
     assert m.starts == [1, 2, 5, 10, 20, 30]
     exact = expected_best_of_n(pool.final("r1"), m.starts)
@@ -169,10 +169,10 @@ def test_engine_matches_straightforward_loop():
     for rewards in (["a"], ["a", "b", "c"]):
         cost = CostSpec.from_pool(pool, rewards, "exact")
         budgets = np.array([1, 2, 4, 8, 12]) * cost.best_of_n
-        plans = {"best-of-n": Plan(), "ttsp": Plan(PruneSchedule((1, 3, 5), (0.5, 0.6, 0.5)), False),
-                 "ttsnap": Plan(PruneSchedule((0, 4), (0.3, 0.5)), True)}
+        plans = {"best-of-n": PrunePlan(), "ttsp": PrunePlan(PruneSchedule((1, 3, 5), (0.5, 0.6, 0.5)), False),
+                 "ttsnap": PrunePlan(PruneSchedule((0, 4), (0.3, 0.5)), True)}
         perms = draw_subsets(pool.num_candidates, 6, 2)
-        sim = simulate(Replay(pool, rewards), [Prune(p, n) for n, p in plans.items() if n != "best-of-n"],
+        sim = simulate(Replay(pool, rewards), [FixedPolicy(p, n) for n, p in plans.items() if n != "best-of-n"],
                        budgets, cost, 6, perms=perms)
         loop = bench.loop_simulate(pool, rewards, plans, budgets, cost, 6, perms=perms)
         for name in plans:
@@ -180,10 +180,10 @@ def test_engine_matches_straightforward_loop():
     # z-sum aggregation agrees too (continuous values: no ties)
     pool = make_synthetic_pool(num_prompts=5, num_candidates=20, num_steps=6, rewards=("a", "b"), seed=6)
     cost = CostSpec.from_pool(pool, ["a", "b"], "exact")
-    plan = Plan(PruneSchedule((1, 3), (0.5, 0.5)), True, "zsum")
+    plan = PrunePlan(PruneSchedule((1, 3), (0.5, 0.5)), True, "zsum")
     budgets = np.array([2, 6]) * cost.best_of_n
     perms = draw_subsets(20, 4, 0)
-    sim = simulate(Replay(pool, ["a", "b"]), [Prune(plan, "z")], budgets, cost, 4, perms=perms)
+    sim = simulate(Replay(pool, ["a", "b"]), [FixedPolicy(plan, "z")], budgets, cost, 4, perms=perms)
     loop = bench.loop_simulate(pool, ["a", "b"], {"z": plan}, budgets, cost, 4, perms=perms)
     np.testing.assert_allclose(sim.methods["z"].curve, loop["z"], atol=1e-12)
 
@@ -196,7 +196,7 @@ def test_pruning_keeps_an_obvious_best():
     pool = Pool.from_arrays({"r": base}, {"r": base.copy()}, flops_per_step=1.0, flops_per_reward={"r": 0.1})
     cost = CostSpec.from_pool(pool, ["r"], "exact")
     budgets = np.array([20, 60, 200.0])
-    sim = simulate(Replay(pool, ["r"]), [Prune(Plan(PruneSchedule((0, 2), (0.2, 0.5)), True), "p")], budgets, cost, 30, seed=0)
+    sim = simulate(Replay(pool, ["r"]), [FixedPolicy(PrunePlan(PruneSchedule((0, 2), (0.2, 0.5)), True), "p")], budgets, cost, 30, seed=0)
     perms = draw_subsets(30, 30, 0)
     for bi, n in enumerate(sim.methods["p"].starts):
         has_best = (perms[:, :n] == 3).any(1)
@@ -209,7 +209,7 @@ def test_noise_aware_missing_falls_back_to_base():
     cost = CostSpec.from_pool(pool, ["r1"], "exact")
     budgets = np.array([3, 8]) * cost.best_of_n
     sch = PruneSchedule((1, 3), (0.5, 0.5))
-    sim = simulate(Replay(pool, ["r1"]), [Prune(Plan(sch, True), "snap"), Prune(Plan(sch, False), "sp")], budgets, cost, 5)
+    sim = simulate(Replay(pool, ["r1"]), [FixedPolicy(PrunePlan(sch, True), "snap"), FixedPolicy(PrunePlan(sch, False), "sp")], budgets, cost, 5)
     np.testing.assert_array_equal(sim.methods["snap"].per_iter, sim.methods["sp"].per_iter)
 
 
@@ -238,12 +238,12 @@ def test_reproduces_published_gains():
     pool = load_pool(SHARED)
     for r, published in (("hps", 27), ("imr", 31), ("pic", 37)):
         cost = CostSpec.from_pool(pool, [r], "reference")
-        sim = simulate(Replay(pool, [r]), [Prune(Plan(PruneSchedule((2, 6, 11), (0.4, 0.4, 0.5))), "ttsnap")],
+        sim = simulate(Replay(pool, [r]), [FixedPolicy(PrunePlan(PruneSchedule((2, 6, 11), (0.4, 0.4, 0.5))), "ttsnap")],
                        np.arange(400, 4001, 200) * T, cost, 50, seed=0)
         assert abs(sim.gain("ttsnap")[0][0] - published) < 2, r
     rs = ["imr", "pic", "hps"]
     cost = CostSpec.from_pool(pool, rs, "reference")
-    sim = simulate(Replay(pool, rs), [Prune(Plan(PruneSchedule((4, 6, 11), (0.4, 0.5, 0.6))), "ttsnap")],
+    sim = simulate(Replay(pool, rs), [FixedPolicy(PrunePlan(PruneSchedule((4, 6, 11), (0.4, 0.5, 0.6))), "ttsnap")],
                    np.arange(200, 4001, 200) * T, cost, 40, seed=0)
     np.testing.assert_allclose(sim.gain("ttsnap")[0], [13, 23, 26], atol=2)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from noisesearch.budget import Budget, CostModel
+from noisesearch.build import build_problem
 from noisesearch.errors import BudgetError, NoiseSearchError
 from noisesearch.models.toy import PointMixtureDenoiser
-from noisesearch.sampling.samplers import make_sampler
+from noisesearch.noise import NoiseSource
+from noisesearch.rewards.base import REWARDS
 from noisesearch.search import STRATEGIES, make_strategy
-from noisesearch.search.base import Problem
 from noisesearch.search.smc import resample_indices
 
 STEPS = 12  # toy default: 12 NFEs per Euler-ancestral trajectory
@@ -38,6 +38,8 @@ CASES = [
     ("mcts", {"search_init": True}),
     ("smc", {}),
     ("smc", {"potential": "max", "resampling": "multinomial"}),
+    ("ttsp", {}),
+    ("ttsnap", {"prune_reward": "toy-mode"}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in CASES]
 
@@ -56,6 +58,20 @@ class ModeReward:
         return -((images - target) ** 2).flatten(1).sum(1)
 
 
+class PruneModeReward(ModeReward):
+    """The same reward at another price: the prune reward of the ``ttsnap`` cases (``toy-mode``)."""
+
+    name = "toy-mode"
+    flops_per_image = 5.0
+
+
+def toy_mode_reward(arg, device):
+    return PruneModeReward(toy_denoiser())
+
+
+REWARDS["toy-mode"] = "test_strategies:toy_mode_reward"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The toy's tensors are tiny: one thread avoids thread-pool overhead on a shared CPU."""
@@ -65,20 +81,21 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def toy_denoiser() -> PointMixtureDenoiser:
+def toy_denoiser(flops_per_decode: float = 0.0) -> PointMixtureDenoiser:
+    """The pixel toy (decode is free) or, with ``flops_per_decode``, a "latent" toy whose decode costs."""
     g = torch.Generator().manual_seed(123)
-    return PointMixtureDenoiser(torch.randn(8, 1, 2, 2, generator=g).clamp(-1, 1), flops_per_call=10.0)
+    return PointMixtureDenoiser(torch.randn(8, 1, 2, 2, generator=g).clamp(-1, 1), flops_per_call=10.0,
+                                flops_per_decode=flops_per_decode)
 
 
-def make_problem(nfe=None, flops=None, seed=0, sampler="euler-ancestral", n=P, target="3"):
-    den = toy_denoiser()
-    prompts = [target] * n
-    budget = Budget(n, nfe=nfe, flops=flops, cost=CostModel(den.flops_per_call, ModeReward.flops_per_image))
-    s = make_sampler(sampler, den, STEPS, budget=budget)
-    return Problem(s, ModeReward(den), budget, prompts, den.encode(prompts), torch.Generator().manual_seed(seed))
+def make_problem(nfe=None, flops=None, seed=0, sampler="euler-ancestral", n=P, target="3", decode=0.0, max_batch=512):
+    den = toy_denoiser(decode)
+    return build_problem(den, ModeReward(den), [target], num_samples=n, budget_nfe=nfe, budget_flops=flops,
+                         steps=STEPS, sampler=sampler, seed=seed, max_batch=max_batch)
 
 
 def run(name, opts, **kw):
+    """A problem (see ``make_problem``) and the result of strategy ``name`` on it."""
     problem = make_problem(**kw)
     with torch.no_grad():
         result = make_strategy(name, **opts).search(problem)
@@ -86,7 +103,32 @@ def run(name, opts, **kw):
 
 
 def test_every_registered_strategy_is_covered():
-    assert {name for name, _ in CASES} <= set(STRATEGIES)
+    assert set(STRATEGIES) <= {name for name, _ in CASES}
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+@pytest.mark.parametrize("decode", [0.0, 7.0], ids=["pixel", "latent"])
+@pytest.mark.parametrize("kind", ["nfe", "flops"])
+def test_plan_equals_spend(name, opts, decode, kind):
+    # every search spends exactly what the strategy planned (MCTS: at most its worst case), a reward
+    # call costs the reward plus the decode of the estimate it scores, and nothing goes over budget
+    limits = {"nfe": 203} if kind == "nfe" else {"flops": 2903.0}
+    problem, result = run(name, opts, n=6, decode=decode, **limits)
+    b, plan = problem.budget, result.info["planned_per_sample"]
+    spent = {"nfe": b.nfe.tolist(), "calls": b.reward_calls.tolist(), "flops": b.flops.tolist()}
+    if name == "mcts":
+        assert max(spent["nfe"]) <= plan["nfe"] and max(spent["calls"]) <= plan["reward_calls"]
+    else:
+        assert spent["nfe"] == [plan["nfe"]] * 6 and spent["calls"] == [plan["reward_calls"]] * 6
+        assert b.flops.tolist() == pytest.approx([plan["flops"]] * 6)
+    assert max(spent["nfe"]) <= limits.get("nfe", 1e9) and max(spent["flops"]) <= limits.get("flops", 1e18) * (1 + 1e-12)
+    if name != "ttsnap":  # one reward price: FLOPs = NFEs x 10 + calls x (3 + decode)
+        assert torch.allclose(b.flops, b.nfe.double() * 10.0 + b.reward_calls.double() * (3.0 + decode))
+    else:  # prune calls at 5 + decode, the final call (one per survivor) at 3 + decode
+        survivors = result.info["alive"][-1]
+        prune_calls = b.reward_calls.double() - survivors
+        expected = b.nfe.double() * 10.0 + prune_calls * (5.0 + decode) + survivors * (3.0 + decode)
+        assert torch.allclose(b.flops, expected)
 
 
 @pytest.mark.parametrize("name,opts", CASES, ids=IDS)
@@ -110,8 +152,8 @@ def test_stays_within_flop_budget(name, opts):
     problem, _ = run(name, opts, flops=limit, n=16)
     b = problem.budget
     assert float(b.flops.max()) <= limit
-    expected = b.nfe.double() * 10.0 + b.reward_calls.double() * 3.0
-    assert torch.allclose(b.flops, expected)
+    if name != "ttsnap":  # ttsnap's prune reward has its own price (test_plan_equals_spend)
+        assert torch.allclose(b.flops, b.nfe.double() * 10.0 + b.reward_calls.double() * 3.0)
     if name != "naive":
         assert float(b.flops.min()) > limit / 2
 
@@ -196,25 +238,22 @@ def test_eps_greedy_options_validated():
         make_strategy("smc", potential="nope").search(problem)
 
 
-@pytest.mark.parametrize("name,opts", [("beam", {"beams": 3}), ("smc", {"particles": 6}), ("eps-greedy", {"n_candidates": 5})])
-def test_reward_calls_chunked_by_whole_searches(name, opts):
-    problem = make_problem(nfe=200, n=10)
-    problem.sampler.max_batch = 13
-    sizes = []
-    reward = problem.reward
+@pytest.mark.parametrize("name,opts", [("beam", {"beams": 3}), ("smc", {"particles": 6}), ("eps-greedy", {"n_candidates": 5}),
+                                       ("best-of-n", {}), ("ttsp", {})])
+def test_comparative_reward_does_not_depend_on_max_batch(name, opts):
+    # a rank sum compares the candidates of one search, whatever chunks the rows were scored in
+    from noisesearch.rewards.base import RankSum
 
-    class Spy:
-        name, flops_per_image = reward.name, reward.flops_per_image
-
-        def __call__(self, images, prompts):
-            sizes.append(len(prompts))
-            return reward(images, prompts)
-
-    problem.reward = Spy()
-    make_strategy(name, **opts).search(problem)
-    per = next(iter(opts.values()))
-    assert max(sizes) <= max(13, per) and all(s % per == 0 or s == 10 for s in sizes)
-    assert int(problem.budget.nfe.max()) <= 200
+    chosen = []
+    for max_batch in (512, 13, 5):
+        problem = make_problem(nfe=200, n=10, max_batch=max_batch)
+        problem.reward = RankSum([problem.reward, PruneModeReward(problem.denoiser)])
+        problem.budget.cost = problem.budget.cost.__class__(10.0, problem.reward.flops_per_image, 0.0)
+        res = make_strategy(name, **opts).search(problem)
+        chosen.append(res)
+    for other in chosen[1:]:
+        assert torch.allclose(other.x0, chosen[0].x0, atol=1e-5)
+        assert torch.equal(other.rewards, chosen[0].rewards)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +283,7 @@ def test_mcts_finds_the_mode_with_many_simulations():
 
 
 def test_resample_indices():
-    g = torch.Generator().manual_seed(0)
+    g = NoiseSource(0, (1,), [(0, 0), (1, 0), (2, 0)])
     log_w = torch.tensor([[0.0, -1e9, -1e9], [-1e9, -1e9, 0.0], [0.0, 0.0, 0.0]])
     for method in ("systematic", "multinomial"):
         idx = resample_indices(log_w, g, method)

@@ -7,7 +7,7 @@ import pytest
 
 from noisesearch.cli import main
 from noisesearch.simulate import CostSpec, Replay
-from noisesearch.simulate.strategies import BudgetAware, Plan
+from noisesearch.pruning import BudgetAwarePolicy, PrunePlan
 from noisesearch.simulate.synthetic import make_synthetic_pool
 from noisesearch.simulate.tuning import TuneConfig, budget_aware_from, tune
 
@@ -66,12 +66,12 @@ def test_partial_noise_aware_is_used(tmp_path):
 
 
 def test_budget_aware_table():
-    plans = [Plan(), Plan.from_dict({"method": "ttsnap", "steps": [1], "keep": [0.5]})]
+    plans = [PrunePlan(), PrunePlan.from_dict({"method": "ttsnap", "steps": [1], "keep": [0.5]})]
     curves = {plans[0]: np.array([[1.0], [2.0], [3.0]]), plans[1]: np.array([[0.5], [2.5], [3.5]])}
     ba = budget_aware_from(curves, [1.0, 2.0, 3.0], [1.0], window=0)
     assert ba.plans == (plans[0], plans[1], plans[1])
     assert ba.plan_for(1.1) == plans[0] and ba.plan_for(2.9) == plans[1]
-    back = BudgetAware.from_dict(ba.describe())
+    back = BudgetAwarePolicy.from_dict(ba.describe())
     assert back.plans == ba.plans
 
 

@@ -7,7 +7,8 @@
 
 Everything is built from names (``model``, ``reward``, ``strategy``, ``sampler``) or from objects
 (a Denoiser, a Reward, a Strategy), so the same call works for the built-in digits model and for a
-diffusers pipeline. Randomness flows from one ``torch.Generator`` seeded with ``seed``.
+diffusers pipeline. Randomness flows from ``seed`` through one noise source with a stream per
+search (``noisesearch.noise``): adding a prompt does not change the samples of the others.
 """
 from __future__ import annotations
 
@@ -22,15 +23,12 @@ from typing import Any, Sequence
 import torch
 
 from noisesearch import __version__
-from noisesearch.budget import Budget, CostModel
-from noisesearch.errors import NoiseSearchError
+from noisesearch.budget import Budget
+from noisesearch.build import as_denoiser, as_reward, build_problem, expand_prompts  # noqa: F401 (re-export)
 from noisesearch.io import atomic_write_bytes, atomic_write_json, image_grid, save_png, to_pil
-from noisesearch.models import load_model
 from noisesearch.models.base import Denoiser
-from noisesearch.rewards.base import Reward, make_reward
-from noisesearch.sampling.samplers import Sampler, make_sampler
+from noisesearch.rewards.base import Reward
 from noisesearch.search import Strategy, make_strategy
-from noisesearch.search.base import Problem
 
 
 @dataclass
@@ -67,15 +65,6 @@ class _Progress:
             self.bar.close()
 
 
-def expand_prompts(prompts: Sequence[str], num_samples: int) -> list[str]:
-    """Each prompt repeated ``num_samples`` times (prompt-major)."""
-    if not prompts:
-        raise NoiseSearchError("give at least one prompt (--prompt or --prompts-file)")
-    if num_samples < 1:
-        raise NoiseSearchError("--num-samples must be at least 1")
-    return [p for p in prompts for _ in range(num_samples)]
-
-
 def generate(
     model: str | Denoiser = "digits",
     prompts: Sequence[str] = ("3",),
@@ -101,24 +90,12 @@ def generate(
     ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
-    if model_options and not isinstance(model, str):
-        raise NoiseSearchError("model_options apply when the model is given by name; configure a denoiser object directly")
-    denoiser = load_model(model, device=device, guidance=guidance, **(model_options or {})) if isinstance(model, str) else model
-    reward_fn = make_reward(reward, device=device) if isinstance(reward, str) else reward
-    all_prompts = expand_prompts([str(p) for p in prompts], num_samples)
-    cond = denoiser.encode(all_prompts)
-    if steps is not None and steps < 1:
-        raise NoiseSearchError("--steps must be at least 1")
-    budget = Budget(
-        len(all_prompts),
-        nfe=budget_nfe,
-        flops=budget_flops,
-        # a reward call on a latent model pays for decoding the Tweedie estimate too
-        cost=CostModel(denoiser.flops_per_call, reward_fn.flops_per_image + getattr(denoiser, "flops_per_decode", 0.0)),
-    )
-    samp: Sampler = make_sampler(sampler, denoiser, steps, max_batch=max_batch, budget=budget)
-    generator = torch.Generator().manual_seed(seed)
-    problem = Problem(samp, reward_fn, budget, all_prompts, cond, generator)
+    denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
+    reward_fn = as_reward(reward, device=device)
+    problem = build_problem(denoiser, reward_fn, [str(p) for p in prompts], num_samples=num_samples,
+                            budget_nfe=budget_nfe, budget_flops=budget_flops, steps=steps, sampler=sampler,
+                            seed=seed, max_batch=max_batch)
+    budget, samp, all_prompts = problem.budget, problem.sampler, problem.prompts
     load_seconds = time.perf_counter() - t_load
 
     bar = _Progress(budget, progress, desc=f"{strat.name}")

@@ -1,29 +1,100 @@
 """Compute accounting: every network evaluation and reward call is charged to the search it serves.
 
+One path: the sampler charges its network evaluations and the problem charges its reward calls, both
+through :meth:`Budget.charge`, at prices set by one :class:`CostModel`:
+
+* one NFE (one denoiser call on one sample row, all guidance branches) costs ``flops_per_nfe``;
+* one reward call on one candidate costs the reward's ``flops_per_image`` **plus**
+  ``flops_per_decode``, the decode of the Tweedie estimate it scores (the VAE on a latent model,
+  0 for pixel models).
+
 A ``Budget`` covers ``num_searches`` independent searches (one per output sample). A limit is given
-per search in NFEs (network function evaluations: one denoiser call on one sample row), in FLOPs
-(network and reward FLOPs together), or both. Charges happen *before* the work runs and raise
-``BudgetError`` if any search would go over: no strategy can exceed its budget silently.
+per search in NFEs, in FLOPs (network, decode and reward FLOPs together), or both. Charges happen
+*before* the work runs and raise ``BudgetError`` if any search would go over.
+
+Plans: a strategy states what a size costs (a :class:`Cost` per search); :meth:`Budget.fit` finds the
+largest affordable size (the one sizing function of the package, also used by the simulator through
+:func:`largest_affordable`), and :meth:`Budget.check_spent` verifies after the run that each search
+spent what was planned.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from noisesearch.errors import BudgetError
 
+#: NFE limits may be fractional (``--budget-nfe 360.5``); counts are integers, compared with this slack.
+NFE_TOLERANCE = 1e-9
+#: FLOPs are float sums; a plan within this relative slack of the limit fits.
+FLOPS_RTOL = 1e-12
+#: A size past this means the budget does not bound the search (e.g. a FLOP budget with free calls).
+MAX_SIZE = 1 << 40
 
-@dataclass
+
+@dataclass(frozen=True)
+class Cost:
+    """What one search spends: NFEs, reward calls and FLOPs (of both)."""
+
+    nfe: int = 0
+    reward_calls: int = 0
+    flops: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.nfe + other.nfe, self.reward_calls + other.reward_calls, self.flops + other.flops)
+
+    def __mul__(self, k: int) -> "Cost":
+        return Cost(self.nfe * k, self.reward_calls * k, self.flops * k)
+
+    __rmul__ = __mul__
+
+    def as_dict(self) -> dict:
+        return {"nfe": int(self.nfe), "reward_calls": int(self.reward_calls), "flops": float(self.flops)}
+
+
+@dataclass(frozen=True)
 class CostModel:
-    """FLOPs of one network evaluation (one sample row) and of one reward call (one image)."""
+    """Prices: FLOPs of one network evaluation, of one decode, of one call of the problem's reward."""
 
     flops_per_nfe: float = 0.0
-    flops_per_reward: float = 0.0
+    flops_per_reward: float = 0.0  # the problem's reward, per image
+    flops_per_decode: float = 0.0  # decoding one Tweedie estimate to an image (0 for pixel models)
 
-    def flops(self, nfe: float, reward_calls: float) -> float:
-        return nfe * self.flops_per_nfe + reward_calls * self.flops_per_reward
+    def nfe(self, n: int = 1) -> Cost:
+        return Cost(nfe=int(n), flops=n * self.flops_per_nfe)
+
+    def reward(self, n: int = 1, flops_per_image: float | None = None) -> Cost:
+        """``n`` reward calls (of the problem's reward, or of one costing ``flops_per_image``), decode included."""
+        r = self.flops_per_reward if flops_per_image is None else float(flops_per_image)
+        return Cost(reward_calls=int(n), flops=n * (r + self.flops_per_decode))
+
+
+def within(value: float, limit: float | None, nfe: bool = False) -> bool:
+    """Whether ``value`` fits ``limit`` (None = no limit), with the named tolerances."""
+    if limit is None:
+        return True
+    return value <= limit + NFE_TOLERANCE if nfe else value <= limit * (1 + FLOPS_RTOL)
+
+
+def largest_affordable(fits: Callable[[int], bool], start: int = 1) -> int:
+    """Largest ``n >= start`` with ``fits(n)`` (``fits`` monotone: true up to some n, false after);
+    ``start - 1`` when even ``start`` does not fit. Exponential search, then bisection."""
+    if not fits(start):
+        return start - 1
+    lo, hi = start, start + 1
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+        if hi > MAX_SIZE:
+            raise BudgetError("the budget does not bound this search: give its size explicitly or a tighter budget")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class Budget:
@@ -36,8 +107,9 @@ class Budget:
     ):
         if nfe is None and flops is None:
             raise BudgetError("give a budget: NFEs per sample (--budget-nfe) or FLOPs per sample (--budget-flops)")
-        if nfe is not None and nfe <= 0 or flops is not None and flops <= 0:
-            raise BudgetError("budgets must be positive")
+        for what, v in (("--budget-nfe", nfe), ("--budget-flops", flops)):
+            if v is not None and not (v == v and 0 < v < float("inf")):
+                raise BudgetError(f"{what} must be a positive finite number, got {v}")
         self.num_searches = num_searches
         self.nfe_limit = nfe
         self.flops_limit = flops
@@ -48,57 +120,80 @@ class Budget:
         self.listeners = []  # callables(kind, rows) notified after each charge (progress bars)
 
     # ---- planning ----------------------------------------------------------------------------
-    def affords(self, nfe: float, reward_calls: float = 0) -> bool:
-        """Whether one search may still spend ``nfe`` more NFEs and ``reward_calls`` more reward calls."""
-        used_nfe = float(self.nfe.max()) if self.num_searches else 0.0
-        used_flops = float(self.flops.max()) if self.num_searches else 0.0
-        if self.nfe_limit is not None and used_nfe + nfe > self.nfe_limit + 1e-9:
-            return False
-        if self.flops_limit is not None:
-            if used_flops + self.cost.flops(nfe, reward_calls) > self.flops_limit * (1 + 1e-12):
-                return False
-        return True
+    def spent_max(self) -> Cost:
+        """The most any search has spent so far (what limits what is still affordable)."""
+        if not self.num_searches:
+            return Cost()
+        return Cost(int(self.nfe.max()), int(self.reward_calls.max()), float(self.flops.max()))
 
-    def max_count(self, nfe_each: float, reward_each: float = 0) -> int:
-        """Largest n such that one search can afford n units of (nfe_each, reward_each)."""
-        counts = []
-        if self.nfe_limit is not None and nfe_each > 0:
-            counts.append((self.nfe_limit - float(self.nfe.max())) / nfe_each)
-        if self.flops_limit is not None:
-            unit = self.cost.flops(nfe_each, reward_each)
-            if unit > 0:
-                counts.append((self.flops_limit - float(self.flops.max())) * (1 + 1e-12) / unit)
-        if not counts:
+    def affords(self, cost: Cost) -> bool:
+        """Whether every search may still spend ``cost``."""
+        used = self.spent_max()
+        return within(used.nfe + cost.nfe, self.nfe_limit, nfe=True) and within(used.flops + cost.flops, self.flops_limit)
+
+    def fit(self, cost_of: Callable[[int], Cost], start: int = 1, what: Callable[[int], str] | None = None) -> int:
+        """Largest size ``n >= start`` whose ``cost_of(n)`` is affordable; a clear BudgetError when
+        even ``start`` is not (``what(n)`` names the work for the message)."""
+        self.require(cost_of(start), what(start) if what else f"size {start}")
+        if self.nfe_limit is None and cost_of(start).flops <= 0:
             raise BudgetError("cannot size the search: the budget does not constrain any cost it incurs")
-        return max(0, int(math.floor(min(counts) + 1e-9)))
+        return largest_affordable(lambda n: self.affords(cost_of(n)), start)
+
+    def require(self, cost: Cost, what: str) -> None:
+        """Raise a clear BudgetError if one search cannot afford ``cost``."""
+        if self.affords(cost):
+            return
+        limit = []
+        if self.nfe_limit is not None:
+            limit.append(f"{self.nfe_limit:g} NFEs")
+        if self.flops_limit is not None:
+            limit.append(f"{self.flops_limit:.4g} FLOPs")
+        raise BudgetError(
+            f"budget too small: {what} needs {cost.nfe} NFEs"
+            + (f" ({cost.flops:.4g} FLOPs)" if self.flops_limit is not None else "")
+            + f" per sample, the budget allows {' and '.join(limit)}; raise the budget to at least "
+            + (f"{cost.nfe} NFEs" if self.nfe_limit is not None else f"{cost.flops:.4g} FLOPs")
+            + " per sample"
+        )
 
     # ---- charging ----------------------------------------------------------------------------
-    def charge_nfe(self, owner: torch.Tensor) -> None:
-        self._charge(owner, "nfe")
-
-    def charge_reward(self, owner: torch.Tensor) -> None:
-        self._charge(owner, "reward")
-
-    def _charge(self, owner: torch.Tensor, kind: str) -> None:
+    def charge(self, owner: torch.Tensor, per_row: Cost, kind: str) -> None:
+        """Charge ``per_row`` to the search of every row of ``owner`` (limits checked first)."""
         owner = owner.detach().to("cpu", torch.long)
         counts = torch.bincount(owner, minlength=self.num_searches)
-        if kind == "nfe":
-            new_nfe, new_calls = self.nfe + counts, self.reward_calls
-            new_flops = self.flops + counts * self.cost.flops_per_nfe
-        else:
-            new_nfe, new_calls = self.nfe, self.reward_calls + counts
-            new_flops = self.flops + counts * self.cost.flops_per_reward
-        if self.nfe_limit is not None and float(new_nfe.max()) > self.nfe_limit + 1e-9:
-            raise BudgetError(
-                f"budget exceeded: a search would use {int(new_nfe.max())} NFEs, limit {self.nfe_limit:g}"
-            )
-        if self.flops_limit is not None and float(new_flops.max()) > self.flops_limit * (1 + 1e-12):
+        new_nfe = self.nfe + counts * per_row.nfe
+        new_calls = self.reward_calls + counts * per_row.reward_calls
+        new_flops = self.flops + counts * per_row.flops
+        if self.num_searches and not within(float(new_nfe.max()), self.nfe_limit, nfe=True):
+            raise BudgetError(f"budget exceeded: a search would use {int(new_nfe.max())} NFEs, limit {self.nfe_limit:g}")
+        if self.num_searches and not within(float(new_flops.max()), self.flops_limit):
             raise BudgetError(
                 f"budget exceeded: a search would use {float(new_flops.max()):.4g} FLOPs, limit {self.flops_limit:.4g}"
             )
         self.nfe, self.reward_calls, self.flops = new_nfe, new_calls, new_flops
         for listener in self.listeners:
             listener(kind, int(owner.numel()))
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.nfe.clone(), self.reward_calls.clone(), self.flops.clone()
+
+    def check_spent(self, before, planned: Cost, exact: bool = True) -> None:
+        """After a run: every search spent exactly ``planned`` since ``before`` (at most, when the
+        plan is an upper bound). A mismatch is a defect of the strategy, never of the input."""
+        nfe = self.nfe - before[0]
+        calls = self.reward_calls - before[1]
+        flops = self.flops - before[2]
+        tol = 1e-9 * max(1.0, abs(planned.flops))
+        if exact:
+            ok = bool((nfe == planned.nfe).all() and (calls == planned.reward_calls).all()
+                      and ((flops - planned.flops).abs() <= tol).all())
+        else:
+            ok = bool((nfe <= planned.nfe).all() and (calls <= planned.reward_calls).all() and (flops <= planned.flops + tol).all())
+        if not ok:
+            raise RuntimeError(
+                f"accounting defect: planned {planned.as_dict()} per search, spent NFEs {sorted(set(nfe.tolist()))}, "
+                f"reward calls {sorted(set(calls.tolist()))}, FLOPs up to {float(flops.max()):.6g}"
+            )
 
     # ---- reporting ---------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -113,4 +208,5 @@ class Budget:
             "flops_per_sample_max": float(self.flops.max()) if self.num_searches else 0.0,
             "flops_per_nfe": self.cost.flops_per_nfe,
             "flops_per_reward": self.cost.flops_per_reward,
+            "flops_per_decode": self.cost.flops_per_decode,
         }

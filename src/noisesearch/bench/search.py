@@ -43,13 +43,11 @@ from pathlib import Path
 
 import torch
 
-from noisesearch.budget import Budget, CostModel
 from noisesearch.errors import BudgetError
 from noisesearch.models import load_model
 from noisesearch.rewards.base import make_reward, score
-from noisesearch.sampling.samplers import make_sampler
+from noisesearch.build import build_problem
 from noisesearch.search import make_strategy
-from noisesearch.search.base import Problem
 
 TRAJ = 18  # NFEs of one 18-step Euler-ancestral trajectory on digits
 # Overheads are measured in CPU time of this process (one torch thread): on a CPU shared with other
@@ -213,18 +211,14 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
         opts = options(size_budget, reward=reward.name)
     except TypeError:
         opts = options(size_budget)
-    prompts = [str(d) for d in range(10) for _ in range(seeds)]
-    cost = CostModel(den.flops_per_call, reward.flops_per_image)
-    if kind == "flops":
-        b = Budget(len(prompts), flops=budget * den.flops_per_call, cost=cost)
-    else:
-        b = Budget(len(prompts), nfe=budget, cost=cost)
     tden = TimedDenoiser(den, paired=paired)
-    sampler = make_sampler("euler-ancestral", tden, TRAJ, max_batch=max_batch, budget=b)
+    timed = TimedReward(reward)
+    limits = {"budget_flops": budget * den.flops_per_call} if kind == "flops" else {"budget_nfe": budget}
+    problem = build_problem(tden, timed, [str(d) for d in range(10)], num_samples=seeds, steps=TRAJ,
+                            sampler="euler-ancestral", seed=seed, max_batch=max_batch, **limits)
+    b, sampler, prompts = problem.budget, problem.sampler, problem.prompts
     calls: list[int] = []
     sampler.on_call = calls.append
-    timed = TimedReward(reward)
-    problem = Problem(sampler, timed, b, prompts, den.encode(prompts), torch.Generator().manual_seed(seed))
     strat = make_strategy(strategy_name, **opts)
     cell = {"label": label, "strategy": strategy_name, "budget": budget, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}}
     t0, c0 = time.perf_counter(), CLOCK()

@@ -48,7 +48,7 @@ def add_parser(sub):
 def build_strategies(args, pool, rewards):
     """Strategy objects for ``--method``, plus warnings to report."""
     from noisesearch.pruning import PruneSchedule
-    from noisesearch.simulate.strategies import BestOfN, BudgetAware, Plan, Prune, published_schedule
+    from noisesearch.pruning import BestOfNPolicy, BudgetAwarePolicy, PrunePlan, FixedPolicy, published_schedule
 
     names = [m.strip() for m in args.method.split(",") if m.strip()]
     if not names:
@@ -60,7 +60,7 @@ def build_strategies(args, pool, rewards):
         if name not in METHODS:
             raise unknown_name("method", name, METHODS)
         if name == "best-of-n":
-            strategies.append(BestOfN())
+            strategies.append(BestOfNPolicy())
         elif name in ("ttsp", "ttsnap"):
             if (args.steps is None) != (args.keep is None):
                 raise NoiseSearchError("give --steps and --keep together (or neither for the paper's schedule)")
@@ -74,7 +74,7 @@ def build_strategies(args, pool, rewards):
                 missing = [r for r in rewards if not pool.has_noise_aware(r)]
                 if missing:
                     warnings.append(f"ttsnap: no noise-aware scores for {', '.join(missing)}; those use base rewards (TTSp)")
-            strategies.append(Prune(Plan(schedule, na, args.aggregate), name))
+            strategies.append(FixedPolicy(PrunePlan(schedule, na, args.aggregate), name))
         else:
             if args.from_json is None:
                 raise NoiseSearchError(f"--method {name} needs --from TUNE.json (written by 'noisesearch tune')")
@@ -91,15 +91,15 @@ def build_strategies(args, pool, rewards):
             if tuned.get("rewards") and list(tuned["rewards"]) != rewards:
                 warnings.append(f"{name}: tuned for rewards {tuned['rewards']}, used with {rewards}")
             if name == "tuned":
-                strategies.append(Prune(Plan.from_dict(entry), "tuned"))
+                strategies.append(FixedPolicy(PrunePlan.from_dict(entry), "tuned"))
             else:
-                strategies.append(BudgetAware.from_dict(entry))
+                strategies.append(BudgetAwarePolicy.from_dict(entry))
     return strategies, warnings
 
 
 def run(args) -> int:
     from noisesearch.pools import atomic_write_json
-    from noisesearch.simulate.costs import CostSpec
+    from noisesearch.pruning import CostSpec
     from noisesearch.simulate.engine import Replay, simulate
     from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
     from noisesearch.simulate.report import simulation_report

@@ -45,7 +45,7 @@ def run(args) -> int:
     import numpy as np
 
     from noisesearch.pools import atomic_write_json
-    from noisesearch.simulate.costs import CostSpec
+    from noisesearch.pruning import CostSpec
     from noisesearch.simulate.engine import Replay, check_budgets
     from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
     from noisesearch.simulate.report import per_reward

@@ -21,13 +21,15 @@ class PointMixtureDenoiser:
     dtype = torch.float32
     device = torch.device("cpu")
 
-    def __init__(self, points: torch.Tensor, weights: torch.Tensor | None = None, flops_per_call: float = 1.0):
+    def __init__(self, points: torch.Tensor, weights: torch.Tensor | None = None, flops_per_call: float = 1.0,
+                 flops_per_decode: float = 0.0):
         self.points = points.float()  # [K, *sample_shape]
         k = points.shape[0]
         w = torch.full((k,), 1.0 / k) if weights is None else weights.float() / weights.sum()
         self.log_w = w.log()
         self.sample_shape = tuple(points.shape[1:])
         self.flops_per_call = flops_per_call
+        self.flops_per_decode = flops_per_decode  # > 0 plays a latent model (decoding costs)
         self.calls = 0  # network evaluations, for tests
 
     def encode(self, prompts: Sequence[str]):

@@ -15,11 +15,12 @@ NFEs: the simulator's ``exact`` cost model (``s + 1`` denoising steps for the es
 step times FLOPs per NFE; exact for Euler-ancestral); ``pool.extra["nfe_at_step"]`` holds the exact
 NFE count of every estimate for samplers with uneven steps (Heun), ``extra["state_steps"]`` the
 sampler step of every index and ``extra["sigmas"]`` the noise level each estimate was made at (0 for
-the finished image). ``flops_per_reward[name]`` is the reward's ``flops_per_image``.
+the finished image). ``flops_per_reward[name]`` is the reward's ``flops_per_image``;
+``extra["flops_per_decode"]`` the decode of one estimate (0 for pixel models), which the simulator
+adds to every reward call (``CostSpec.from_pool``), as live pruning pays it.
 
 **Determinism.** Candidate ``j`` of prompt ``i`` draws all its noise (the initial noise, then one
-draw per noise-injecting step) from its own ``torch.Generator`` seeded by a hash of
-``(seed, i, j)`` (:func:`candidate_seed`). Nothing else is random, so resuming, sharding over
+draw per noise-injecting step) from its own stream ``(seed, i, 0, j)`` of :mod:`noisesearch.noise`. Nothing else is random, so resuming, sharding over
 processes and the order in which prompts are done cannot change a value. Live pruning
 (``noisesearch.search.prune``) uses the same streams, so a pool made with the seed of a live run
 holds exactly the candidates that run starts.
@@ -52,67 +53,14 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import atomic_write_bytes
+from noisesearch.noise import CandidateNoise
+from noisesearch.rewards.base import at_step, is_noise_aware, score
+from noisesearch.sampling.samplers import step_layout
 
 PARTS = "parts"
 SPEC = "spec.json"
 IMAGES = "images.npz"
-STREAM_TAG = "noisesearch-candidate-v1"
 _BAD_NAME = re.compile(r"[^A-Za-z0-9._+-]")
-
-
-# ---------------------------------------------------------------------------------------------
-# per-candidate noise streams (shared with live pruning)
-# ---------------------------------------------------------------------------------------------
-def candidate_seed(seed: int, index: int, candidate: int) -> int:
-    """Seed of the noise stream of candidate ``candidate`` of prompt (or search) ``index``."""
-    h = hashlib.blake2b(f"{STREAM_TAG}:{int(seed)}:{int(index)}:{int(candidate)}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
-class CandidateNoise:
-    """Independent noise streams, one per candidate row.
-
-    Rows are ``(index, candidate)`` pairs given as two equal-length sequences; ``draw(rows)`` returns
-    the next standard Gaussian sample (``sampler.noise_shape``) of each listed row's stream, drawn
-    on the CPU in float32 (device independent, like ``Sampler.noise``) and moved to the denoiser.
-    A row that is not drawn (a pruned candidate) simply stops advancing its stream.
-    """
-
-    def __init__(self, sampler, seed: int, indices: Sequence[int], candidates: Sequence[int]):
-        if len(indices) != len(candidates):
-            raise ValueError("one index per candidate")
-        self.sampler = sampler
-        self.generators = [torch.Generator().manual_seed(candidate_seed(seed, i, j)) for i, j in zip(indices, candidates)]
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def draw(self, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        rows = range(len(self.generators)) if rows is None else [int(r) for r in rows]
-        shape = self.sampler.noise_shape
-        z = torch.stack([torch.randn(shape, generator=self.generators[r], dtype=torch.float32) for r in rows])
-        d = self.sampler.denoiser
-        return z.to(d.device, d.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# the step layout of a pool
-# ---------------------------------------------------------------------------------------------
-def step_layout(sampler) -> dict[str, list]:
-    """Which sampler states a pool records and what each costs.
-
-    ``state_steps[s]``: the sampler step (``State.step``) of pool index ``s``; ``nfe_at_step[s]``:
-    NFEs per trajectory to reach it; ``sigmas[s]``: the noise level of that estimate (0 = final).
-    """
-    n = sampler.num_steps
-    state_steps = [t for t in range(n) if sampler.step_nfe(t) > 0] + [n]
-    nfe, nfe_at = sampler.start_nfe, {}
-    for t in range(n + 1):
-        nfe_at[t] = nfe
-        if t < n:
-            nfe += sampler.step_nfe(t)
-    sigmas = [float(sampler.sigmas[t]) if t < n else 0.0 for t in state_steps]
-    return {"state_steps": state_steps, "nfe_at_step": [nfe_at[t] for t in state_steps], "sigmas": sigmas}
 
 
 def pool_reward_name(name: str) -> str:
@@ -140,18 +88,10 @@ def split_specs(text: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
-def is_noise_aware(reward) -> bool:
-    return callable(getattr(reward, "score_at", None)) and hasattr(reward, "base_name")
-
-
 def score_at_step(reward, images: torch.Tensor, prompts: Sequence[str], step: int, sigma: float) -> torch.Tensor:
-    """A reward's scores for estimates at pool index ``step`` / noise level ``sigma``: noise-aware
-    rewards are told the step, any other reward just scores the images. Checked like ``score``."""
-    from noisesearch.rewards.base import score
-
-    if is_noise_aware(reward):
-        return score(reward.at(step=step, sigma=sigma), images, prompts)
-    return score(reward, images, prompts)
+    """A reward's scores for estimates at pool index ``step`` / noise level ``sigma`` (noise-aware
+    rewards are told the step). Checked like ``score``."""
+    return score(at_step(reward, step, sigma), images, prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +195,7 @@ def sample_prompt(sampler, rewards: dict, na: dict, layout: dict, prompt: str, i
     rec = _Recorder(rewards, na, layout, candidates, save_images)
     for lo in range(0, candidates, max_batch):
         hi = min(candidates, lo + max_batch)
-        noise = CandidateNoise(sampler, seed, [index] * (hi - lo), range(lo, hi))
+        noise = CandidateNoise(seed, sampler.noise_shape, [(index, 0, j) for j in range(lo, hi)], den.device, den.dtype)
         prompts = [prompt] * (hi - lo)
         state = sampler.start(den.encode(prompts), noise.draw())
         rec.record(state, lo, den.decode, prompts)
@@ -295,10 +235,8 @@ def generate_pool(
     this process, then return None without assembling (rerun to continue). Returns the ``Pool`` when
     it is complete (on the main process), else None.
     """
-    from noisesearch.models import load_model
+    from noisesearch.build import as_denoiser, as_reward, as_sampler
     from noisesearch.pools.pool import MANIFEST, Pool
-    from noisesearch.rewards.base import make_reward
-    from noisesearch.sampling.samplers import make_sampler
 
     t0 = time.perf_counter()
     prompts = [str(p) for p in prompts]
@@ -319,8 +257,8 @@ def generate_pool(
     dist = _dist_state(device)
     rank, world = (dist.process_index, dist.num_processes) if dist is not None else (0, 1)
 
-    den = load_model(model, device=device, guidance=guidance) if isinstance(model, str) else model
-    samp = make_sampler(sampler, den, steps, max_batch=max_batch)
+    den = as_denoiser(model, device=device, guidance=guidance)
+    samp = as_sampler(sampler, den, steps, max_batch=max_batch)
     den.encode(prompts)  # unknown prompts fail here, before any work
     layout = step_layout(samp)
     S = len(layout["state_steps"])
@@ -330,7 +268,7 @@ def generate_pool(
     specs: dict[str, str] = {}
     for r in rewards:
         spec = r if isinstance(r, str) else getattr(r, "name", type(r).__name__)
-        obj = make_reward(r, device=device) if isinstance(r, str) else r
+        obj = as_reward(r, device=device)
         if is_noise_aware(obj):
             key = pool_reward_name(obj.base_name)
             if key in na:
@@ -360,7 +298,7 @@ def generate_pool(
         "seed": int(seed),
         "save_images": bool(save_images),
         "fingerprints": fingerprints(samp, base, na, layout, prompts[0]),
-        "noise": f"per candidate: torch.Generator seeded by blake2b('{STREAM_TAG}:seed:prompt_index:candidate')",
+        "noise": "per candidate: noisesearch.noise stream (seed, prompt_index, 0, candidate)",
     }
     digest = hashlib.sha256(json.dumps(spec_doc, sort_keys=True).encode()).hexdigest()[:16]
     spec_path = out / PARTS / SPEC
@@ -436,6 +374,7 @@ def generate_pool(
         "nfe_at_step": layout["nfe_at_step"],
         "sigmas": layout["sigmas"],
         "flops_per_nfe": flops_call,
+        "flops_per_decode": float(getattr(den, "flops_per_decode", 0.0)),
         "nfe_per_trajectory": samp.nfe_per_trajectory,
         "noise": spec_doc["noise"],
         "images": IMAGES if save_images else None,
@@ -496,8 +435,6 @@ __all__ = [
     "generate_pool",
     "sample_prompt",
     "step_layout",
-    "candidate_seed",
-    "CandidateNoise",
     "load_pool_images",
     "pool_reward_name",
     "split_specs",

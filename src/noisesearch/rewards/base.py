@@ -7,11 +7,16 @@ Reward specs (CLI ``--reward`` and ``make_reward``):
 
 * ``NAME`` or ``NAME@ARG`` (ARG is reward specific, e.g. ``clip@/path/to/clip``),
 * ``0.7*digit+0.3*brightness``: a weighted sum,
-* ``ranksum(digit,brightness)``: the sum of per-prompt ranks within each call.
+* ``ranksum(digit,brightness)``: the sum of each candidate's ranks among the candidates of its search
+  (see :class:`Comparative`).
+
+A spec is parsed completely or refused with a one-line error.
 """
 from __future__ import annotations
 
+import copy
 import importlib
+import math
 import re
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -52,34 +57,71 @@ def _load(name: str, arg: str | None, device) -> Reward:
     return factory(arg, device) if arg is not None else factory(None, device)
 
 
-_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?\d*\.?\d+(?:e[-+]?\d+)?)\s*\*)?\s*(?P<r>[^*]+?)\s*$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_TERM = re.compile(rf"\s*(?:(?P<w>{_NUMBER})\s*\*\s*)?(?P<r>[^*]+?)\s*")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` outside parentheses (unbalanced parentheses are an error)."""
+    out, depth, cur = [], 0, ""
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth < 0:
+            raise NoiseSearchError(f"reward spec {text!r}: unbalanced ')'")
+        # a '+' right after an exponent's 'e' belongs to the number (1e+3), not a separator
+        exponent = sep == "+" and i >= 2 and text[i - 1] in "eE" and text[i - 2].isdigit()
+        if ch == sep and depth == 0 and not exponent:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise NoiseSearchError(f"reward spec {text!r}: unbalanced '('")
+    return out + [cur]
 
 
 def make_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """Build a reward from a spec string (see module docstring)."""
-    spec = spec.strip()
+    """Build a reward from a spec string (see module docstring). The whole spec is parsed or refused:
+    an empty term, a dangling ``+`` or ``*``, or an unknown name is an error, never skipped."""
+    spec = str(spec).strip()
     if not spec:
-        raise NoiseSearchError("empty reward spec")
-    m = re.fullmatch(r"ranksum\((.*)\)", spec)
+        raise NoiseSearchError("empty reward spec: give e.g. --reward digit")
+    m = re.fullmatch(r"ranksum\s*\((.*)\)", spec, flags=re.S)
     if m:
-        parts = [p for p in m.group(1).split(",") if p.strip()]
+        parts = [p.strip() for p in _split_top(m.group(1), ",")]
+        if any(not p for p in parts):
+            raise NoiseSearchError(f"reward spec {spec!r} has an empty part; write e.g. ranksum(digit,brightness)")
         if len(parts) < 2:
             raise NoiseSearchError("ranksum(...) needs at least two rewards, e.g. ranksum(digit,brightness)")
-        return RankSum([make_reward(p, device) for p in parts])
-    if "+" in spec or "*" in spec:
-        terms = [t for t in re.split(r"(?<![0-9]e)\+", spec) if t.strip()]
+        rewards = [make_reward(p, device) for p in parts]
+        if any(isinstance(r, Comparative) for r in rewards):
+            raise NoiseSearchError(f"reward spec {spec!r}: ranksum(...) cannot be nested")
+        return RankSum(rewards)
+    terms = _split_top(spec, "+")
+    if len(terms) > 1 or "*" in spec:
+        if any(not t.strip() for t in terms):
+            raise NoiseSearchError(f"reward spec {spec!r} has an empty term (a dangling '+'); write e.g. 0.7*digit+0.3*brightness")
         rewards, weights = [], []
         for t in terms:
-            tm = _TERM.match(t)
-            if not tm:
-                raise NoiseSearchError(f"cannot parse reward term {t!r}; write e.g. 0.7*digit+0.3*brightness")
+            tm = _TERM.fullmatch(t)
+            if not tm or "(" in tm.group("r"):
+                raise NoiseSearchError(f"cannot parse reward term {t.strip()!r} in {spec!r}; write e.g. 0.7*digit+0.3*brightness")
             weights.append(float(tm.group("w")) if tm.group("w") else 1.0)
             rewards.append(make_reward(tm.group("r"), device))
+        if any(not math.isfinite(w) for w in weights):
+            raise NoiseSearchError(f"reward spec {spec!r}: weights must be finite numbers")
         if len(rewards) == 1 and weights[0] == 1.0:
             return rewards[0]
         return WeightedSum(rewards, weights)
-    name, _, arg = spec.partition("@")
-    return _load(name.strip(), arg.strip() or None, device)
+    name, at, arg = spec.partition("@")
+    name = name.strip()
+    if not _NAME.fullmatch(name):
+        raise NoiseSearchError(f"cannot parse reward spec {spec!r}: a reward is NAME or NAME@ARG, e.g. digit or clip@/path/to/clip")
+    if at and not arg.strip():
+        raise NoiseSearchError(f"reward spec {spec!r}: nothing after '@'; write {name}@ARG")
+    return _load(name, arg.strip() or None, device)
 
 
 class WeightedSum:
@@ -96,27 +138,48 @@ class WeightedSum:
         return sum(w * score(r, images, prompts) for r, w in zip(self.rewards, self.weights))
 
 
-class RankSum:
-    """Sum over rewards of each image's rank (0 = worst) among the images of the same prompt in
-    this call: scale-free aggregation as in TTSnap's multi-reward setting. Values are comparable
-    only within one call."""
+class Comparative:
+    """A reward whose value compares candidates: ``combine`` turns each part's scores into one value
+    per row, comparing only rows of the same group (the candidates of one search). The problem
+    scores the parts in any chunks and combines once per call, so results never depend on how the
+    rows were batched (``--max-batch``)."""
+
+    rewards: list
+
+    def combine(self, values: Sequence[torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images, prompts):
+        """Scored alone: the rows of the same prompt are one group."""
+        index: dict[str, int] = {}
+        groups = torch.tensor([index.setdefault(p, len(index)) for p in prompts])
+        return self.combine([score(r, images, prompts) for r in self.rewards], groups)
+
+
+class RankSum(Comparative):
+    """Sum over rewards of each candidate's rank (0 = worst) among the candidates of its group:
+    scale-free aggregation as in TTSnap's multi-reward setting. Ties rank the lower row higher (the
+    pruning rule, :func:`noisesearch.pruning.order_keys`). Values compare within a group only."""
 
     def __init__(self, rewards: Sequence[Reward]):
         self.rewards = list(rewards)
         self.name = "ranksum(" + ",".join(r.name for r in self.rewards) + ")"
         self.flops_per_image = sum(r.flops_per_image for r in self.rewards)
 
-    def __call__(self, images, prompts):
-        total = torch.zeros(images.shape[0], dtype=torch.float64)
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(p, []).append(i)
-        for r in self.rewards:
-            values = score(r, images, prompts).double().cpu()
-            for rows in groups.values():
-                idx = torch.tensor(rows)
-                total[idx] += values[idx].argsort().argsort().double()
+    def combine(self, values, groups):
+        from noisesearch.pruning.select import rank_sum
+
+        groups = torch.as_tensor(groups).cpu().long()
+        total = torch.zeros(groups.numel(), dtype=torch.float64)
+        for gid in torch.unique(groups).tolist():
+            rows = (groups == gid).nonzero().flatten()
+            ranks = rank_sum([v.double().cpu()[rows].numpy() for v in values])
+            total[rows] = torch.as_tensor(ranks, dtype=torch.float64)
         return total.float()
+
+
+def is_comparative(reward) -> bool:
+    return isinstance(reward, Comparative)
 
 
 def score(reward: Reward, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -139,3 +202,25 @@ def score(reward: Reward, images: torch.Tensor, prompts: Sequence[str]) -> torch
             "fix the reward (or its inputs) so that it returns finite scores"
         )
     return out
+
+
+def is_noise_aware(reward) -> bool:
+    """A noise-aware reward scores an estimate knowing its step (``reward.at(step, sigma)``)."""
+    return callable(getattr(reward, "at", None)) and hasattr(reward, "base_name")
+
+
+def at_step(reward: Reward, step: int | None, sigma: float | None = None) -> Reward:
+    """The reward that scores estimates made at pool step ``step`` (noise level ``sigma``): noise-aware
+    rewards (also inside sums and rank sums) are told the step; every other reward is itself."""
+    if step is None:
+        return reward
+    if is_noise_aware(reward):
+        return reward.at(step=step, sigma=sigma)
+    if isinstance(reward, (Comparative, WeightedSum)):
+        parts = [at_step(r, step, sigma) for r in reward.rewards]
+        if all(p is r for p, r in zip(parts, reward.rewards)):
+            return reward
+        out = copy.copy(reward)
+        out.rewards = parts
+        return out
+    return reward

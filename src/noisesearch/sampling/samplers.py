@@ -8,7 +8,8 @@ sample) each row belongs to, so that the budget charges every network evaluation
 
 Branching is ``state.repeat(n)`` followed by ``step`` with ``n`` different noises per row; keeping
 a subset is ``state.select(idx)``. Network calls are split into chunks of ``max_batch`` rows and
-charged to ``budget`` (a ``noisesearch.budget.Budget``) before they run.
+charged to ``budget`` (a ``noisesearch.budget.Budget``) before they run. Noise is never drawn here:
+callers pass it (strategies draw from ``problem.noise``).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class Sampler:
         self.budget = budget
         self.on_call: Callable[[int], None] | None = None  # observer of rows evaluated (e.g. timing)
 
-    # ---- noise -----------------------------------------------------------------------------
+    # ---- noise shape (the draws come from ``noisesearch.noise.NoiseSource``) ------------------
     @property
     def noise_shape(self) -> tuple[int, ...]:
         return tuple(self.denoiser.sample_shape)
@@ -109,16 +110,11 @@ class Sampler:
     def noise_dim(self) -> int:
         return math.prod(self.noise_shape)
 
-    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` standard Gaussian noises, drawn on the CPU from ``generator`` (device independent)."""
-        z = torch.randn((n, *self.noise_shape), generator=generator, dtype=torch.float32)
-        return z.to(self.denoiser.device, self.denoiser.dtype)
-
     # ---- network calls -----------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, sigma: float, cond: Cond, owner: torch.Tensor) -> torch.Tensor:
         """D(x, sigma, cond) for every row, in chunks, charged to the budget first."""
         if self.budget is not None:
-            self.budget.charge_nfe(owner)
+            self.budget.charge(owner, self.budget.cost.nfe(1), "nfe")
         outs = []
         for lo in range(0, x.shape[0], self.max_batch):
             hi = min(lo + self.max_batch, x.shape[0])
@@ -160,12 +156,13 @@ class Sampler:
     def nfe_per_trajectory(self) -> int:
         return self.start_nfe + self.nfe_to_end(0)
 
-    def rollout(self, state: State, generator: torch.Generator, until: int | None = None) -> State:
-        """Continue every row with fresh Gaussian noise until step ``until`` (default: the end)."""
+    def rollout(self, state: State, noise, until: int | None = None) -> State:
+        """Continue every row with fresh Gaussian noise from ``noise`` (a ``NoiseSource``: each row
+        draws from its search's stream) until step ``until`` (default: the end)."""
         until = self.num_steps if until is None else until
         while state.step < until:
-            noise = self.noise(len(state), generator) if self.uses_noise(state.step) else None
-            state = self.step(state, noise)
+            z = noise.normal(state.owner) if self.uses_noise(state.step) else None
+            state = self.step(state, z)
         return state
 
     def check_noise(self, state: State, noise: torch.Tensor | None) -> torch.Tensor:
@@ -293,6 +290,26 @@ class HeunChurn(Sampler):
         d2 = (x_next - denoised2) / t_next
         x_next = x_hat + (t_next - t_hat) * (d + d2) / 2
         return replace(state, x=x_next, x0=denoised2, step=i + 1, x0_at_x=False)
+
+
+def step_layout(sampler) -> dict[str, list]:
+    """The Tweedie estimates a trajectory produces (the steps of a pool, the checks of pruning).
+
+    The estimate after ``start`` is index 0, then one after every step that calls the network,
+    the finished image last.
+
+    ``state_steps[s]``: the sampler step (``State.step``) of pool index ``s``; ``nfe_at_step[s]``:
+    NFEs per trajectory to reach it; ``sigmas[s]``: the noise level of that estimate (0 = final).
+    """
+    n = sampler.num_steps
+    state_steps = [t for t in range(n) if sampler.step_nfe(t) > 0] + [n]
+    nfe, nfe_at = sampler.start_nfe, {}
+    for t in range(n + 1):
+        nfe_at[t] = nfe
+        if t < n:
+            nfe += sampler.step_nfe(t)
+    sigmas = [float(sampler.sigmas[t]) if t < n else 0.0 for t in state_steps]
+    return {"state_steps": state_steps, "nfe_at_step": [nfe_at[t] for t in state_steps], "sigmas": sigmas}
 
 
 SAMPLERS = {"euler-ancestral": EulerAncestral, "euler": Euler, "heun": HeunChurn}

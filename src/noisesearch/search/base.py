@@ -1,11 +1,19 @@
-"""What every strategy works with: a ``Problem`` (sampler, reward, budget, prompts, generator)
-and the ``SearchResult`` it returns.
+"""What every strategy works with: a ``Problem`` (sampler, reward, budget, prompts, noise source)
+and the ``SearchResult`` it returns; the ``Strategy`` base that sizes a search to its budget.
 
 A problem holds ``P`` independent searches, one per output sample (prompt i repeated
 ``num_samples`` times gives P = prompts x samples). Strategies batch all candidates of all searches
-into one ``State``; ``state.owner`` maps each row to its search, so that scoring and budgeting are
-per search. Strategies are dataclasses (their fields are their hyperparameters) with a class
-attribute ``name`` and a method ``search(problem) -> SearchResult``.
+into one ``State``; ``state.owner`` maps each row to its search, so that scoring, budgeting and
+noise are per search.
+
+The problem executes and accounts, the strategy proposes (Optuna's split of sampler and study):
+
+* every noise comes from ``problem.noise`` (one stream per search, :mod:`noisesearch.noise`);
+* every network evaluation is charged by the sampler, every reward call by :meth:`Problem.score`
+  (decode of the estimate included), both through ``Budget.charge``;
+* a strategy states what a size costs (:meth:`Strategy.cost`) and runs at a size
+  (:meth:`Strategy.run`); :meth:`Strategy.search` fits the size to the budget and checks after
+  the run that every search spent exactly what was planned.
 """
 from __future__ import annotations
 
@@ -15,10 +23,11 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from noisesearch.budget import Budget
-from noisesearch.errors import BudgetError, NoiseSearchError
-from noisesearch.models.base import Cond, cond_repeat
-from noisesearch.rewards.base import Reward, score
+from noisesearch.budget import Budget, Cost
+from noisesearch.errors import NoiseSearchError
+from noisesearch.models.base import Cond, cond_index, cond_repeat
+from noisesearch.noise import NoiseSource
+from noisesearch.rewards.base import Reward, at_step, is_comparative, score
 from noisesearch.sampling.samplers import Sampler, State
 
 
@@ -29,59 +38,66 @@ class Problem:
     budget: Budget
     prompts: list[str]  # one per search
     cond: Cond  # batched, one row per search
-    generator: torch.Generator
+    noise: NoiseSource  # one stream per search
 
     @property
     def num_searches(self) -> int:
         return len(self.prompts)
 
+    @property
+    def denoiser(self):
+        return self.sampler.denoiser
+
+    # ---- costs (per search) ----------------------------------------------------------------------
+    def nfe_cost(self, n: int) -> Cost:
+        """``n`` network evaluations."""
+        return self.budget.cost.nfe(n)
+
+    def score_cost(self, n: int, reward: Reward | None = None) -> Cost:
+        """``n`` reward calls of ``reward`` (default: the problem's), each with its decode."""
+        return self.budget.cost.reward(n, None if reward is None else float(reward.flops_per_image))
+
     # ---- building blocks strategies share --------------------------------------------------------
     def start(self, n: int, noise: torch.Tensor | None = None) -> State:
         """``n`` fresh candidates per search (rows grouped by search: search i -> rows i*n..i*n+n-1)."""
-        rows = self.num_searches * n
-        if noise is None:
-            noise = self.sampler.noise(rows, self.generator)
         owner = torch.arange(self.num_searches).repeat_interleave(n)
+        if noise is None:
+            noise = self.noise.normal(owner)
         return self.sampler.start(cond_repeat(self.cond, n), noise, owner)
 
-    def score(self, state: State) -> torch.Tensor:
-        """Reward of each row's Tweedie estimate x0, charged to the budget. Float32 [B] on the CPU.
+    def cond_rows(self, searches: torch.Tensor) -> Cond:
+        """The condition of each listed search (one row each)."""
+        return cond_index(self.cond, searches)
 
-        Scored in chunks of about ``sampler.max_batch`` rows (big reward batches are slower per
-        image on a CPU and may not fit in GPU memory). When the rows are grouped by search with
-        equal counts, chunks hold whole searches, so that rewards that are only comparable within
-        one call (``ranksum``) still compare the candidates of a search with each other."""
-        n, mb = len(state), max(1, self.sampler.max_batch)
-        if n <= mb:
-            return self._score(state)
-        per = n // self.num_searches if n % self.num_searches == 0 else 1
-        step = max(per, mb // per * per)
-        return torch.cat([self._score(state.select(torch.arange(lo, min(lo + step, n)))) for lo in range(0, n, step)])
+    def rollout(self, state: State, until: int | None = None) -> State:
+        """Continue every row with fresh noise from its search's stream."""
+        return self.sampler.rollout(state, self.noise, until)
 
-    def _score(self, state: State) -> torch.Tensor:
-        self.budget.charge_reward(state.owner)
-        images = self.sampler.denoiser.decode(state.x0)
+    def score(self, state: State, reward: Reward | None = None, step: int | None = None,
+              sigma: float | None = None) -> torch.Tensor:
+        """Reward of each row's Tweedie estimate x0, charged first (one reward call per row, decode
+        included). Float32 [B] on the CPU.
+
+        ``reward`` defaults to the problem's; ``step``/``sigma`` tell noise-aware rewards where the
+        estimates come from. Decoding and scoring run in chunks of ``sampler.max_batch`` rows; a
+        reward that compares candidates (``ranksum``) compares the rows of each search, after all
+        chunks are scored, so the result does not depend on the chunk size."""
+        reward = self.reward if reward is None else reward
+        self.budget.charge(state.owner, self.score_cost(1, reward), "reward")
+        reward = at_step(reward, step, sigma)
+        parts = list(reward.rewards) if is_comparative(reward) else [reward]
         prompts = [self.prompts[i] for i in state.owner.tolist()]
-        return score(self.reward, images, prompts)
+        n, mb = len(state), max(1, self.sampler.max_batch)
+        values: list[list[torch.Tensor]] = [[] for _ in parts]
+        for lo in range(0, n, mb):
+            images = self.denoiser.decode(state.x0[lo : lo + mb])
+            for v, r in zip(values, parts):
+                v.append(score(r, images, prompts[lo : lo + mb]))
+        values = [torch.cat(v) for v in values]
+        return reward.combine(values, state.owner) if is_comparative(reward) else values[0]
 
     def images(self, state: State) -> torch.Tensor:
-        return self.sampler.denoiser.decode(state.x0)
-
-    def check_affords(self, what: str, nfe: float, reward_calls: float = 0) -> None:
-        """Raise a clear BudgetError if one search cannot afford ``nfe`` NFEs (+ reward calls)."""
-        if not self.budget.affords(nfe, reward_calls):
-            limit = []
-            if self.budget.nfe_limit is not None:
-                limit.append(f"{self.budget.nfe_limit:g} NFEs")
-            if self.budget.flops_limit is not None:
-                limit.append(f"{self.budget.flops_limit:.4g} FLOPs")
-            need = self.budget.cost.flops(nfe, reward_calls)
-            raise BudgetError(
-                f"budget too small: {what} needs {nfe:g} NFEs"
-                + (f" ({need:.4g} FLOPs)" if self.budget.flops_limit is not None else "")
-                + f" per sample, the budget allows {' and '.join(limit)}; "
-                f"raise the budget to at least {nfe:g} NFEs per sample"
-            )
+        return self.denoiser.decode(state.x0)
 
 
 def best_per_owner(values: torch.Tensor, owner: torch.Tensor, num_owners: int) -> torch.Tensor:
@@ -116,25 +132,6 @@ def noise_steps(sampler: Sampler) -> list[int]:
     return [i for i in range(sampler.num_steps) if sampler.uses_noise(i)]
 
 
-def fit_count(problem: Problem, cost, what: str, start: int = 1) -> int:
-    """Largest ``n >= start`` with ``problem.budget.affords(*cost(n))`` (``cost(n) -> (nfe, calls)``,
-    non-decreasing in ``n``). Raises a clear BudgetError when even ``n = start`` does not fit."""
-    nfe, calls = cost(start)
-    problem.check_affords(what(start) if callable(what) else what, nfe, calls)
-    lo, hi = start, start + 1
-    while problem.budget.affords(*cost(hi)):  # exponential search, then bisection
-        lo, hi = hi, 2 * hi
-        if hi > 1 << 40:
-            raise NoiseSearchError("the budget does not constrain this search; give its size explicitly")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if problem.budget.affords(*cost(mid)):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def advance(sampler: Sampler, state: State) -> State:
     """Take the deterministic steps (those that inject no noise) up to the next decision point."""
     while state.step < sampler.num_steps and not sampler.uses_noise(state.step):
@@ -162,12 +159,65 @@ class SearchResult:
 
 
 class Strategy:
-    """Base class for search strategies (subclasses are dataclasses of hyperparameters)."""
+    """Base class for search strategies (subclasses are dataclasses of hyperparameters).
+
+    A subclass says what one search costs at a size (:meth:`cost`) and runs at a size (:meth:`run`).
+    ``size_option`` names the hyperparameter that sets the size; 0 there means "fit to the budget":
+    the largest size whose cost the budget affords (``Budget.fit``). ``plan_is_exact`` is False only
+    where the spend depends on the data (MCTS: a rollout from a deeper leaf is cheaper), and the plan
+    is then the worst case.
+    """
 
     name: ClassVar[str] = "strategy"
+    size_option: ClassVar[str | None] = None
+    plan_is_exact: ClassVar[bool] = True
 
-    def search(self, problem: Problem) -> SearchResult:
+    # -- what subclasses provide --
+    def validate(self) -> None:
+        """Refuse bad hyperparameters (NoiseSearchError) before any work."""
+
+    def cost(self, problem: Problem, size: int) -> Cost:
         raise NotImplementedError
+
+    def run(self, problem: Problem, size: int) -> "SearchResult":
+        raise NotImplementedError
+
+    def describe(self, size: int) -> str:
+        return f"{self.name} with {self.size_option or 'size'} {size}"
+
+    def requested_size(self, problem: Problem) -> int | None:
+        """The size the user fixed, or None to fit it to the budget."""
+        if self.size_option is None:
+            return 1
+        return int(getattr(self, self.size_option)) or None
+
+    def min_size(self, problem: Problem) -> int:
+        """The smallest meaningful size (the fit starts there)."""
+        return 1
+
+    def max_size(self, problem: Problem) -> int | None:
+        """A cap on the fitted size (None: the budget alone decides)."""
+        return None
+
+    # -- shared --
+    def size_for(self, problem: Problem) -> int:
+        size = self.requested_size(problem)
+        if size is None:
+            size = problem.budget.fit(lambda n: self.cost(problem, n), self.min_size(problem), self.describe)
+            cap = self.max_size(problem)
+            size = size if cap is None else max(1, min(size, cap))
+        return size
+
+    def search(self, problem: Problem) -> "SearchResult":
+        self.validate()
+        size = self.size_for(problem)
+        planned = self.cost(problem, size)
+        problem.budget.require(planned, self.describe(size))
+        before = problem.budget.snapshot()
+        result = self.run(problem, size)
+        problem.budget.check_spent(before, planned, exact=self.plan_is_exact)
+        result.info["planned_per_sample"] = planned.as_dict()
+        return result
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

@@ -17,8 +17,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
-from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, topk_per_owner, advance, deterministic_nfe, fit_count, noise_steps
+from noisesearch.sampling.samplers import State
+from noisesearch.search.base import (
+    Problem,
+    SearchResult,
+    Strategy,
+    advance,
+    best_per_owner,
+    deterministic_nfe,
+    noise_steps,
+    topk_per_owner,
+)
 
 
 @dataclass
@@ -26,47 +37,49 @@ class Beam(Strategy):
     """Beam search: ``beams`` beams x ``n_candidates`` fresh noises, keep the best by Tweedie reward."""
 
     name = "beam"
+    size_option = "beams"
     beams: int = 0  # B: beams kept per search; 0 = fit to the budget
     n_candidates: int = 4  # N: candidate noises per beam at every step
 
-    def _cost(self, s, b: int) -> tuple[float, float]:
-        levels = len(noise_steps(s)) + 1  # + the initial noise
-        n = self.n_candidates
-        nfe = b * n * s.start_nfe + sum(b * n * s.step_nfe(i) for i in noise_steps(s)) + b * deterministic_nfe(s)
-        calls = (levels * b * n if n > 1 else 0) + b  # with N = 1 every candidate is kept: no scoring
-        return nfe, calls
-
-    def search(self, problem: Problem) -> SearchResult:
+    def validate(self) -> None:
         if self.n_candidates < 1:
             raise NoiseSearchError("--n-candidates must be at least 1")
         if self.beams < 0:
             raise NoiseSearchError("--beams must be >= 0 (0 = fit to the budget)")
-        s, g = problem.sampler, problem.generator
-        P, N = problem.num_searches, self.n_candidates
-        what = lambda b: f"beam search with {b} beam(s) x {N} candidates"
-        if self.beams:
-            B = self.beams
-            problem.check_affords(what(B), *self._cost(s, B))
-        else:
-            B = fit_count(problem, lambda b: self._cost(s, b), what)
-        state = problem.start(B * N)
-        if N > 1:  # with one candidate per beam all are kept: nothing to score
-            state = state.select(topk_per_owner(problem.score(state), state.owner, B))
+
+    def describe(self, size: int) -> str:
+        return f"beam search with {size} beam(s) x {self.n_candidates} candidates"
+
+    def cost(self, problem: Problem, size: int) -> Cost:
+        s, b, n = problem.sampler, size, self.n_candidates
+        levels = len(noise_steps(s)) + 1  # + the initial noise
+        nfe = b * n * s.start_nfe + sum(b * n * s.step_nfe(i) for i in noise_steps(s)) + b * deterministic_nfe(s)
+        scored = levels * b * n if n > 1 else 0  # with N = 1 every candidate is kept: no scoring
+        return problem.nfe_cost(nfe) + problem.score_cost(scored + b)
+
+    def keep_best(self, problem: Problem, candidates: State, beams: int) -> State:
+        """The ``beams`` best candidates of each search by the reward of their Tweedie estimates."""
+        if self.n_candidates == 1:  # every candidate is kept: nothing to score
+            return candidates
+        return candidates.select(topk_per_owner(problem.score(candidates), candidates.owner, beams))
+
+    def run(self, problem: Problem, size: int) -> SearchResult:
+        s, N = problem.sampler, self.n_candidates
+        state = self.keep_best(problem, problem.start(size * N), size)
         steps = 0
         while True:
             state = advance(s, state)
             if state.step >= s.num_steps:
                 break
-            cand = state.repeat(N)
-            cand = s.step(cand, s.noise(len(cand), g))
-            state = cand.select(topk_per_owner(problem.score(cand), cand.owner, B)) if N > 1 else cand
+            branches = state.repeat(N)
+            state = self.keep_best(problem, s.step(branches, problem.noise.normal(branches.owner)), size)
             steps += 1
         rewards = problem.score(state)
-        best = best_per_owner(rewards, state.owner, P)
+        best = best_per_owner(rewards, state.owner, problem.num_searches)
         return SearchResult(
             x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
-            info={"beams": B, "n_candidates": N, "searched_steps": steps + 1},
+            info={"beams": size, "n_candidates": N, "searched_steps": steps + 1},
         )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from noisesearch.budget import Cost
 from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner
 
 
@@ -12,12 +13,15 @@ class Naive(Strategy):
 
     name = "naive"
 
-    def search(self, problem: Problem) -> SearchResult:
-        s = problem.sampler
-        problem.check_affords("one sample", s.nfe_per_trajectory, 1)
-        state = s.rollout(problem.start(1), problem.generator)
-        rewards = problem.score(state)
-        return SearchResult(x0=state.x0, rewards=rewards, info={"candidates": 1})
+    def describe(self, size: int) -> str:
+        return "one sample"
+
+    def cost(self, problem: Problem, size: int) -> Cost:
+        return problem.nfe_cost(problem.sampler.nfe_per_trajectory) + problem.score_cost(1)
+
+    def run(self, problem: Problem, size: int) -> SearchResult:
+        state = problem.rollout(problem.start(1))
+        return SearchResult(x0=state.x0, rewards=problem.score(state), info={"candidates": 1})
 
 
 @dataclass
@@ -29,19 +33,27 @@ class BestOfN(Strategy):
     """
 
     name = "best-of-n"
+    size_option = "n_candidates"
     n_candidates: int = 0
 
-    def search(self, problem: Problem) -> SearchResult:
-        s = problem.sampler
-        nfe, calls = s.nfe_per_trajectory, 1
-        problem.check_affords("one sample", nfe, calls)
-        n = self.n_candidates or problem.budget.max_count(nfe, calls)
-        problem.check_affords(f"best-of-{n}", n * nfe, n * calls)
-        state = s.rollout(problem.start(n), problem.generator)
+    def validate(self) -> None:
+        from noisesearch.errors import NoiseSearchError
+
+        if self.n_candidates < 0:
+            raise NoiseSearchError("--n-candidates must be >= 0 (0 = fit to the budget)")
+
+    def describe(self, size: int) -> str:
+        return "one sample" if size == 1 else f"best-of-{size}"
+
+    def cost(self, problem: Problem, size: int) -> Cost:
+        return size * (problem.nfe_cost(problem.sampler.nfe_per_trajectory) + problem.score_cost(1))
+
+    def run(self, problem: Problem, size: int) -> SearchResult:
+        state = problem.rollout(problem.start(size))
         rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, problem.num_searches)
         return SearchResult(
-            x0=state.x0[best],
+            x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
-            info={"candidates": n, "all_rewards": rewards.view(problem.num_searches, n).tolist()},
+            info={"candidates": size, "all_rewards": rewards.view(problem.num_searches, size).tolist()},
         )

@@ -22,11 +22,13 @@ Variants (all options of the same strategy):
   other at equal NFEs: docs/search.md).
 * ``zero-order`` is the same strategy with ``eps = 0`` (pure local search around the pivot).
 
-Budget: ``iterations=0`` (default) fits ``K`` to the budget: the largest ``K`` whose total cost
-(``N * K_l`` candidates at every searched level ``l``, each ``sampler.step_nfe`` NFEs and one reward
-call, plus the unsearched steps and one final reward call) fits; a level with a single candidate
-(``N = K_l = 1``) offers no choice and is not scored, then one extra iteration at the
-earliest searched levels while the leftover allows. With 18 Euler-ancestral steps and ``N = 4`` the
+Budget: the size is the total number of local-search iterations over the searched levels, spread
+evenly with the earliest levels first (``K_l = size // L`` plus one for the first ``size % L``
+levels; levels outside ``sigma_window`` get one). ``iterations=K`` fixes the size at ``K * L``;
+``iterations=0`` (default) fits it to the budget: the largest size whose total cost (``N * K_l``
+candidates at every searched level ``l``, each ``sampler.step_nfe`` NFEs and one reward call,
+plus the unsearched steps and one final reward call) fits. A level with a single candidate
+(``N = K_l = 1``) offers no choice and is not scored. With 18 Euler-ancestral steps and ``N = 4`` the
 cost is ``1 + 68 K`` NFEs (``72 K`` with ``search_init``): the paper's ``K = 20`` is a 1440-NFE budget.
 
 """
@@ -37,8 +39,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
-from noisesearch.search.base import Problem, SearchResult, Strategy, advance, deterministic_nfe, fit_count, noise_steps
+from noisesearch.noise import NoiseSource
+from noisesearch.search.base import Problem, SearchResult, Strategy, advance, deterministic_nfe, noise_steps
 from noisesearch.sampling.samplers import Sampler, State
 
 
@@ -55,12 +59,31 @@ def validate_window(window: tuple[float, ...]) -> tuple[float, float] | None:
     return float(window[0]), float(window[1])
 
 
+def candidate_noises(pivot: torch.Tensor, n: int, eps: float, radius: float, noise: NoiseSource) -> torch.Tensor:
+    """The paper's ``n`` candidate noises around each pivot (rows grouped by pivot).
+
+    With probability ``eps`` a candidate is a fresh Gaussian noise (global exploration); otherwise it
+    is ``pivot + r * u`` with ``u`` uniform on the unit sphere and ``r`` uniform in
+    ``[0, radius]``, ``radius = lambda * sqrt(d)`` (local exploitation). Every draw comes from the
+    stream of the pivot's search.
+    """
+    owner = torch.arange(pivot.shape[0]).repeat_interleave(n)
+    fresh = noise.normal(owner)
+    direction = noise.normal(owner)
+    coin = noise.uniform(owner)
+    r = noise.uniform(owner)
+    direction = direction / bcast(direction.flatten(1).norm(dim=1).clamp_min(1e-12), direction)
+    perturbed = pivot.repeat_interleave(n, 0) + bcast(r * radius, direction).to(direction.dtype) * direction
+    return torch.where(bcast(coin < eps, fresh), fresh, perturbed)
+
+
 # ---- the strategy ------------------------------------------------------------------------------
 @dataclass
 class EpsGreedy(Strategy):
     """Per-step epsilon-greedy local search over the injected noise (see the module docstring)."""
 
     name = "eps-greedy"
+    size_option = "iterations"
     n_candidates: int = 4  # N: candidate noises per local-search iteration
     iterations: int = 0  # K: iterations per searched step; 0 = fit to the budget (K=20 at 1440 NFEs, 18 steps)
     radius: float = 0.15  # lambda: perturbation radius uniform in [0, lambda * sqrt(d)]
@@ -69,119 +92,77 @@ class EpsGreedy(Strategy):
     sigma_window: tuple[float, ...] = ()  # (lo, hi): K iterations only where lo <= sigma <= hi, one elsewhere
     search_init: bool = False  # also search the initial noise x_T (scored at sigma_0: little signal)
 
-    # -- planning --
-    def _levels(self, s: Sampler) -> list[tuple[int, float, int]]:
-        """(step, sigma, nfe per candidate) of each searched level; step -1 is the initial noise."""
-        levels = [(-1, float(s.sigmas[0]), s.start_nfe)] if self.search_init else []
-        levels += [(i, float(s.sigmas[i]), s.step_nfe(i)) for i in noise_steps(s)]
-        return levels
-
-    def _cost(self, s: Sampler, ks: list[int]) -> tuple[float, float]:
-        n = self.n_candidates
-        levels = self._levels(s)
-        nfe = sum(k * n * c for k, (_, _, c) in zip(ks, levels))
-        nfe += deterministic_nfe(s) + (0 if self.search_init else s.start_nfe)
-        calls = sum(k * n for k in ks if k * n > 1) + 1  # a lone candidate is not scored; + the final reward
-        return nfe, calls
-
-    def plan(self, problem: Problem) -> list[int]:
-        """Iterations per searched level, fitted to the budget when ``iterations == 0``."""
-        s = problem.sampler
-        window = validate_window(self.sigma_window)
-        levels = self._levels(s)
-        inside = [window is None or window[0] <= sig <= window[1] for _, sig, _ in levels]
-
-        def ks_for(k: int) -> list[int]:
-            return [k if w else 1 for w in inside]
-
-        what = lambda k: f"{self.name} with {self.n_candidates} candidates x {k} iteration(s) per step"
-        if self.iterations > 0:
-            ks = ks_for(self.iterations)
-            problem.check_affords(what(self.iterations), *self._cost(s, ks))
-            return ks
-        if not any(inside):  # nothing to fit: one iteration everywhere
-            ks = ks_for(1)
-            problem.check_affords(what(1), *self._cost(s, ks))
-            return ks
-        k = fit_count(problem, lambda k: self._cost(s, ks_for(k)), what)
-        ks = ks_for(k)
-        for li, w in enumerate(inside):  # spend the leftover on the earliest searched levels
-            if w:
-                ks[li] += 1
-                if not problem.budget.affords(*self._cost(s, ks)):
-                    ks[li] -= 1
-        return ks
-
-    # -- search --
-    def _validate(self) -> None:
+    def validate(self) -> None:
         if self.n_candidates < 1:
             raise NoiseSearchError("--n-candidates must be at least 1")
         if self.iterations < 0:
             raise NoiseSearchError("--iterations must be >= 0 (0 = fit to the budget)")
         if not 0.0 <= self.eps <= 1.0:
             raise NoiseSearchError(f"--eps must be in [0, 1], got {self.eps}")
-        if self.radius < 0:
-            raise NoiseSearchError(f"--radius must be >= 0, got {self.radius}")
+        if not 0.0 <= self.radius < float("inf"):
+            raise NoiseSearchError(f"--radius must be finite and >= 0, got {self.radius}")
+        validate_window(self.sigma_window)
 
-    def search(self, problem: Problem) -> SearchResult:
-        self._validate()
-        s, g = problem.sampler, problem.generator
-        P, N = problem.num_searches, self.n_candidates
-        ks = self.plan(problem)
-        levels = self._levels(s)
-        scale = self.radius * math.sqrt(s.noise_dim)
+    # -- planning --
+    def levels(self, s: Sampler) -> list[tuple[int, float, int]]:
+        """(step, sigma, nfe per candidate) of each searched level; step -1 is the initial noise."""
+        levels = [(-1, float(s.sigmas[0]), s.start_nfe)] if self.search_init else []
+        levels += [(i, float(s.sigmas[i]), s.step_nfe(i)) for i in noise_steps(s)]
+        return levels
+
+    def _inside(self, s: Sampler) -> list[bool]:
+        window = validate_window(self.sigma_window)
+        return [window is None or window[0] <= sig <= window[1] for _, sig, _ in self.levels(s)]
+
+    def iterations_per_level(self, s: Sampler, size: int) -> list[int]:
+        """``size`` iterations spread over the levels inside the window, earliest first; one elsewhere."""
+        inside = self._inside(s)
+        n_in = sum(inside)
+        ks, seen = [], 0
+        for w in inside:
+            if w:
+                ks.append(size // n_in + (1 if seen < size % n_in else 0))
+                seen += 1
+            else:
+                ks.append(1)
+        return ks
+
+    def min_size(self, problem: Problem) -> int:
+        return max(1, sum(self._inside(problem.sampler)))
+
+    def requested_size(self, problem: Problem) -> int | None:
+        return self.iterations * self.min_size(problem) or None
+
+    def describe(self, size: int) -> str:
+        return f"{self.name} with {self.n_candidates} candidates and {size} iteration(s) over the searched steps"
+
+    def cost(self, problem: Problem, size: int) -> Cost:
+        s, n = problem.sampler, self.n_candidates
+        total = problem.nfe_cost(deterministic_nfe(s) + (0 if self.search_init else s.start_nfe)) + problem.score_cost(1)
+        for k, (_, _, nfe) in zip(self.iterations_per_level(s, size), self.levels(s)):
+            total = total + problem.nfe_cost(k * n * nfe) + problem.score_cost(k * n if k * n > 1 else 0)
+        return total
+
+    # -- search --
+    def run(self, problem: Problem, size: int) -> SearchResult:
+        s = problem.sampler
+        ks = self.iterations_per_level(s, size)
+        levels = self.levels(s)
         replaced_worse = 0  # non-elitist replacements of a pivot by a worse candidate
-        state = None if self.search_init else advance(s, problem.start(1))
-        li = 0
-        while True:
+        state = None if self.search_init else problem.start(1)
+        for (step, _, _), k in zip(levels, ks):
             if state is not None:
                 state = advance(s, state)
-                if state.step >= s.num_steps:
-                    break
-            step = -1 if state is None else state.step
-            assert levels[li][0] == step
-            base = None if state is None else state.repeat(N)
-            pivot = s.noise(P, g)  # the initial pivot is a Gaussian draw (never used unevaluated)
-            best: State | None = None
-            best_score = torch.full((P,), float("-inf"))
-            for _ in range(ks[li]):
-                fresh = s.noise(P * N, g)
-                direction = s.noise(P * N, g)
-                coin = torch.rand(P * N, generator=g)
-                r = torch.rand(P * N, generator=g)
-                direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (direction.dim() - 1)))
-                pert = pivot.repeat_interleave(N, 0) + bcast(r * scale, direction).to(direction.dtype) * direction
-                cand = torch.where(bcast(coin < self.eps, fresh), fresh, pert)
-                new = problem.start(N, noise=cand) if base is None else s.step(base, cand)
-                if N * ks[li] == 1:  # a lone candidate: nothing to choose, so no reward call
-                    best = new
-                    break
-                scores = problem.score(new)
-                j = scores.view(P, N).argmax(1)
-                rows = torch.arange(P) * N + j
-                top = scores[rows]
-                upd = top > best_score if self.elitist else torch.ones(P, dtype=torch.bool)
-                if not self.elitist:
-                    replaced_worse += int((top < best_score).sum())
-                chosen = new.select(rows)
-                if best is None:
-                    best = chosen
-                else:
-                    best = replace(
-                        best,
-                        x=torch.where(bcast(upd, best.x), chosen.x, best.x),
-                        x0=torch.where(bcast(upd, best.x0), chosen.x0, best.x0),
-                    )
-                pivot = torch.where(bcast(upd, pivot), cand[rows.to(cand.device)], pivot)
-                best_score = torch.where(upd, top, best_score)
-            state = best
-            li += 1
+                assert state.step == step
+            state, worse = self.search_level(problem, state, k)
+            replaced_worse += worse
+        state = advance(s, state)
         rewards = problem.score(state)
         return SearchResult(
             x0=state.x0,
             rewards=rewards,
             info={
-                "n_candidates": N,
+                "n_candidates": self.n_candidates,
                 "iterations_per_step": ks,
                 "iterations_total": sum(ks),
                 "search_init": self.search_init,
@@ -189,6 +170,38 @@ class EpsGreedy(Strategy):
                 "pivot_replaced_by_worse": replaced_worse,
             },
         )
+
+    def search_level(self, problem: Problem, state: State | None, iterations: int) -> tuple[State, int]:
+        """One contextual bandit: ``iterations`` rounds of ``N`` candidate noises around the pivot,
+        each stepped and scored by its Tweedie reward; returns the state stepped with the final pivot
+        (computed when it was scored) and how often a pivot was replaced by a worse candidate."""
+        s, P, N = problem.sampler, problem.num_searches, self.n_candidates
+        radius = self.radius * math.sqrt(s.noise_dim)
+        base = None if state is None else state.repeat(N)
+        pivot = problem.noise.normal(torch.arange(P))  # the initial pivot (never used unevaluated)
+        best: State | None = None
+        best_score = torch.full((P,), float("-inf"))
+        worse = 0
+        for _ in range(iterations):
+            cand = candidate_noises(pivot, N, self.eps, radius, problem.noise)
+            new = problem.start(N, noise=cand) if base is None else s.step(base, cand)
+            if N * iterations == 1:  # a lone candidate: nothing to choose, so no reward call
+                return new, 0
+            scores = problem.score(new)
+            rows = torch.arange(P) * N + scores.view(P, N).argmax(1)
+            top = scores[rows]
+            better = top > best_score if self.elitist else torch.ones(P, dtype=torch.bool)
+            if not self.elitist:
+                worse += int((top < best_score).sum())
+            chosen = new.select(rows)
+            if best is None:
+                best = chosen
+            else:
+                best = replace(best, x=torch.where(bcast(better, best.x), chosen.x, best.x),
+                               x0=torch.where(bcast(better, best.x0), chosen.x0, best.x0))
+            pivot = torch.where(bcast(better, pivot), cand[rows.to(cand.device)], pivot)
+            best_score = torch.where(better, top, best_score)
+        return best, worse
 
 
 @dataclass
@@ -199,4 +212,4 @@ class ZeroOrder(EpsGreedy):
     eps: float = 0.0
 
 
-__all__ = ["EpsGreedy", "ZeroOrder"]
+__all__ = ["EpsGreedy", "ZeroOrder", "candidate_noises"]

@@ -14,7 +14,12 @@ of that depth: child ``k`` of a node at depth ``t`` is the state reached by inje
 4. backup: add the reward to the visit statistics of every node on the path.
 
 After ``S`` simulations the root moves to the child with the best mean reward; its subtree and
-statistics are kept. The returned sample is the terminal node reached after the last move.
+statistics are kept. The returned sample is the best finished sample the search scored (any
+rollout, or the terminal node reached after the last move): every rollout is a complete sample of
+the same sampler, already paid for. ``return_best=False`` returns the terminal node reached after
+the last move, as in the paper. Rewards enter UCT normalised to [0, 1] by the range seen in the
+tree (``normalize=True``), so that the exploration constant does not depend on the reward's scale
+(docs/search.md, "MCTS").
 
 Batching: the ``P`` searches' trees run their simulations in lockstep. The selected leaves may lie at
 different depths, so expansions and rollouts are advanced step by step from the shallowest one,
@@ -33,10 +38,72 @@ from dataclasses import dataclass
 
 import torch
 
+from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
-from noisesearch.models.base import cond_index
 from noisesearch.sampling.samplers import State
-from noisesearch.search.base import Problem, SearchResult, Strategy, advance, fit_count, nfe_between, noise_steps
+from noisesearch.search.base import Problem, SearchResult, Strategy, advance, nfe_between, noise_steps
+
+
+class Forest:
+    """The ``P`` search trees, one per search, as tensors indexed ``[tree, node]`` (node 0 = root).
+
+    A node at depth ``t`` holds the state at sampler step ``node_steps[t]``; ``child[tree, node, k]``
+    is the node reached with candidate noise ``k`` (-1 while unexpanded).
+    """
+
+    def __init__(self, trees: int, max_nodes: int, children: int, shape, device, dtype):
+        self.child = torch.full((trees, max_nodes, children), -1, dtype=torch.long)
+        self.depth = torch.zeros(trees, max_nodes, dtype=torch.long)
+        self.visits = torch.zeros(trees, max_nodes, dtype=torch.float64)
+        self.value_sum = torch.zeros(trees, max_nodes, dtype=torch.float64)
+        self.final_reward = torch.zeros(trees, max_nodes, dtype=torch.float64)  # of terminal nodes
+        self.x = torch.zeros((trees, max_nodes, *shape), device=device, dtype=dtype)
+        self.x0 = torch.zeros_like(self.x)
+        self.count = torch.ones(trees, dtype=torch.long)
+        self.low = torch.full((trees,), float("inf"), dtype=torch.float64)  # reward range seen per tree
+        self.high = torch.full((trees,), float("-inf"), dtype=torch.float64)
+
+    def add_child(self, trees: torch.Tensor, parents: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        new = self.count[trees].clone()
+        self.count[trees] += 1
+        self.child[trees, parents, k] = new
+        self.depth[trees, new] = self.depth[trees, parents] + 1
+        return new
+
+    def store(self, trees: torch.Tensor, nodes: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> None:
+        dev = self.x.device
+        self.x[trees.to(dev), nodes.to(dev)] = x
+        self.x0[trees.to(dev), nodes.to(dev)] = x0
+
+    def children_value(self, node: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean value, visits) of every child of ``node[p]`` in tree p, each [P, N]."""
+        ar = torch.arange(node.numel())
+        ch = self.child[ar, node].clamp_min(0)
+        visits = self.visits.gather(1, ch)
+        mean = self.value_sum.gather(1, ch) / visits.clamp_min(1)
+        if normalize:
+            span = (self.high - self.low).clamp_min(1e-12).view(-1, 1)
+            mean = torch.where(torch.isfinite(span), (mean - self.low.view(-1, 1)) / span, mean)
+        return mean, visits
+
+    def backup(self, path: list[torch.Tensor], values: torch.Tensor) -> None:
+        """Add ``values[p]`` to the statistics of every node on tree p's path (-1 = no node)."""
+        nodes = torch.stack(path)  # [L, P]
+        ok = nodes >= 0
+        trees = torch.arange(nodes.shape[1]).expand_as(nodes)[ok]
+        vals = values.expand_as(nodes)[ok]
+        self.visits.index_put_((trees, nodes[ok]), torch.ones_like(vals), accumulate=True)
+        self.value_sum.index_put_((trees, nodes[ok]), vals, accumulate=True)
+        self.low = torch.minimum(self.low, values)
+        self.high = torch.maximum(self.high, values)
+
+
+@dataclass
+class _Selection:
+    node: torch.Tensor  # [P] where the descent stopped
+    parent: torch.Tensor  # [P] node to expand (-1: none, the descent ended on a terminal node)
+    k: torch.Tensor  # [P] which child of ``parent`` to expand
+    path: list  # nodes visited per level, [P] each (-1 past the end of a tree's path)
 
 
 @dataclass
@@ -44,195 +111,178 @@ class MCTS(Strategy):
     """UCT tree search with fixed per-depth candidate noises and full rollouts (see module docstring)."""
 
     name = "mcts"
+    size_option = "simulations"
+    plan_is_exact = False  # a simulation from a deeper leaf costs less than the plan's worst case
     n_candidates: int = 4  # N: children per node (candidate noises, fixed per depth)
     simulations: int = 0  # S: simulations per step; 0 = fit to the budget
-    c_uct: float = 1.414  # UCT exploration constant
+    c_uct: float = 1.414  # UCT exploration constant (rewards normalised to [0, 1] when normalize)
     search_init: bool = False  # the initial noise x_T is the first decision (as for eps-greedy)
+    normalize: bool = True  # UCT on rewards scaled to [0, 1] by the range seen in the tree
+    return_best: bool = True  # return the best scored sample (False: the last move's terminal node)
 
-    # -- planning --
-    def _node_steps(self, s) -> list:
-        return ([None] if self.search_init else []) + noise_steps(s) + [s.num_steps]
-
-    def _sim_cost(self, s, node_steps: list) -> list[float]:
-        """Worst-case NFEs of one simulation from a root at each decision depth."""
-        return [s.nfe_per_trajectory if st is None else s.nfe_to_end(st) for st in node_steps[:-1]]
-
-    def _cost(self, s, sims: list[int]) -> tuple[float, float]:
-        ns = self._node_steps(s)
-        nfe = sum(k * c for k, c in zip(sims, self._sim_cost(s, ns)))
-        if not self.search_init:
-            nfe += s.start_nfe + nfe_between(s, 0, ns[0])
-        return nfe, sum(sims)
-
-    def plan(self, problem: Problem) -> list[int]:
-        s = problem.sampler
-        depths = len(self._node_steps(s)) - 1
-        what = lambda k: f"MCTS with {k} simulation(s) per step"
-        if self.simulations:
-            sims = [self.simulations] * depths
-            problem.check_affords(what(self.simulations), *self._cost(s, sims))
-            return sims
-        k = fit_count(problem, lambda k: self._cost(s, [k] * depths), what)
-        sims = [k] * depths
-        for t in range(depths):
-            sims[t] += 1
-            if not problem.budget.affords(*self._cost(s, sims)):
-                sims[t] -= 1
-        return sims
-
-    # -- search --
-    def search(self, problem: Problem) -> SearchResult:
+    def validate(self) -> None:
         if self.n_candidates < 1:
             raise NoiseSearchError("--n-candidates must be at least 1")
         if self.simulations < 0:
             raise NoiseSearchError("--simulations must be >= 0 (0 = fit to the budget)")
-        s, g = problem.sampler, problem.generator
-        P, N = problem.num_searches, self.n_candidates
-        node_steps = self._node_steps(s)
-        T = len(node_steps) - 1  # terminal depth
-        sims = self.plan(problem)
-        M = 1 + sum(sims)
-        dev, dt = s.denoiser.device, s.denoiser.dtype
-        shape = s.noise_shape
-        ar = torch.arange(P)
+        if not 0 <= self.c_uct < float("inf"):
+            raise NoiseSearchError(f"--c-uct must be finite and >= 0, got {self.c_uct}")
 
-        child = torch.full((P, M, N), -1, dtype=torch.long)
-        depth = torch.zeros(P, M, dtype=torch.long)
-        visits = torch.zeros(P, M, dtype=torch.float64)
-        vsum = torch.zeros(P, M, dtype=torch.float64)
-        tval = torch.zeros(P, M, dtype=torch.float64)
-        X = torch.zeros((P, M, *shape), device=dev, dtype=dt)
-        X0 = torch.zeros_like(X)
-        x0_at_x: dict[int, bool] = {}
-        cnt = torch.ones(P, dtype=torch.long)
-        root = torch.zeros(P, dtype=torch.long)
-        Z = s.noise(T * P * N, g).view(T, P, N, *shape)  # candidate noises, fixed per depth
+    # -- planning: the size is the total number of simulations, spread over depths earliest first --
+    def node_steps(self, s) -> list:
+        return ([None] if self.search_init else []) + noise_steps(s) + [s.num_steps]
+
+    def simulations_per_depth(self, s, size: int) -> list[int]:
+        depths = len(self.node_steps(s)) - 1
+        return [size // depths + (1 if t < size % depths else 0) for t in range(depths)]
+
+    def min_size(self, problem: Problem) -> int:
+        return len(self.node_steps(problem.sampler)) - 1
+
+    def requested_size(self, problem: Problem) -> int | None:
+        return self.simulations * self.min_size(problem) or None
+
+    def describe(self, size: int) -> str:
+        return f"MCTS with {size} simulation(s) over the searched steps"
+
+    def cost(self, problem: Problem, size: int) -> Cost:
+        """Worst case: a simulation from a root at step j rolls out from j to the end."""
+        s = problem.sampler
+        steps = self.node_steps(s)
+        nfe = sum(k * (s.nfe_per_trajectory if st is None else s.nfe_to_end(st))
+                  for k, st in zip(self.simulations_per_depth(s, size), steps[:-1]))
         if not self.search_init:
-            st = advance(s, problem.start(1))
-            X[:, 0], X0[:, 0] = st.x, st.x0
-            x0_at_x[st.step] = st.x0_at_x
+            nfe += s.start_nfe + nfe_between(s, 0, steps[0])
+        return problem.nfe_cost(nfe) + problem.score_cost(size)
 
+    # -- search --
+    def run(self, problem: Problem, size: int) -> SearchResult:
+        s, P, N = problem.sampler, problem.num_searches, self.n_candidates
+        steps = self.node_steps(s)
+        T = len(steps) - 1  # terminal depth
+        sims = self.simulations_per_depth(s, size)
+        forest = Forest(P, 1 + size, N, s.noise_shape, s.denoiser.device, s.denoiser.dtype)
+        ar = torch.arange(P)
+        # candidate noises, fixed per depth: Z[t, p, k] from search p's stream
+        Z = problem.noise.normal(ar.repeat_interleave(T * N)).view(P, T, N, *s.noise_shape).transpose(0, 1)
+        self._x0_at_x: dict[int, bool] = {}
+        if not self.search_init:
+            root_state = advance(s, problem.start(1))
+            forest.store(ar, torch.zeros(P, dtype=torch.long), root_state.x, root_state.x0)
+            self._x0_at_x[root_state.step] = root_state.x0_at_x
+        self._best = (torch.full((P,), float("-inf"), dtype=torch.float64), forest.x0[:, 0].clone())
+        root = torch.zeros(P, dtype=torch.long)
         for t in range(T):
             for _ in range(sims[t]):
-                self._simulate(problem, t, T, node_steps, root, child, depth, visits, vsum, tval, X, X0, x0_at_x, cnt, Z)
-            ch = child[ar, root]  # [P, N]
-            chc = ch.clamp_min(0)
-            vis = visits.gather(1, chc)
-            mean = torch.where((ch >= 0) & (vis > 0), vsum.gather(1, chc) / vis.clamp_min(1), torch.tensor(float("-inf"), dtype=torch.float64))
-            root = ch[ar, mean.argmax(1)]
-            if bool((root < 0).any()):
-                raise RuntimeError("MCTS moved to an unexpanded child")
-        return SearchResult(
-            x0=X0[ar.to(dev), root.to(dev)],
-            rewards=tval[ar, root].float(),
-            info={"n_candidates": N, "simulations_per_step": sims, "nodes_mean": round(float(cnt.double().mean()), 1)},
-        )
+                sel = self.select(forest, root, T)
+                values = self.expand_and_rollout(problem, forest, sel, steps, Z)
+                forest.backup(sel.path, values)
+            root = self.move(forest, root)
+        best_value, best_x0 = self._best
+        final = forest.final_reward[ar, root]
+        if self.return_best:
+            use = best_value > final
+            x0 = torch.where(use.view(-1, *[1] * len(s.noise_shape)).to(best_x0.device), best_x0, forest.x0[ar, root])
+            rewards = torch.where(use, best_value, final).float()
+        else:
+            x0, rewards = forest.x0[ar, root], final.float()
+        return SearchResult(x0=x0, rewards=rewards, info={
+            "n_candidates": N, "simulations_per_step": sims, "nodes_mean": round(float(forest.count.double().mean()), 1),
+            "returned_a_rollout": int((best_value > final).sum()) if self.return_best else 0})
 
-    def _simulate(self, problem, t, T, node_steps, root, child, depth, visits, vsum, tval, X, X0, x0_at_x, cnt, Z) -> None:
-        s, g = problem.sampler, problem.generator
-        P, N = root.shape[0], child.shape[2]
+    def select(self, forest: Forest, root: torch.Tensor, T: int) -> _Selection:
+        """Descend every tree by UCT to the first node with an unexpanded child (children are
+        expanded in order) or to a terminal node."""
+        P, N = root.numel(), forest.child.shape[2]
         ar = torch.arange(P)
-        dev = X.device
-        # 1. selection (vectorised over the P trees)
-        node = root.clone()
-        active = torch.ones(P, dtype=torch.bool)
-        term = torch.zeros(P, dtype=torch.bool)
+        node, active = root.clone(), torch.ones(P, dtype=torch.bool)
         parent = torch.full((P,), -1, dtype=torch.long)
-        kidx = torch.full((P,), -1, dtype=torch.long)
+        k = torch.full((P,), -1, dtype=torch.long)
         path = [root.clone()]
-        for _ in range(T - t + 1):
-            d = depth[ar, node]
-            hit = active & (d == T)
-            term |= hit
-            active &= ~hit
-            ch = child[ar, node]
-            nexp = (ch >= 0).sum(1)
-            expand = active & (nexp < N)
+        while bool(active.any()):
+            active &= forest.depth[ar, node] < T  # a terminal node ends the descent
+            expanded = (forest.child[ar, node] >= 0).sum(1)
+            expand = active & (expanded < N)
             parent = torch.where(expand, node, parent)
-            kidx = torch.where(expand, nexp, kidx)
+            k = torch.where(expand, expanded, k)
             active &= ~expand
             if not bool(active.any()):
                 break
-            chc = ch.clamp_min(0)
-            vc = visits.gather(1, chc).clamp_min(1)
-            q = vsum.gather(1, chc) / vc
-            u = q + self.c_uct * torch.sqrt(torch.log(visits[ar, node].clamp_min(1)).unsqueeze(1) / vc)
-            nxt = ch[ar, u.argmax(1)]
+            mean, visits = forest.children_value(node, self.normalize)
+            log_n = torch.log(forest.visits[ar, node].clamp_min(1)).unsqueeze(1)
+            uct = mean + self.c_uct * torch.sqrt(log_n / visits.clamp_min(1))
+            nxt = forest.child[ar, node, uct.argmax(1)]
             node = torch.where(active, nxt, node)
             path.append(torch.where(active, nxt, torch.full_like(nxt, -1)))
-        values = torch.zeros(P, dtype=torch.float64)
-        values[term] = tval[ar[term], node[term]]
+        return _Selection(node, parent, k, path)
 
-        # 2. expansion: new node ids, grouped by the parent's depth
-        e = (parent >= 0).nonzero().flatten()
-        leaf = torch.full((P,), -1, dtype=torch.long)
-        if e.numel():
-            pe, ke = parent[e], kidx[e]
-            new = cnt[e].clone()
-            cnt[e] += 1
-            child[e, pe, ke] = new
-            pd = depth[e, pe]
-            depth[e, new] = pd + 1
-            leaf[e] = new
-            chunks: dict[int, list[dict]] = {}
-            for dd in sorted(set(pd.tolist())):
-                sel = pd == dd
-                es, ps, ks, ns = e[sel], pe[sel], ke[sel], new[sel]
-                noise = Z[dd][es.to(dev), ks.to(dev)]
-                store = torch.full((len(es),), node_steps[dd + 1], dtype=torch.long)
-                if node_steps[dd] is None:  # the virtual root: children are initial noises
-                    st = s.start(cond_index(problem.cond, es), noise, es)
-                    chunk = dict(x=st.x, x0=st.x0, owner=es, node=ns, store=store, fixed=None, flag=st.x0_at_x)
-                    chunks.setdefault(0, []).append(chunk)
-                else:
-                    j = node_steps[dd]
-                    chunk = dict(x=X[es.to(dev), ps.to(dev)], x0=X0[es.to(dev), ps.to(dev)], owner=es, node=ns, store=store, fixed=noise, flag=x0_at_x[j])
-                    chunks.setdefault(j, []).append(chunk)
+    def expand_and_rollout(self, problem: Problem, forest: Forest, sel: _Selection, steps: list, Z) -> torch.Tensor:
+        """Add the selected children, step each with its fixed noise, roll out to the end with fresh
+        noise (all trees in lockstep from the shallowest row) and score; a descent that ended on a
+        terminal node re-uses its stored reward at no cost. Returns the value of every tree [P]."""
+        s = problem.sampler
+        P = sel.node.numel()
+        values = forest.final_reward[torch.arange(P), sel.node].clone()
+        trees = (sel.parent >= 0).nonzero().flatten()
+        if not trees.numel():
+            return values
+        parents, k = sel.parent[trees], sel.k[trees]
+        depth = forest.depth[trees, parents]
+        new = forest.add_child(trees, parents, k)
+        sel.path.append(torch.full((P,), -1, dtype=torch.long).index_put((trees,), new))
+        store_at = torch.tensor([steps[d + 1] for d in depth.tolist()])
+        fixed = Z[depth.to(Z.device), trees.to(Z.device), k.to(Z.device)]
+        from_root = torch.tensor([steps[d] is None for d in depth.tolist()])
+        groups: dict[int, list[tuple[State, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+        if bool(from_root.any()):  # children of the virtual root: their noise is the initial noise
+            r = from_root.nonzero().flatten()
+            st = s.start(problem.cond_rows(trees[r]), fixed[r.to(fixed.device)], trees[r])
+            groups.setdefault(0, []).append((st, new[r], store_at[r], None))
+        if bool((~from_root).any()):
+            r = (~from_root).nonzero().flatten()
+            for jj in sorted({steps[int(d)] for d in depth[r].tolist()}):
+                rr = r[torch.tensor([steps[int(depth[i])] == jj for i in r.tolist()])]
+                dev = forest.x.device
+                st = State(x=forest.x[trees[rr].to(dev), parents[rr].to(dev)], x0=forest.x0[trees[rr].to(dev), parents[rr].to(dev)],
+                           step=jj, cond=problem.cond_rows(trees[rr]), owner=trees[rr], x0_at_x=self._x0_at_x[jj])
+                groups.setdefault(jj, []).append((st, new[rr], store_at[rr], fixed[rr.to(fixed.device)]))
+        while True:
+            j = min(groups)
+            group = groups.pop(j)
+            state = State.cat([g[0] for g in group])
+            nodes, store = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
+            hit = store == j
+            if bool(hit.any()):  # rows that just reached their new node: keep the state there
+                forest.store(state.owner[hit], nodes[hit], state.x[hit.to(state.x.device)], state.x0[hit.to(state.x.device)])
+                self._x0_at_x[j] = state.x0_at_x
+            if j >= s.num_steps:
+                break
+            noise = None
+            if s.uses_noise(j):
+                noise = torch.cat([g[3] if g[3] is not None else problem.noise.normal(g[0].owner) for g in group])
+            groups.setdefault(j + 1, []).insert(0, (s.step(state, noise), nodes, store, None))
+        rewards = problem.score(state).double()
+        values[state.owner] = rewards
+        terminal = store == s.num_steps
+        forest.final_reward[state.owner[terminal], nodes[terminal]] = rewards[terminal]
+        best_value, best_x0 = self._best
+        better = rewards > best_value[state.owner]
+        if bool(better.any()):
+            rows = state.owner[better]
+            best_value[rows] = rewards[better]
+            best_x0[rows.to(best_x0.device)] = state.x0[better.to(state.x0.device)]
+        return values
 
-            # 3. expansion steps and rollouts, advanced in lockstep from the shallowest row
-            j = min(chunks)
-            while True:
-                group = chunks.pop(j, [])
-                if not group:
-                    j += 1
-                    continue
-                x = torch.cat([c["x"] for c in group])
-                x0 = torch.cat([c["x0"] for c in group])
-                owner = torch.cat([c["owner"] for c in group])
-                nodes = torch.cat([c["node"] for c in group])
-                stores = torch.cat([c["store"] for c in group])
-                flag = all(c["flag"] for c in group)
-                hit = stores == j
-                if bool(hit.any()):  # rows that just reached their new node's step: keep the state
-                    X[owner[hit].to(dev), nodes[hit].to(dev)] = x[hit.to(dev)]
-                    X0[owner[hit].to(dev), nodes[hit].to(dev)] = x0[hit.to(dev)]
-                    x0_at_x[j] = flag
-                if j >= s.num_steps:
-                    break
-                noise = None
-                if s.uses_noise(j):
-                    parts = []
-                    for c in group:
-                        parts.append(c["fixed"] if c["fixed"] is not None else s.noise(len(c["owner"]), g))
-                    noise = torch.cat(parts)
-                state = State(x=x, x0=x0, step=j, cond=cond_index(problem.cond, owner), owner=owner, x0_at_x=flag)
-                state = s.step(state, noise)
-                chunks.setdefault(j + 1, []).insert(0, dict(x=state.x, x0=state.x0, owner=owner, node=nodes, store=stores, fixed=None, flag=state.x0_at_x))
-                j += 1
-            final = State(x=x, x0=x0, step=j, cond=cond_index(problem.cond, owner), owner=owner, x0_at_x=True)
-            v = problem.score(final).double()
-            values[owner] = v
-            terminal_rows = stores == s.num_steps
-            tval[owner[terminal_rows], nodes[terminal_rows]] = v[terminal_rows]
-
-        # 4. backup
-        nodes_on_path = torch.stack(path + [leaf])  # [L, P]
-        ok = nodes_on_path >= 0
-        rows = ar.expand_as(nodes_on_path)[ok]
-        cols = nodes_on_path[ok]
-        vals = values.expand_as(nodes_on_path)[ok]
-        visits.index_put_((rows, cols), torch.ones_like(vals), accumulate=True)
-        vsum.index_put_((rows, cols), vals, accumulate=True)
+    def move(self, forest: Forest, root: torch.Tensor) -> torch.Tensor:
+        """Move every root to its child with the best mean reward (unvisited children never)."""
+        ar = torch.arange(root.numel())
+        ch = forest.child[ar, root]
+        mean, visits = forest.children_value(root, normalize=False)
+        mean = torch.where((ch >= 0) & (visits > 0), mean, torch.tensor(float("-inf"), dtype=torch.float64))
+        new_root = ch[ar, mean.argmax(1)]
+        if bool((new_root < 0).any()):
+            raise RuntimeError("MCTS moved to an unexpanded child")
+        return new_root
 
 
-__all__ = ["MCTS"]
+__all__ = ["MCTS", "Forest"]

@@ -11,12 +11,12 @@ incremental potential:
 
 The initial particles are weighted by ``exp(lambda * r_0)``. When the effective sample size
 ``(sum w)^2 / sum w^2`` drops below ``ess_threshold * K`` the particles of that search are resampled
-(systematic or multinomial, with the problem's generator) and the weights reset. At the end the
+(systematic or multinomial, with uniforms from each search's noise stream) and the weights reset. At the end the
 particle with the highest final reward is returned.
 
 Budget: ``particles=0`` (default) fits ``K`` to the budget: ``K`` full trajectories
-(``K * sampler.nfe_per_trajectory`` NFEs) and one reward call per particle at every scored level
-plus a final one (with ``K = 1`` only the final one: a lone particle's weight never matters).
+(``K * sampler.nfe_per_trajectory`` NFEs) and one reward call per particle at every decision
+point (each step that injects noise) plus a final one (with ``K = 1`` only the final one: a lone particle's weight never matters).
 """
 from __future__ import annotations
 
@@ -24,21 +24,24 @@ from dataclasses import dataclass
 
 import torch
 
+from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
-from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, advance, fit_count, noise_steps
+from noisesearch.noise import NoiseSource
+from noisesearch.search.base import Problem, SearchResult, Strategy, advance, best_per_owner, noise_steps
 
 POTENTIALS = ("diff", "max", "sum")
 RESAMPLING = ("systematic", "multinomial")
 
 
-def resample_indices(log_w: torch.Tensor, generator: torch.Generator, method: str) -> torch.Tensor:
-    """Ancestor index (within its search) of each new particle. ``log_w`` [P, K] -> long [P, K]."""
+def resample_indices(log_w: torch.Tensor, noise: NoiseSource, method: str) -> torch.Tensor:
+    """Ancestor index (within its search) of each new particle. ``log_w`` [P, K] -> long [P, K]
+    (row p of ``log_w`` is search p; its uniforms come from that search's stream)."""
     P, K = log_w.shape
     w = torch.softmax(log_w.double(), dim=1)
     if method == "multinomial":
-        u = torch.rand(P, K, generator=generator, dtype=torch.float64).sort(dim=1).values
+        u = noise.uniform(torch.arange(P).repeat_interleave(K), torch.float64).view(P, K).sort(dim=1).values
     else:
-        u = (torch.rand(P, 1, generator=generator, dtype=torch.float64) + torch.arange(K, dtype=torch.float64)) / K
+        u = (noise.uniform(torch.arange(P), torch.float64).view(P, 1) + torch.arange(K, dtype=torch.float64)) / K
     cdf = w.cumsum(1)
     cdf[:, -1] = 1.0
     return torch.searchsorted(cdf, u, right=True).clamp_max(K - 1)
@@ -55,24 +58,28 @@ class SMC(Strategy):
     ess_threshold: float = 0.5  # resample when ESS < ess_threshold * K
     resampling: str = "systematic"  # systematic | multinomial
 
-    def _cost(self, s, k: int) -> tuple[float, float]:
-        return k * s.nfe_per_trajectory, (k * (len(noise_steps(s)) + 1) if k > 1 else 0) + k
+    size_option = "particles"
 
-    def search(self, problem: Problem) -> SearchResult:
+    def validate(self) -> None:
         if self.potential not in POTENTIALS:
             raise NoiseSearchError(f"--potential must be one of {', '.join(POTENTIALS)}, got {self.potential!r}")
         if self.resampling not in RESAMPLING:
             raise NoiseSearchError(f"--resampling must be one of {', '.join(RESAMPLING)}, got {self.resampling!r}")
         if self.particles < 0:
             raise NoiseSearchError("--particles must be >= 0 (0 = fit to the budget)")
-        s, g = problem.sampler, problem.generator
-        P = problem.num_searches
-        what = lambda k: f"SMC with {k} particle(s)"
-        if self.particles:
-            K = self.particles
-            problem.check_affords(what(K), *self._cost(s, K))
-        else:
-            K = fit_count(problem, lambda k: self._cost(s, k), what)
+
+    def describe(self, size: int) -> str:
+        return f"SMC with {size} particle(s)"
+
+    def cost(self, problem: Problem, size: int) -> Cost:
+        s, k = problem.sampler, size
+        # particles are weighed at every decision point (the state at each noise-injecting step;
+        # the finished state when no step injects noise); a lone particle is never weighed
+        weighed = k * max(1, len(noise_steps(s))) if k > 1 else 0
+        return problem.nfe_cost(k * s.nfe_per_trajectory) + problem.score_cost(weighed + k)
+
+    def run(self, problem: Problem, size: int) -> SearchResult:
+        s, P, K = problem.sampler, problem.num_searches, size
         lam = self.potential_scale
         offsets = (torch.arange(P) * K).view(P, 1)
 
@@ -88,7 +95,7 @@ class SMC(Strategy):
             ess_trace.append(round(float(ess.mean()) / K, 3))
             low = ess < self.ess_threshold * K
             if bool(low.any()) and K > 1:
-                anc = resample_indices(log_w, g, self.resampling)
+                anc = resample_indices(log_w, problem.noise, self.resampling)
                 keep = torch.arange(K).expand(P, K)
                 anc = torch.where(low.view(P, 1), anc, keep)  # only the searches whose ESS is low
                 rows = (anc + offsets).flatten()
@@ -98,7 +105,7 @@ class SMC(Strategy):
                 resamples += int(low.sum())
             if state.step >= s.num_steps:
                 break
-            state = advance(s, s.step(state, s.noise(len(state), g)))
+            state = advance(s, s.step(state, problem.noise.normal(state.owner)))
             if state.step >= s.num_steps:
                 break
             if not weigh:

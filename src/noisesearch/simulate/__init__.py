@@ -1,8 +1,8 @@
 """Offline Monte Carlo simulation of test-time scaling strategies on reward pools.
 
 * :mod:`.engine` - vectorised replay (``Replay``, ``simulate``) under the TTSnap authors' protocol;
-* :mod:`.strategies` - ``Plan`` (schedule + scoring + aggregation), ``BestOfN``, ``Prune``,
-  ``BudgetAware``;
+* :mod:`.strategies` - ``PrunePlan`` (schedule + scoring + aggregation), ``BestOfNPolicy``, ``Prune``,
+  ``BudgetAwarePolicy``;
 * :mod:`.costs` - ``CostSpec`` (pool metadata + cost model, via :mod:`noisesearch.pruning`);
 * :mod:`.metrics` - AUC gain, best-of-N in closed form;
 * :mod:`.tuning` - search of plans on training prompts, held-out report;
@@ -14,7 +14,6 @@ See docs/simulator.md.
 import importlib
 
 _EXPORTS = {
-    "CostSpec": "costs",
     "Replay": "engine",
     "Simulation": "engine",
     "MethodResult": "engine",
@@ -23,16 +22,14 @@ _EXPORTS = {
     "auc_gain": "metrics",
     "auc_gain_with_se": "metrics",
     "expected_best_of_n": "metrics",
-    "Plan": "strategies",
-    "BestOfN": "strategies",
-    "Prune": "strategies",
-    "BudgetAware": "strategies",
-    "published_schedule": "strategies",
 }
-__all__ = list(_EXPORTS)
+_FROM_PRUNING = ("CostSpec", "PrunePlan", "BestOfNPolicy", "FixedPolicy", "BudgetAwarePolicy", "published_schedule")
+__all__ = list(_EXPORTS) + list(_FROM_PRUNING)
 
 
 def __getattr__(name):  # lazy: keeps ``noisesearch --help`` from importing scipy
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"noisesearch.simulate.{_EXPORTS[name]}"), name)
+    if name in _FROM_PRUNING:  # pruning policies and costs live in noisesearch.pruning
+        return getattr(importlib.import_module("noisesearch.pruning"), name)
     raise AttributeError(f"module 'noisesearch.simulate' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import numpy as np
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.pruning import keep_count, order_keys, zscore_sum
-from noisesearch.simulate.costs import CostSpec
+from noisesearch.pruning import CostSpec
 from noisesearch.simulate.metrics import auc_gain_with_se
 
 
@@ -178,7 +178,7 @@ class Replay:
         return np.stack([np.take(f, flat) for f in self.final_values], axis=-1)
 
     def run(self, plan, ids: np.ndarray) -> np.ndarray:
-        """Apply a :class:`~noisesearch.simulate.strategies.Plan` to the candidate subsets ``ids``
+        """Apply a :class:`~noisesearch.pruning.PrunePlan` to the candidate subsets ``ids``
         [I, n] (the same subset for every prompt); returns the chosen final rewards [P, I, R]."""
         sel = ids[None]
         alive = ids.shape[-1]
@@ -199,7 +199,7 @@ class MethodResult:
     per_prompt: np.ndarray  # [P, B, R] iteration-mean final reward per prompt
     starts: list[int]  # candidates started at each budget
     cost: list[float]  # FLOPs per prompt actually charged at each budget (under the cost model)
-    plans: list  # the Plan used at each budget
+    plans: list  # the PrunePlan used at each budget
     capped: list[bool]  # whether the pool's candidate count limited the starts
     info: dict = field(default_factory=dict)
 
@@ -257,17 +257,17 @@ def check_budgets(budgets, cost: CostSpec) -> np.ndarray:
 def simulate(replay: Replay, strategies, budgets, cost: CostSpec, iters: int = 50, seed: int = 0,
              progress: bool = False, baseline: str = "best-of-n", perms: np.ndarray | None = None,
              add_baseline: bool = True) -> Simulation:
-    """Replay ``strategies`` (see :mod:`noisesearch.simulate.strategies`) over ``budgets`` (FLOPs per
+    """Replay ``strategies`` (see :mod:`noisesearch.pruning`) over ``budgets`` (FLOPs per
     prompt). Best-of-N is added as the baseline when absent (unless ``add_baseline`` is False).
     ``perms`` ([I, N] permutations, see :func:`draw_subsets`) fixes the random subsets."""
-    from noisesearch.simulate.strategies import BestOfN  # local: strategies imports this module
+    from noisesearch.pruning import BestOfNPolicy
 
     if iters < 1:
         raise NoiseSearchError("iterations must be >= 1")
     budgets = check_budgets(budgets, cost)
     strategies = list(strategies)
     if add_baseline and not any(s.name == baseline for s in strategies):
-        strategies.insert(0, BestOfN())
+        strategies.insert(0, BestOfNPolicy())
     N = replay.num_candidates
     if perms is None:
         perms = draw_subsets(N, iters, seed)

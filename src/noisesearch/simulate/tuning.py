@@ -3,13 +3,13 @@
 Search space (stated relative to the pool, so it transfers to other models, reward scales and step
 counts; nothing in it refers to the FLUX pools):
 
-* a :class:`~noisesearch.simulate.strategies.Plan`: 0 to 3 checks (0 = best-of-N, so tuning is
+* a :class:`~noisesearch.pruning.PrunePlan`: 0 to 3 checks (0 = best-of-N, so tuning is
   never forced into pruning that hurts; at most ``num_steps - 1``), check steps anywhere in
   ``[0, num_steps - 2]`` (positions in [0, 1) of the trajectory), keep fractions in (0.03, 1];
   scoring by noise-aware rewards (TTSnap, when the pool has them for every chosen reward; NaN
   entries fall back to base) or base rewards (TTSp); with several rewards, rank-sum or z-sum
   aggregation at the checks;
-* the adaptive :class:`~noisesearch.simulate.strategies.BudgetAware` strategy (a plan per budget)
+* the adaptive :class:`~noisesearch.pruning.BudgetAwarePolicy` strategy (a plan per budget)
   built from the finalists.
 
 Procedure (all on the training prompts; each stage uses one fixed set of random subsets for every
@@ -42,10 +42,10 @@ from scipy.integrate import simpson
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.pruning import PruneSchedule
-from noisesearch.simulate.costs import CostSpec
+from noisesearch.pruning import CostSpec
 from noisesearch.simulate.engine import Replay, Simulation, draw_subsets, simulate
 from noisesearch.simulate.metrics import shifted_area
-from noisesearch.simulate.strategies import NO_PRUNING, BestOfN, BudgetAware, Plan, Prune, Strategy, published_schedule
+from noisesearch.pruning import NO_PRUNING, BestOfNPolicy, BudgetAwarePolicy, PrunePlan, FixedPolicy, Policy, published_schedule
 
 
 @dataclass
@@ -71,13 +71,13 @@ class Evaluator:
     budgets: np.ndarray
     iters: int
     seed: int
-    anchor: Plan | None = None
+    anchor: PrunePlan | None = None
     anchor_penalty: float = 2.0
     cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.perms = draw_subsets(self.replay.num_candidates, self.iters, self.seed)
-        base = simulate(self.replay, [BestOfN()], self.budgets, self.cost, self.iters, self.seed, perms=self.perms)
+        base = simulate(self.replay, [BestOfNPolicy()], self.budgets, self.cost, self.iters, self.seed, perms=self.perms)
         self.baseline = base.methods["best-of-n"]
         # area of best-of-N's shifted curve per reward: the denominator of the AUC gain
         self.baseline_area = np.array([
@@ -86,11 +86,11 @@ class Evaluator:
         ])
         self.anchor_gains = self.anchor_prompts = None
         if self.anchor is not None:
-            res = self._run(Prune(self.anchor, "anchor"))
+            res = self._run(FixedPolicy(self.anchor, "anchor"))
             self.anchor_gains = res.gain("anchor")[0]
             self.anchor_prompts = self._prompt_areas(res.methods["anchor"])
 
-    def _run(self, strategy: Strategy) -> Simulation:
+    def _run(self, strategy: Policy) -> Simulation:
         res = simulate(self.replay, [strategy], self.budgets, self.cost, self.iters, self.seed,
                        perms=self.perms, add_baseline=False)
         return Simulation(self.budgets, res.rewards, self.cost, self.iters, self.seed,
@@ -111,7 +111,7 @@ class Evaluator:
         d = self._prompt_areas(m) - self.anchor_prompts
         return d.std(0, ddof=1) / np.sqrt(max(d.shape[0], 1)) if d.shape[0] > 1 else np.zeros(d.shape[1])
 
-    def gains(self, strategy: Strategy) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    def gains(self, strategy: Policy) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """(per-reward AUC gains, their Monte Carlo standard errors, the [B, R] curve, objective)."""
         sim = self._run(strategy)
         m = sim.methods[strategy.name]
@@ -135,10 +135,10 @@ class Evaluator:
             score += self.anchor_penalty * min(0.0, float((g - self.anchor_gains - margin).min()))
         return score
 
-    def score(self, plan: Plan) -> float:
+    def score(self, plan: PrunePlan) -> float:
         """The :meth:`objective` of a plan (cached)."""
         if plan not in self.cache:
-            g, se, curve, obj = self.gains(Prune(plan, "candidate"))
+            g, se, curve, obj = self.gains(FixedPolicy(plan, "candidate"))
             self.cache[plan] = (obj, g, se, curve)
         return self.cache[plan][0]
 
@@ -154,31 +154,31 @@ def _space(train: Replay, config: TuneConfig) -> dict:
     }
 
 
-def _random_plan(rng, sp: dict) -> Plan:
+def _random_plan(rng, sp: dict) -> PrunePlan:
     k = int(rng.integers(1, sp["max_checks"] + 1))
     steps = tuple(sorted(rng.choice(sp["num_steps"] - 1, size=k, replace=False).tolist()))
     keep = tuple(float(np.round(np.exp(rng.uniform(np.log(0.1), np.log(0.9))), 2)) for _ in range(k))
     na = sp["noise_aware"][0] if rng.random() < 0.75 else sp["noise_aware"][-1]
     agg = sp["aggregate"][int(rng.integers(len(sp["aggregate"])))]
-    return Plan(PruneSchedule(steps, keep), na, agg)
+    return PrunePlan(PruneSchedule(steps, keep), na, agg)
 
 
-def _seeds(sp: dict, num_rewards: int) -> list[Plan]:
+def _seeds(sp: dict, num_rewards: int) -> list[PrunePlan]:
     """Structured starting points: best-of-N, the published schedule (mapped) and single checks."""
-    out = [Plan(NO_PRUNING)]
+    out = [PrunePlan(NO_PRUNING)]
     if sp["max_checks"] < 1:
         return out
     num_steps = sp["num_steps"]
     pub = published_schedule(num_rewards, num_steps)
     if pub.num_checks <= sp["max_checks"]:  # inside the search space
-        out += [Plan(pub, na, agg) for na in sp["noise_aware"] for agg in sp["aggregate"]]
+        out += [PrunePlan(pub, na, agg) for na in sp["noise_aware"] for agg in sp["aggregate"]]
     for pos in (0.1, 0.2, 0.3, 0.45):
         for keep in (0.2, 0.35, 0.5):
-            out.append(Plan(PruneSchedule.from_fractions([pos], [keep], num_steps), sp["noise_aware"][0]))
+            out.append(PrunePlan(PruneSchedule.from_fractions([pos], [keep], num_steps), sp["noise_aware"][0]))
     return out
 
 
-def _neighbours(plan: Plan, sp: dict, rng) -> list[Plan]:
+def _neighbours(plan: PrunePlan, sp: dict, rng) -> list[PrunePlan]:
     """Plans one move away: a check moved, a keep fraction scaled, a check dropped or added, the
     scoring or the aggregate switched."""
     num_steps = sp["num_steps"]
@@ -190,7 +190,7 @@ def _neighbours(plan: Plan, sp: dict, rng) -> list[Plan]:
             sch = PruneSchedule(tuple(steps), tuple(min(max(round(x, 3), 0.03), 1.0) for x in keep)).validate(num_steps)
         except NoiseSearchError:
             return
-        out.append(Plan(sch, na, agg))
+        out.append(PrunePlan(sch, na, agg))
 
     jump = max(1, round(num_steps / 20))  # one step of a 20-step sampler, in this pool's steps
     for i in range(len(s)):
@@ -213,10 +213,10 @@ def _neighbours(plan: Plan, sp: dict, rng) -> list[Plan]:
     return out
 
 
-def budget_aware_from(curves: dict, budgets, baseline_area, window: int = 1) -> BudgetAware:
+def budget_aware_from(curves: dict, budgets, baseline_area, window: int = 1) -> BudgetAwarePolicy:
     """Per budget, the plan with the highest (neighbour-averaged) reward.
 
-    ``curves`` maps Plan -> [B, R] curve. Each reward is divided by best-of-N's shifted area, so the
+    ``curves`` maps PrunePlan -> [B, R] curve. Each reward is divided by best-of-N's shifted area, so the
     per-budget choice maximises (up to the quadrature weights) the mean AUC gain over rewards.
     """
     plans = list(curves)
@@ -225,7 +225,7 @@ def budget_aware_from(curves: dict, budgets, baseline_area, window: int = 1) -> 
     B = merit.shape[1]
     smooth = np.stack([merit[:, max(0, b - window):b + window + 1].mean(1) for b in range(B)], axis=1)
     best = smooth.argmax(0)
-    return BudgetAware(tuple(float(b) for b in budgets), tuple(plans[i] for i in best))
+    return BudgetAwarePolicy(tuple(float(b) for b in budgets), tuple(plans[i] for i in best))
 
 
 def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: TuneConfig = TuneConfig(),
@@ -251,7 +251,7 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
             bar.update(min(n, bar.total - bar.n))
 
     # the paper's schedule mapped to this pool: the anchor of the objective and the reference of the report
-    published = Plan(published_schedule(nrew, sp["num_steps"]), sp["noise_aware"][0]) if sp["num_steps"] >= 2 else None
+    published = PrunePlan(published_schedule(nrew, sp["num_steps"]), sp["noise_aware"][0]) if sp["num_steps"] >= 2 else None
 
     def evaluator(iters, k, prompts=train):
         return Evaluator(prompts, cost, budgets, iters, config.seed * 7919 + k, published, config.anchor_penalty)
@@ -290,7 +290,7 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
     best = max(finalists, key=lambda p: confirm.cache[p][0])
     budget_aware = budget_aware_from({p: confirm.cache[p][3] for p in finalists}, budgets, confirm.baseline_area)
     check = evaluator(config.iters_confirm, 3)
-    fixed = Prune(best, "tuned")
+    fixed = FixedPolicy(best, "tuned")
     fixed_g, _, _, fixed_obj = check.gains(fixed)
     ba_g, _, _, ba_obj = check.gains(budget_aware)
     tick(2)
@@ -330,7 +330,7 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
         ev = Evaluator(test, cost, budgets, config.iters_test, config.seed * 7919 + 4)
         runs = [("tuned", fixed), ("budget-aware", budget_aware)]
         if published is not None:
-            runs.append(("published", Prune(published, "published")))
+            runs.append(("published", FixedPolicy(published, "published")))
         for key, strat in runs:
             g, se, curve, _ = ev.gains(strat)
             result["strategies"][key].update(test_auc_gain=_round(g), test_auc_gain_se=_round(se),

@@ -1,13 +1,13 @@
-"""Strategies the simulator replays.
+"""Pruning policies the simulator replays (named so as not to collide with the search strategies).
 
-A :class:`Plan` is what one run does for one prompt: a pruning schedule, whether checks score
+A :class:`PrunePlan` is what one run does for one prompt: a pruning schedule, whether checks score
 noise-aware rewards (TTSnap) or base rewards (TTSp), and, with several rewards, how they are
 combined at a check (``rank``: the authors' rank sum; ``zsum``: the sum of each reward's z-score
-among the alive candidates). A strategy maps a budget to a plan; the engine does the accounting.
+among the alive candidates). A policy maps a budget to a plan; the simulator does the accounting.
 
-* :class:`BestOfN` - no pruning.
-* :class:`Prune` - one fixed plan at every budget (``ttsp`` / ``ttsnap`` and tuned schedules).
-* :class:`BudgetAware` - adaptive: the plan depends on the budget (budget-aware successive
+* :class:`BestOfNPolicy` - no pruning.
+* :class:`FixedPolicy` - one fixed plan at every budget (``ttsp`` / ``ttsnap`` and tuned schedules).
+* :class:`BudgetAwarePolicy` - adaptive: the plan depends on the budget (budget-aware successive
   halving); built by :func:`noisesearch.simulate.tuning.tune` from the training prompts.
 """
 from __future__ import annotations
@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pruning import AGGREGATES, PruneSchedule
+from noisesearch.pruning.schedule import PruneSchedule
+from noisesearch.pruning.select import AGGREGATES
 
 NO_PRUNING = PruneSchedule((), ())
 
 
 @dataclass(frozen=True)
-class Plan:
+class PrunePlan:
     schedule: PruneSchedule = NO_PRUNING
     noise_aware: bool = True
     aggregate: str = "rank"
@@ -45,7 +46,7 @@ class Plan:
         return {"method": self.method, **self.schedule.as_dict(), "aggregate": self.aggregate}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict) -> "PrunePlan":
         try:
             return cls(PruneSchedule(tuple(d.get("steps", ())), tuple(d.get("keep", ()))),
                        d.get("method", "ttsnap") == "ttsnap", d.get("aggregate", "rank"))
@@ -60,11 +61,11 @@ class Plan:
         return f"{kind} [{self.schedule}{agg}]"
 
 
-class Strategy:
+class Policy:
     name: str = "strategy"
     label: str = "strategy"
 
-    def plan_for(self, budget: float) -> Plan:
+    def plan_for(self, budget: float) -> PrunePlan:
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -72,22 +73,22 @@ class Strategy:
 
 
 @dataclass
-class BestOfN(Strategy):
+class BestOfNPolicy(Policy):
     name: str = "best-of-n"
     label: str = "Best-of-N"
 
     def plan_for(self, budget):
-        return Plan(NO_PRUNING)
+        return PrunePlan(NO_PRUNING)
 
     def describe(self):
-        return {"name": self.name, "label": self.label, **Plan(NO_PRUNING).as_dict()}
+        return {"name": self.name, "label": self.label, **PrunePlan(NO_PRUNING).as_dict()}
 
 
 @dataclass
-class Prune(Strategy):
+class FixedPolicy(Policy):
     """One fixed plan at every budget."""
 
-    plan: Plan = Plan()
+    plan: PrunePlan = PrunePlan()
     name: str = "ttsnap"
     label: str = ""
 
@@ -103,7 +104,7 @@ class Prune(Strategy):
 
 
 @dataclass
-class BudgetAware(Strategy):
+class BudgetAwarePolicy(Policy):
     """Adaptive: a plan per budget, looked up at the nearest budget (in log budget) of a table."""
 
     budgets: tuple = ()
@@ -124,23 +125,10 @@ class BudgetAware(Strategy):
                 "table": [{"budget_tflops": b / 1e12, **p.as_dict()} for b, p in zip(self.budgets, self.plans)]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BudgetAware":
+    def from_dict(cls, d: dict) -> "BudgetAwarePolicy":
         """Rebuild from :meth:`describe` output (e.g. in the JSON written by ``noisesearch tune``)."""
         try:
             rows = d["table"]
-            return cls(tuple(float(r["budget_tflops"]) * 1e12 for r in rows), tuple(Plan.from_dict(r) for r in rows))
+            return cls(tuple(float(r["budget_tflops"]) * 1e12 for r in rows), tuple(PrunePlan.from_dict(r) for r in rows))
         except (KeyError, TypeError, ValueError) as e:
             raise NoiseSearchError(f"not a budget-aware strategy description ({e})")
-
-
-def published_schedule(num_rewards: int, num_steps: int) -> PruneSchedule:
-    """The TTSnap paper's hand-tuned schedules (for 20 steps), mapped to ``num_steps`` by position.
-
-    Single reward: steps [2, 6, 11], keep [0.4, 0.4, 0.5]. Multi-reward: steps [4, 6, 11], keep
-    [0.4, 0.5, 0.6]. For another step count the check positions keep their fraction of the
-    trajectory (``s / 19``).
-    """
-    steps, keep = ((2, 6, 11), (0.4, 0.4, 0.5)) if num_rewards == 1 else ((4, 6, 11), (0.4, 0.5, 0.6))
-    if num_steps == 20:
-        return PruneSchedule(steps, keep)
-    return PruneSchedule.from_fractions([s / 19 for s in steps], keep, num_steps)

@@ -1,0 +1,78 @@
+"""The one place that turns names into a denoiser, a reward, a sampler and a problem.
+
+Used by the API (``api.generate``), the benchmarks and pool generation, so that ``--model``,
+``--reward`` and ``--sampler`` mean the same everywhere and every problem is priced the same way:
+one :class:`~noisesearch.budget.CostModel` from the denoiser's ``flops_per_call`` and
+``flops_per_decode`` and the reward's ``flops_per_image``, one
+:class:`~noisesearch.noise.NoiseSource` from the seed.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from noisesearch.budget import Budget, CostModel
+from noisesearch.errors import NoiseSearchError
+from noisesearch.models import load_model
+from noisesearch.models.base import Denoiser
+from noisesearch.noise import NoiseSource
+from noisesearch.rewards.base import Reward, make_reward
+from noisesearch.sampling.samplers import Sampler, make_sampler
+
+
+def as_denoiser(model: str | Denoiser, device: str = "cpu", guidance: float = 1.0,
+                options: dict[str, Any] | None = None) -> Denoiser:
+    """A denoiser from a name (``digits``, a diffusers folder or hub name) or the object itself."""
+    if not isinstance(model, str):
+        if options:
+            raise NoiseSearchError("model options apply when the model is given by name; configure a denoiser object directly")
+        return model
+    return load_model(model, device=device, guidance=guidance, **(options or {}))
+
+
+def as_reward(reward: str | Reward, device: str = "cpu") -> Reward:
+    """A reward from a spec (``digit``, ``0.7*digit+0.3*brightness``, ``ranksum(a,b)``) or the object."""
+    return make_reward(reward, device=device) if isinstance(reward, str) else reward
+
+
+def as_sampler(name: str, denoiser: Denoiser, steps: int | None = None, max_batch: int = 512, budget: Budget | None = None,
+               **options) -> Sampler:
+    if steps is not None and steps < 1:
+        raise NoiseSearchError(f"--steps must be at least 1, got {steps}")
+    if max_batch < 1:
+        raise NoiseSearchError(f"--max-batch must be at least 1, got {max_batch}")
+    return make_sampler(name, denoiser, steps, max_batch=max_batch, budget=budget, **options)
+
+
+def expand_prompts(prompts: Sequence[str], num_samples: int) -> list[str]:
+    """Each prompt repeated ``num_samples`` times (prompt-major)."""
+    if not prompts:
+        raise NoiseSearchError("give at least one prompt (--prompt or --prompts-file)")
+    if num_samples < 1:
+        raise NoiseSearchError("--num-samples must be at least 1")
+    return [str(p) for p in prompts for _ in range(num_samples)]
+
+
+def cost_model(denoiser: Denoiser, reward: Reward) -> CostModel:
+    """Prices of a problem: an NFE, a reward call of ``reward``, and the decode each reward call needs."""
+    return CostModel(float(denoiser.flops_per_call), float(reward.flops_per_image),
+                     float(getattr(denoiser, "flops_per_decode", 0.0)))
+
+
+def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *, num_samples: int = 1,
+                  budget_nfe: float | None = None, budget_flops: float | None = None, steps: int | None = None,
+                  sampler: str = "euler-ancestral", seed: int = 0, max_batch: int = 512,
+                  sampler_options: dict[str, Any] | None = None):
+    """A :class:`~noisesearch.search.base.Problem`: ``num_samples`` searches per prompt (prompt-major),
+    each with its own budget and noise stream ``(seed, prompt index, sample index)``."""
+    from noisesearch.search.base import Problem
+
+    all_prompts = expand_prompts(prompts, num_samples)
+    budget = Budget(len(all_prompts), nfe=budget_nfe, flops=budget_flops, cost=cost_model(denoiser, reward))
+    samp = as_sampler(sampler, denoiser, steps, max_batch=max_batch, budget=budget, **(sampler_options or {}))
+    cond = denoiser.encode(all_prompts)
+    noise = NoiseSource.for_prompts(seed, samp.noise_shape, len(prompts), num_samples,
+                                    device=denoiser.device, dtype=denoiser.dtype)
+    return Problem(samp, reward, budget, all_prompts, cond, noise)
+
+
+__all__ = ["as_denoiser", "as_reward", "as_sampler", "build_problem", "cost_model", "expand_prompts"]
