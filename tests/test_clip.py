@@ -44,9 +44,10 @@ def test_identical_images_identical_scores_and_prompts_matter(reward):
     one = images(1)
     x = one.repeat(3, 1, 1, 1)
     same = score(reward, x, ["a cat"] * 3)
-    assert torch.equal(same, same[:1].expand(3))
+    # batch positions may differ in the last bits (CPU kernels): equal within float tolerance
+    torch.testing.assert_close(same, same[:1].expand(3), rtol=1e-5, atol=1e-5)
     diff = score(reward, x, ["a cat", "a dog", "a photo of a red cat"])
-    assert len(set(diff.tolist())) == 3
+    assert min(abs(a - b) for i, a in enumerate(diff.tolist()) for b in diff.tolist()[i + 1:]) > 1e-4
     # batching does not change a score
     torch.testing.assert_close(score(reward, one, ["a dog"]), diff[1:2], rtol=1e-5, atol=1e-5)
 

@@ -15,6 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from noisesearch.budget import Budget  # noqa: E402
+from noisesearch.noise import NoiseSource  # noqa: E402
 from noisesearch.errors import NoiseSearchError  # noqa: E402
 from noisesearch.models import cond_index, cond_repeat, load_model  # noqa: E402
 from noisesearch.models.diffusers import DiffusersDenoiser  # noqa: E402
@@ -41,7 +42,7 @@ def run_adapter(d, noise, prompts, steps=STEPS):
     """Deterministic Euler with the pipeline's sigmas; returns (final latents, sampler)."""
     sampler = EulerAncestral(d, eta=0.0, sigmas=d.pipeline_sigmas(steps))
     state = sampler.start(d.encode(prompts), noise)
-    state = sampler.rollout(state, torch.Generator().manual_seed(0))
+    state = sampler.rollout(state, NoiseSource(0, d.sample_shape, [(i, 0) for i in range(len(prompts))]))
     return state.x, sampler
 
 
@@ -161,7 +162,7 @@ def test_nfe_counting(tiny_sd_dir, guidance, max_batch):
         sampler = EulerAncestral(d, steps=steps, eta=1.0, max_batch=max_batch)
         sampler.budget = Budget(num_searches=n, nfe=1000)
         state = sampler.start(d.encode(["a cat", "a dog", "a red cat"]), noise_for(d, n))
-        sampler.rollout(state, torch.Generator().manual_seed(0))
+        sampler.rollout(state, NoiseSource(0, d.sample_shape, [(i, 0) for i in range(n)]))
     finally:
         hook.remove()
     branches = 1 if guidance == 1 else 2
@@ -288,7 +289,7 @@ def test_float16_weights_keep_float32_states(tiny_sdxl_dir):
     assert d.decode_vae.dtype == torch.float32 and d.pipe.vae.dtype == torch.float16  # the pipeline is untouched
     sampler = EulerAncestral(d, steps=3)
     state = sampler.start(d.encode(PROMPTS), noise_for(d))
-    state = sampler.rollout(state, torch.Generator().manual_seed(0))
+    state = sampler.rollout(state, NoiseSource(0, d.sample_shape, [(i, 0) for i in range(len(PROMPTS))]))
     images = d.decode(state.x)
     assert state.x.dtype == torch.float32 and torch.isfinite(images).all()
     with pytest.raises(NoiseSearchError, match="dtype"):

@@ -15,7 +15,8 @@ import torch
 from noisesearch.errors import NoiseSearchError
 from noisesearch.pools import load_pool
 from noisesearch.pools import generate as gen
-from noisesearch.pools.generate import CandidateNoise, generate_pool, load_pool_images, step_layout
+from noisesearch.noise import CandidateNoise
+from noisesearch.pools.generate import generate_pool, load_pool_images, step_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -27,13 +28,17 @@ def _env():
     return env
 
 
-def _assert_same_pool(a, b):
+def _assert_same_pool(a, b, exact: bool = True):
+    """Bitwise only within one process (a resumed run); across processes with a tolerance, since
+    kernels may differ in the last bits between processes and thread counts."""
     assert a.shape == b.shape and a.prompts == b.prompts
+    same = (lambda x, y: np.array_equal(x, y, equal_nan=True)) if exact else (
+        lambda x, y: np.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True))
     for k in a.rewards:
-        assert np.array_equal(a.rewards[k], b.rewards[k]), k
+        assert same(a.rewards[k], b.rewards[k]), k
     assert set(a.noise_aware) == set(b.noise_aware)
     for k in a.noise_aware:
-        assert np.array_equal(a.noise_aware[k], b.noise_aware[k], equal_nan=True), k
+        assert same(a.noise_aware[k], b.noise_aware[k]), k
     assert a.flops_per_step == b.flops_per_step and a.flops_per_reward == b.flops_per_reward
 
 
@@ -67,7 +72,7 @@ def test_layout_and_metadata_match_the_cost_model(digits, tmp_path):
     from noisesearch.sampling import EulerAncestral
 
     s = EulerAncestral(den, 18)
-    noise = CandidateNoise(s, 0, [1], [4])
+    noise = CandidateNoise(0, s.noise_shape, [(1, 0, 4)])
     state = s.start(den.encode(["7"]), noise.draw())
     values = [float(score(reward, den.decode(state.x0), ["7"]))]
     while state.step < s.num_steps:
@@ -175,21 +180,27 @@ def test_accelerate_two_processes_shard_prompts(tmp_path):
     accelerate = Path(PY).parent / "accelerate"
     if not accelerate.exists():
         pytest.skip("accelerate launcher not installed")
+    import socket
+
+    with socket.socket() as sock:  # a free port for the process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     common = ["pool", "--model", "digits", "--guidance", "0", "--reward", "digit", "--prompts", "0,1,2",
               "--candidates", "4", "--steps", "6", "--device", "cpu", "--no-progress", "--save-images"]
     r = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
                         "-m", "noisesearch"] + common + ["--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    # the single-process pool in the same kind of process (same thread count: bitwise comparable)
+    # the single-process pool (another process: equal within float tolerance)
     r = subprocess.run([PY, "-m", "noisesearch"] + common + ["--out", str(tmp_path / "one")],
                        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = load_pool(tmp_path / "one"), load_pool(tmp_path / "two")
-    _assert_same_pool(a, b)
+    _assert_same_pool(a, b, exact=False)
     assert b.extra["processes"] == 2 and a.extra["processes"] == 1
-    assert np.array_equal(load_pool_images(tmp_path / "one"), load_pool_images(tmp_path / "two"))
+    ia, ib = load_pool_images(tmp_path / "one").astype(int), load_pool_images(tmp_path / "two").astype(int)
+    assert np.abs(ia - ib).max() <= 1  # uint8 estimates: rounding may differ by one grey level
 
 
 def test_step_layout_of_heun_counts_uneven_nfes(digits):

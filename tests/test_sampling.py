@@ -6,7 +6,13 @@ import torch
 from noisesearch.budget import Budget, CostModel
 from noisesearch.errors import BudgetError
 from noisesearch.models.toy import PointMixtureDenoiser
+from noisesearch.noise import NoiseSource
 from noisesearch.sampling import EulerAncestral, HeunChurn, State, karras_sigmas, make_sampler
+
+
+def streams(n, d, seed=0):
+    """One noise stream per search, as strategies get them."""
+    return NoiseSource(seed, d.sample_shape, [(i, 0) for i in range(n)])
 
 
 def toy(k=4, dim=2):
@@ -28,8 +34,8 @@ def test_euler_ancestral_costs_one_nfe_per_step_and_lands_on_the_data():
     d = toy()
     s = EulerAncestral(d, 12)
     assert s.nfe_per_trajectory == 12
-    g = torch.Generator().manual_seed(0)
-    state = s.start(d.encode(["0"] * 64), s.noise(64, g))
+    g = streams(64, d)
+    state = s.start(d.encode(["0"] * 64), g.normal(torch.arange(64)))
     state = s.rollout(state, g)
     assert d.calls == 64 * 12
     assert state.step == s.num_steps
@@ -42,7 +48,7 @@ def test_noise_is_the_only_randomness():
     d = toy()
     s = EulerAncestral(d, 8)
     cond = d.encode(["0"] * 16)
-    noises = [s.noise(16, torch.Generator().manual_seed(i)) for i in range(9)]
+    noises = [streams(16, d, seed=i).normal(torch.arange(16)) for i in range(9)]
 
     def run(order):
         st = s.start(cond, noises[0])
@@ -64,9 +70,8 @@ def test_deterministic_euler_ignores_noise_and_heun_costs_edm_2n_minus_1():
     assert not any(s.uses_noise(i) for i in range(s.num_steps))
     h = HeunChurn(d, 10, s_churn=0.0)
     assert h.nfe_per_trajectory == 2 * 10 - 1  # EDM: the start call is reused by the first step
-    g = torch.Generator().manual_seed(1)
-    noise = h.noise(32, g)
-    st = h.rollout(h.start(d.encode(["0"] * 32), noise), g)
+    g = streams(32, d, seed=1)
+    st = h.rollout(h.start(d.encode(["0"] * 32), g.normal(torch.arange(32))), g)
     assert d.calls == 32 * h.nfe_per_trajectory
 
 
@@ -81,8 +86,7 @@ def test_heun_churn_injects_noise_inside_the_churn_range():
 def test_state_select_repeat_cat_keep_rows_aligned():
     d = toy()
     s = EulerAncestral(d, 6)
-    g = torch.Generator().manual_seed(0)
-    st = s.start(d.encode(["0", "1", "2"]), s.noise(3, g))
+    st = s.start(d.encode(["0", "1", "2"]), streams(3, d).normal(torch.arange(3)))
     rep = st.repeat(4)
     assert len(rep) == 12 and rep.owner.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert torch.equal(rep.x[4], st.x[1]) and torch.equal(rep.cond[8], st.cond[2])
@@ -95,7 +99,7 @@ def test_state_select_repeat_cat_keep_rows_aligned():
 def test_wrong_noise_shape_is_rejected():
     d = toy()
     s = EulerAncestral(d, 6)
-    st = s.start(d.encode(["0"] * 2), s.noise(2, torch.Generator()))
+    st = s.start(d.encode(["0"] * 2), streams(2, d).normal(torch.arange(2)))
     with pytest.raises(ValueError, match="noise shape"):
         s.step(st, torch.zeros(3, 1, 1, 2))
     with pytest.raises(ValueError, match="injects noise"):
@@ -103,28 +107,43 @@ def test_wrong_noise_shape_is_rejected():
 
 
 def test_budget_charges_per_search_and_never_lets_a_search_exceed():
-    b = Budget(3, nfe=10, cost=CostModel(flops_per_nfe=2.0, flops_per_reward=5.0))
-    b.charge_nfe(torch.tensor([0, 0, 1]))
-    b.charge_reward(torch.tensor([2]))
+    cost = CostModel(flops_per_nfe=2.0, flops_per_reward=5.0, flops_per_decode=1.0)
+    b = Budget(3, nfe=10, cost=cost)
+    b.charge(torch.tensor([0, 0, 1]), cost.nfe(1), "nfe")
+    b.charge(torch.tensor([2]), cost.reward(1), "reward")
     assert b.nfe.tolist() == [2, 1, 0] and b.reward_calls.tolist() == [0, 0, 1]
-    assert b.flops.tolist() == [4.0, 2.0, 5.0]
-    assert b.affords(8) and not b.affords(9)
-    assert b.max_count(4) == 2
+    assert b.flops.tolist() == [4.0, 2.0, 6.0]  # a reward call pays its decode
+    assert b.affords(cost.nfe(8)) and not b.affords(cost.nfe(9))
+    assert b.fit(lambda n: cost.nfe(4 * n)) == 2
     with pytest.raises(BudgetError, match="budget exceeded"):
-        b.charge_nfe(torch.tensor([0] * 9))
+        b.charge(torch.tensor([0] * 9), cost.nfe(1), "nfe")
     assert b.nfe.tolist() == [2, 1, 0]  # a refused charge changes nothing
-    f = Budget(1, flops=20, cost=CostModel(2.0, 5.0))
-    assert f.max_count(5, 1) == 1  # one unit costs 15 FLOPs
-    with pytest.raises(BudgetError):
-        Budget(1)
+    f = Budget(1, flops=20, cost=cost)
+    assert f.fit(lambda n: n * (cost.nfe(5) + cost.reward(1))) == 1  # one unit costs 16 FLOPs
+    with pytest.raises(BudgetError, match="budget too small"):
+        f.fit(lambda n: n * cost.nfe(11))
+    for bad in ({}, {"nfe": float("nan")}, {"nfe": float("inf")}, {"flops": -1.0}):
+        with pytest.raises(BudgetError):
+            Budget(1, **bad)
+
+
+def test_check_spent_catches_a_plan_that_differs_from_the_spend():
+    cost = CostModel(1.0, 2.0)
+    b = Budget(2, nfe=100, cost=cost)
+    before = b.snapshot()
+    b.charge(torch.tensor([0, 1]), cost.nfe(3), "nfe")
+    b.check_spent(before, cost.nfe(3))
+    with pytest.raises(RuntimeError, match="accounting defect"):
+        b.check_spent(before, cost.nfe(4))
+    b.check_spent(before, cost.nfe(4), exact=False)  # a worst-case plan (MCTS) may be under-spent
 
 
 def test_sampler_charges_the_budget_before_calling_the_network():
     d = toy()
     b = Budget(2, nfe=5)
     s = EulerAncestral(d, 12, budget=b)
-    g = torch.Generator().manual_seed(0)
-    st = s.start(d.encode(["0", "1"]), s.noise(2, g))
+    g = streams(2, d)
+    st = s.start(d.encode(["0", "1"]), g.normal(torch.arange(2)))
     with pytest.raises(BudgetError):
         s.rollout(st, g)
     assert int(b.nfe.max()) <= 5 and d.calls == int(b.nfe.sum())

@@ -44,7 +44,8 @@ def resolve_prune_reward(spec: str, device):
     from noisesearch.rewards.base import make_reward
     from noisesearch.rewards.noise_aware import is_noise_aware_dir, load_noise_aware
 
-    if is_noise_aware_dir(spec) or Path(spec).is_dir():
+    looks_like_path = "@" not in spec and ("/" in spec or spec.startswith((".", "~")))
+    if is_noise_aware_dir(spec) or Path(spec).is_dir() or looks_like_path:
         return load_noise_aware(spec, device)  # a folder without a finished manifest gets a clear error
     return make_reward(spec, device=device)
 

@@ -278,14 +278,16 @@ def accuracy(module, x01: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def sample_digits(denoiser, labels: torch.Tensor, seed: int = 0, steps: int = 18) -> torch.Tensor:
     """Decoded samples [B, 1, 8, 8] in [0, 1] for digit ``labels`` with EulerAncestral (Karras
-    schedule, ``steps`` steps); noise from a CPU generator seeded with ``seed``."""
+    schedule, ``steps`` steps); one noise stream per sample (``noisesearch.noise``) under ``seed``."""
     from noisesearch.sampling import EulerAncestral
 
     sampler = EulerAncestral(denoiser, steps)
-    gen = torch.Generator().manual_seed(seed)
+    from noisesearch.noise import NoiseSource
+
+    noise = NoiseSource(seed, sampler.noise_shape, [(i, 0) for i in range(len(labels))], denoiser.device, denoiser.dtype)
     cond = denoiser.encode([str(int(c)) for c in labels])
-    state = sampler.start(cond, sampler.noise(len(labels), gen))
-    state = sampler.rollout(state, gen)
+    state = sampler.start(cond, noise.normal(torch.arange(len(labels))))
+    state = sampler.rollout(state, noise)
     return denoiser.decode(state.x0)
 
 
