@@ -373,8 +373,10 @@ class FlowPipelineDenoiser:
         batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         x_in = torch.cat([x_t] * n).to(self.model_dtype)
         t_net = fam.network_time(torch.cat([t] * n).to(x_t.device, torch.float32))
-        if self.negtome is not None:
+        if self.negtome is not None:  # time window and groups (rows of one prompt and branch)
             self.negtome.set_time(float(t.reshape(-1)[0]))
+            key = batch["pooled"] if "pooled" in batch else batch["embeds"].flatten(1)
+            self.negtome.groups = torch.unique(key.float(), dim=0, return_inverse=True)[1]
         out = fam.network(transformer, x_in, t_net, batch, self.embedded_guidance, self._attn_kwargs)
         out = out.float() * fam.velocity_sign
         if n == 1:
