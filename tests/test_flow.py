@@ -218,10 +218,11 @@ def test_cli_generate_on_flux(tiny_flux_dir, tmp_path):
     assert report["prompt_encoding"]["seconds_per_prompt"] >= 0
 
 
-# ---- pool + train-reward + live ttsnap on FLUX ----------------------------------------------------
+# ---- pool + train-reward + live ttsnap on FLUX and SD3 -----------------------------------------------
 
 
-def test_pool_train_reward_ttsnap_on_flux(tiny_flux_dir, tmp_path):
+@pytest.mark.parametrize("which", ["flux", "sd3"])
+def test_pool_train_reward_ttsnap(which, request, tmp_path):
     from tiny import register_tiny_net_reward
 
     from noisesearch.cli import main
@@ -229,7 +230,8 @@ def test_pool_train_reward_ttsnap_on_flux(tiny_flux_dir, tmp_path):
 
     register_tiny_net_reward()
     clip = "tinynet"  # a tiny random trainable reward
-    base = ["--model", tiny_flux_dir, "--height", "32", "--width", "32", "--steps", "3", "--device", "cpu"]
+    model = request.getfixturevalue(f"tiny_{which}_dir")
+    base = ["--model", model, "--height", "32", "--width", "32", "--steps", "3", "--device", "cpu"]
     rc = main(["pool", *base, "--prompt", "a red bicycle", "--prompt", "a cat", "--candidates", "4",
                "--reward", clip, "--save-images", "--out", str(tmp_path / "pool"), "--quiet"])
     assert rc == 0
@@ -242,7 +244,7 @@ def test_pool_train_reward_ttsnap_on_flux(tiny_flux_dir, tmp_path):
     rc = main(["train-reward", "--pool", str(tmp_path / "pool"), "--reward", key, "--out", str(tmp_path / "na"),
                "--steps", "1", "--iters", "2", "--batch-size", "4", "--lora-rank", "0", "--device", "cpu", "--quiet"])
     assert rc == 0
-    run = api.generate(model=tiny_flux_dir, prompts=["a red bicycle"], reward=clip, strategy="ttsnap", budget_nfe=12,
+    run = api.generate(model=model, prompts=["a red bicycle"], reward=clip, strategy="ttsnap", budget_nfe=12,
                        steps=3, seed=0, strategy_options={"prune_reward": str(tmp_path / "na"), "prune_steps": (1,), "keep": (0.5,)},
                        evaluate=False, model_options={"height": 32, "width": 32})
     assert run.report["nfe_max"] <= 12
