@@ -165,8 +165,27 @@ def test_flops_on_meta_equal_a_real_count(tiny_flux_dir):
     assert d.flops_per_call == pytest.approx(real, rel=1e-6)
     real_dec = _count_flops(lambda: d.decode(x))
     assert d.flops_per_decode == pytest.approx(real_dec, rel=1e-6)
-    cost = d.encode_cost()
-    assert cost["flops_per_prompt"] > 0 and cost["prompts_encoded"] >= 1
+    cost = d.encode_cost()  # text encoders counted on meta copies too; x2 for the two CFG branches
+    real_enc = _count_flops(lambda: d.family.encode_branches(["a"], None, need_uncond=False))
+    assert cost["flops_per_prompt"] == pytest.approx(2 * real_enc, rel=1e-6) and cost["prompts_encoded"] >= 1
+
+
+def test_flow_wrapper_at_infinite_sigma():
+    """sigma = inf: x holds the noise, the network sees t = 1 and x0 = x - v."""
+    from noisesearch.models.wrappers import FlowDenoiser
+
+    seen = {}
+
+    def net(x_t, t, cond):
+        seen["t"], seen["x_t"] = t.clone(), x_t.clone()
+        return torch.full_like(x_t, 0.25)
+
+    w = FlowDenoiser(net, timestep_scale=1000.0)
+    x = torch.randn(2, 3)
+    x0 = w(x, torch.tensor([math.inf, 1.0]), None)
+    assert seen["t"].tolist() == [1000.0, 500.0]
+    assert torch.allclose(seen["x_t"], torch.stack([x[0], x[1] / 2]))
+    assert torch.allclose(x0, torch.stack([x[0] - 0.25, x[1] / 2 - 0.125]))
 
 
 def test_prompts_are_encoded_once(tiny_sd3_dir):

@@ -97,8 +97,9 @@ class FlowFamily:
         return int(self.max_sequence_length or default)
 
     # -- to implement --
-    def encode_branches(self, prompts: list[str], negative: list[str] | None, need_uncond: bool) -> dict:
-        """{"cond": {...}, "uncond": {...}} of batched tensors (uncond only if ``need_uncond``)."""
+    def encode_branches(self, prompts: list[str], negative: list[str] | None, need_uncond: bool, device=None) -> dict:
+        """{"cond": {...}, "uncond": {...}} of batched tensors (uncond only if ``need_uncond``), on
+        ``device`` (default: the pipeline's execution device)."""
         raise NotImplementedError
 
     def network(self, transformer, x_t: torch.Tensor, t_net: torch.Tensor, cond: dict, guidance, attn_kwargs) -> torch.Tensor:
@@ -143,9 +144,9 @@ class FluxFamily(FlowFamily):
     def latent_channels(self) -> int:
         return int(self.pipe.transformer.config.in_channels) // 4
 
-    def encode_branches(self, prompts, negative, need_uncond):
+    def encode_branches(self, prompts, negative, need_uncond, device=None):
         msl = self.msl(512)
-        dev = self.pipe._execution_device
+        dev = device or self.pipe._execution_device
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=dev, max_sequence_length=msl)
         out = {"cond": {"embeds": embeds, "pooled": pooled}}
         if need_uncond:
@@ -178,9 +179,9 @@ class SD3Family(FlowFamily):
     family = "sd3"
     time_scale = 1000.0
 
-    def encode_branches(self, prompts, negative, need_uncond):
+    def encode_branches(self, prompts, negative, need_uncond, device=None):
         embeds, n_embeds, pooled, n_pooled = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.pipe._execution_device, num_images_per_prompt=1,
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device or self.pipe._execution_device, num_images_per_prompt=1,
             do_classifier_free_guidance=need_uncond, negative_prompt=negative, max_sequence_length=self.msl(256),
         )
         out = {"cond": {"embeds": embeds, "pooled": pooled}}
@@ -219,10 +220,10 @@ class Lumina2Family(FlowFamily):
     def vae_scale_factor(self) -> int:
         return int(self.pipe.vae_scale_factor)  # hard-coded 8 in the pipeline
 
-    def encode_branches(self, prompts, negative, need_uncond):
+    def encode_branches(self, prompts, negative, need_uncond, device=None):
         embeds, mask, n_embeds, n_mask = self.pipe.encode_prompt(
             prompts, do_classifier_free_guidance=need_uncond, negative_prompt=negative,
-            device=self.pipe._execution_device, max_sequence_length=self.msl(256),
+            device=device or self.pipe._execution_device, max_sequence_length=self.msl(256),
         )
         out = {"cond": {"embeds": embeds, "mask": mask}}
         if need_uncond:
@@ -433,20 +434,37 @@ class FlowPipelineDenoiser:
 
         Equal for every strategy (each distinct prompt is encoded once per search), so reported, not charged."""
         if self._encode_flops is None:
-            was = [e.device for e in self.family.text_encoders()]
-            self._text_encoders_to(self.device)
-            fam = self.family
-            self._encode_flops = _count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False))
-            if "uncond" in self.branches:
-                self._encode_flops *= 2
-            for e, d in zip(self.family.text_encoders(), was):
-                e.to(d)
+            self._encode_flops = self._count_encode_flops()
         n = max(1, self.encode_stats["prompts"])
         return {
             "flops_per_prompt": float(self._encode_flops),
             "seconds_per_prompt": self.encode_stats["seconds"] / n if self.encode_stats["prompts"] else None,
             "prompts_encoded": self.encode_stats["prompts"],
         }
+
+    def _count_encode_flops(self) -> float:
+        """Text-encoder FLOPs of one prompt (both branches under CFG), on ``meta`` copies of the encoders
+        (nothing moves to the GPU); where an encoder cannot run on ``meta``, on the real ones."""
+        fam, pipe = self.family, self.pipe
+        names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
+        saved = {n: getattr(pipe, n) for n in names}
+        n_branches = 2 if "uncond" in self.branches else 1
+        try:
+            for n in names:
+                setattr(pipe, n, meta_copy(saved[n]))
+            return n_branches * _count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False, device=torch.device("meta")))
+        except (NotImplementedError, RuntimeError):
+            pass
+        finally:
+            for n in names:
+                setattr(pipe, n, saved[n])
+        was = [e.device for e in fam.text_encoders()]
+        self._text_encoders_to(self.device)
+        try:
+            return n_branches * _count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False))
+        finally:
+            for e, d in zip(fam.text_encoders(), was):
+                e.to(d)
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

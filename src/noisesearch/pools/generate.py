@@ -444,6 +444,7 @@ def generate_pool(
         "nfe_at_step": layout["nfe_at_step"],
         "sigmas": layout["sigmas"],
         "flops_per_nfe": flops_call,
+        "flops_per_decode": float(getattr(den, "flops_per_decode", 0.0)),
         "nfe_per_trajectory": samp.nfe_per_trajectory,
         "noise": spec_doc["noise"],
         "images": IMAGES if save_images else None,
@@ -453,6 +454,10 @@ def generate_pool(
         "processes": world,
         "seconds": None,
     }
+    if hasattr(den, "encode_cost"):  # prompt encoding (this process's prompts): reported, not charged
+        extra["prompt_encoding"] = den.encode_cost()
+    if model_options:
+        extra["model_options"] = {k: str(v) for k, v in model_options.items()}
     if command:
         extra["command"] = command
     fpr = {k: float(getattr(r, "flops_per_image", 0.0)) for k, r in base.items()}
