@@ -165,6 +165,7 @@ class FluxFamily(FlowFamily):
         if self.has_embedded_guidance:
             g = torch.full((B,), float(guidance), device=x_t.device, dtype=torch.float32)
         out = transformer(
+            # FluxPipeline passes the timestep in the latents' dtype (bf16 on GPU): do the same
             hidden_states=packed, timestep=t_net.to(x_t.dtype), guidance=g, pooled_projections=cond["pooled"],
             encoder_hidden_states=cond["embeds"], txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=attn_kwargs,
             return_dict=False,
@@ -191,7 +192,8 @@ class SD3Family(FlowFamily):
 
     def network(self, transformer, x_t, t_net, cond, guidance, attn_kwargs):
         return transformer(
-            hidden_states=x_t, timestep=t_net.to(x_t.dtype), encoder_hidden_states=cond["embeds"],
+            # float32 as the pipeline passes it (1000 t in bfloat16 would be rounded to multiples of 4)
+            hidden_states=x_t, timestep=t_net, encoder_hidden_states=cond["embeds"],
             pooled_projections=cond["pooled"], joint_attention_kwargs=attn_kwargs, return_dict=False,
         )[0]
 
@@ -232,7 +234,7 @@ class Lumina2Family(FlowFamily):
 
     def network(self, transformer, x_t, t_net, cond, guidance, attn_kwargs):
         return transformer(
-            hidden_states=x_t, timestep=t_net.to(x_t.dtype), encoder_hidden_states=cond["embeds"],
+            hidden_states=x_t, timestep=t_net, encoder_hidden_states=cond["embeds"],  # float32, as the pipeline
             encoder_attention_mask=cond["mask"], attention_kwargs=attn_kwargs, return_dict=False,
         )[0]
 
