@@ -310,3 +310,23 @@ def test_negtome_is_flux_only_and_validated(tiny_sd3_dir, tiny_flux_dir):
         load_model(tiny_sd3_dir, negtome={})
     with pytest.raises(NoiseSearchError, match="window"):
         load_model(tiny_flux_dir, negtome={"window": (0.5, 2.0)})
+
+
+
+def test_flux_pool_resumes(tiny_flux_dir, tmp_path):
+    """An interrupted FLUX pool (--max-prompts) continued by a rerun equals a run in one go.
+    (Sharding with ``accelerate launch`` is model independent: tests/test_pool_generate.py.)"""
+    import numpy as np
+
+    from noisesearch.cli import main
+    from noisesearch.pools import load_pool
+
+    common = ["pool", "--model", tiny_flux_dir, "--height", "32", "--width", "32", "--steps", "2", "--reward", "brightness",
+              "--prompts", "a red bicycle,a cat", "--candidates", "2", "--device", "cpu", "--no-progress", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one"), "--max-prompts", "1"]) == 0  # interrupted after one prompt
+    assert not (tmp_path / "one" / "pool.json").exists()
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0  # resumed
+    assert main(common + ["--out", str(tmp_path / "two")]) == 0
+    a, b = load_pool(tmp_path / "one"), load_pool(tmp_path / "two")
+    assert a.shape == b.shape == (2, 2, 2)
+    np.testing.assert_allclose(a.rewards["brightness"], b.rewards["brightness"], rtol=1e-5, atol=1e-6)
