@@ -7,7 +7,6 @@ counted on ``meta`` and NegToMe.
 """
 import json
 import math
-import warnings
 
 import pytest
 import torch

@@ -51,7 +51,7 @@ def add_pipeline_options(group, base: bool = True) -> None:
         group.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     group.add_argument("--embedded-guidance", type=float, default=None, help="FLUX.1-dev's guidance-embedding input (default 3.5); --guidance stays classifier-free guidance")
     group.add_argument("--offload", action="store_true", help="model CPU offload for small GPUs (flow pipelines, CUDA)")
-    group.add_argument("--decode-batch", type=int, default=None, help="latents decoded (and scored) per VAE call (default: 8 SD, 4 flow)")
+    group.add_argument("--decode-batch", type=int, default=None, help="latents per VAE decode call when estimates are decoded for the reward (default: 8 SD, 4 flow)")
     group.add_argument("--vae-tiling", action="store_true", help="VAE slicing and tiling (flow pipelines; large images on small GPUs)")
     group.add_argument("--negtome", action="store_true", help="NegToMe: push the candidates of a prompt apart in FLUX's attention (diversity)")
     group.add_argument("--negtome-alpha", type=float, default=0.9, help="NegToMe strength (default: 0.9)")
