@@ -356,6 +356,7 @@ class FlowPipelineDenoiser:
         self._flops_per_decode: float | None = None
         self._encode_flops: float | None = None
         self.encode_stats = {"prompts": 0, "seconds": 0.0}
+        self._meta_cond = None
 
     # ---- guidance branches ---------------------------------------------------------------------
     @property
@@ -419,10 +420,12 @@ class FlowPipelineDenoiser:
         if self.offload_text_encoders and self.device.type == "cuda" and not self.offloaded:
             self._text_encoders_to(torch.device("cpu"))
             torch.cuda.empty_cache()
-        return {
+        cond = {
             b: {k: v.to(self.device, self.model_dtype if v.is_floating_point() else v.dtype)[index.to(v.device)] for k, v in both[b].items()}
             for b in self.branches
         }
+        self._meta_cond = to_meta({b: {k: v[:1] for k, v in c.items()} for b, c in cond.items()})  # shapes for FLOP counts
+        return cond
 
     def _text_encoders_to(self, device: torch.device) -> None:
         if self.offloaded:
@@ -478,7 +481,7 @@ class FlowPipelineDenoiser:
     def flops_per_call(self) -> float:
         """Transformer FLOPs of one evaluation of one sample, all CFG branches (counted on ``meta``)."""
         if self._flops_per_call is None:
-            cond = to_meta(self.encode([""]))
+            cond = self._meta_cond if self._meta_cond is not None else to_meta(self.encode([""]))  # no re-encoding
             meta_tr = meta_copy(self.transformer)
             x = torch.zeros((1, *self.sample_shape), device="meta")
             t = torch.full((1,), 0.5, device="meta")
