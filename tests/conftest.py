@@ -55,3 +55,45 @@ def tiny_clip_dir(tmp_path_factory):
     from tiny import tiny_clip_model_dir
 
     return str(tiny_clip_model_dir(tmp_path_factory.mktemp("tiny_clip")))
+
+
+# ---- tiny flow-matching pipelines (FLUX dev / schnell, SD3, Lumina2; builders in tests/tiny.py) -------
+
+
+def _save_flow(tmp_path_factory, name, builder, **kw):
+    pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp(name)
+    builder(root, **kw).save_pretrained(root / "pipe")
+    return str(root / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny random FluxPipeline with a guidance embedding (FLUX.1-dev-like), 32x32 images."""
+    from tiny import tiny_flux_pipeline
+
+    return _save_flow(tmp_path_factory, "tiny_flux", tiny_flux_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory):
+    """A tiny random FluxPipeline without guidance embedding and unshifted (FLUX.1-schnell-like)."""
+    from tiny import tiny_flux_pipeline
+
+    return _save_flow(tmp_path_factory, "tiny_flux_schnell", tiny_flux_pipeline, guidance_embeds=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline, 32x32 images."""
+    from tiny import tiny_sd3_pipeline
+
+    return _save_flow(tmp_path_factory, "tiny_sd3", tiny_sd3_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_lumina2_dir(tmp_path_factory):
+    """A tiny random Lumina2Pipeline, 64x64 images."""
+    from tiny import tiny_lumina2_pipeline
+
+    return _save_flow(tmp_path_factory, "tiny_lumina2", tiny_lumina2_pipeline)

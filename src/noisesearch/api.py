@@ -87,7 +87,9 @@ def generate(
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
 
     ``model_options`` go to ``load_model`` when ``model`` is a name: for diffusers pipelines
-    ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``."""
+    ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``,
+    ``decode_batch``; for flow pipelines (FLUX, SD3, Lumina2) also ``embedded_guidance``,
+    ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``)."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
@@ -146,6 +148,8 @@ def generate(
         "python": platform.python_version(),
         "strategy_info": {k: v for k, v in result.info.items() if k != "all_rewards"},
     }
+    if hasattr(denoiser, "encode_cost"):  # equal for every strategy: reported, not charged
+        report["prompt_encoding"] = denoiser.encode_cost()
     if evaluate and report["model"] == "digits":
         evaluate_digits(report, images)
     return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra={"info": result.info})

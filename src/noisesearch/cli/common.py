@@ -32,3 +32,44 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise NoiseSearchError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return name
+
+
+# ---- diffusers / flow pipeline options (generate and pool) -------------------------------------------
+_PIPELINE_KEYS = ("height", "width", "dtype", "negative_prompt", "variant")
+_FLOW_KEYS = ("embedded_guidance", "decode_batch")
+
+
+def add_pipeline_options(group, base: bool = True) -> None:
+    """Options of diffusers pipelines: ``--height/--width/--dtype/--negative-prompt/--variant`` (with
+    ``base``) and the flow-pipeline ones (``--embedded-guidance``, ``--offload``, ``--decode-batch``,
+    ``--vae-tiling``, ``--negtome*``)."""
+    if base:
+        group.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+        group.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+        group.add_argument("--dtype", default=None, help="network dtype: float32, float16, bfloat16 (default on CUDA: bfloat16 for FLUX/SD3, float16 for SD/SDXL; else float32)")
+        group.add_argument("--negative-prompt", default=None, help="the unconditional prompt of classifier-free guidance (default: empty)")
+        group.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+    group.add_argument("--embedded-guidance", type=float, default=None, help="FLUX.1-dev's guidance-embedding input (default 3.5); --guidance stays classifier-free guidance")
+    group.add_argument("--offload", action="store_true", help="model CPU offload for small GPUs (flow pipelines, CUDA)")
+    group.add_argument("--decode-batch", type=int, default=None, help="latents per VAE decode call when estimates are decoded for the reward (default: 8 SD, 4 flow)")
+    group.add_argument("--vae-tiling", action="store_true", help="VAE slicing and tiling (flow pipelines; large images on small GPUs)")
+    group.add_argument("--negtome", action="store_true", help="NegToMe: push the candidates of a prompt apart in FLUX's attention (diversity)")
+    group.add_argument("--negtome-alpha", type=float, default=0.9, help="NegToMe strength (default: 0.9)")
+    group.add_argument("--negtome-threshold", type=float, default=0.65, help="NegToMe cosine-similarity threshold (default: 0.65)")
+    group.add_argument("--negtome-window", default="0.9,1.0", help="NegToMe flow-time window lo,hi (1 = noise; default: 0.9,1.0)")
+
+
+def pipeline_model_options(args) -> dict:
+    """``model_options`` for ``load_model`` from the options of ``add_pipeline_options``."""
+    opts = {k: getattr(args, k) for k in _PIPELINE_KEYS + _FLOW_KEYS if getattr(args, k, None) is not None}
+    if getattr(args, "offload", False):
+        opts["offload"] = True
+    if getattr(args, "vae_tiling", False):
+        opts["vae_tiling"] = True
+    if getattr(args, "negtome", False):
+        try:
+            lo, hi = (float(v) for v in str(args.negtome_window).split(","))
+        except ValueError:
+            raise NoiseSearchError(f"--negtome-window must be lo,hi (flow times), got {args.negtome_window!r}") from None
+        opts["negtome"] = {"alpha": args.negtome_alpha, "threshold": args.negtome_threshold, "window": (lo, hi)}
+    return opts

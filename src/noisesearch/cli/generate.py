@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_threads, apply_threads, resolve_device
+from noisesearch.cli.common import add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -73,12 +73,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
     add_threads(g)
 
-    g = p.add_argument_group("diffusers pipelines")
-    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
-    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
-    g.add_argument("--dtype", default=None, help="network dtype: float32, float16, bfloat16 (default: float16 on CUDA, else float32)")
-    g.add_argument("--negative-prompt", default=None, help="the unconditional prompt of classifier-free guidance (default: empty)")
-    g.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+    g = p.add_argument_group("diffusers pipelines (SD, SDXL, FLUX, SD3, Lumina2)")
+    add_pipeline_options(g)
 
     g = p.add_argument_group("search")
     g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
@@ -128,8 +124,7 @@ def run(args) -> int:
     if args.budget_nfe is None and args.budget_flops is None:
         raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    model_options = {k: getattr(args, k) for k in ("height", "width", "dtype", "negative_prompt", "variant")
-                     if getattr(args, k) is not None}
+    model_options = pipeline_model_options(args)
     result = api.generate(
         model=args.model,
         prompts=prompts,

@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_threads, apply_threads, resolve_device
+from noisesearch.cli.common import add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -42,6 +42,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     add_threads(g)
     g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
+
+    g = p.add_argument_group("diffusers pipelines (SD, SDXL, FLUX, SD3, Lumina2)")
+    add_pipeline_options(g)
 
     g = p.add_argument_group("pool")
     g.add_argument("--reward", action="append", default=[], help="reward spec(s), comma-separated or repeated, e.g. digit or "
@@ -94,6 +97,7 @@ def run(args) -> int:
         max_prompts=args.max_prompts,
         progress=not (args.no_progress or args.quiet),
         command=command,
+        model_options=pipeline_model_options(args),
     )
     if not args.quiet:
         if pool is None:

@@ -51,6 +51,86 @@ def _count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A parameter-free copy of a diffusers / transformers module on the ``meta`` device (same config).
+
+    FLOPs counted on it equal those of the real module, so a model never has to run (or, with
+    configs only, be loaded) to be costed.
+    """
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("diffusers", "transformers")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            if hasattr(module, "from_config"):  # diffusers ModelMixin
+                copy_ = type(module).from_config(module.config)
+            else:  # transformers PreTrainedModel
+                copy_ = type(module)(module.config)
+        return copy_.to(dtype=next(module.parameters()).dtype).eval()
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+def to_meta(obj):
+    """Tensors (in nested dicts / tuples / lists) as meta tensors of the same shape and dtype."""
+    if isinstance(obj, torch.Tensor):
+        return torch.empty_like(obj, device="meta")
+    if isinstance(obj, dict):
+        return {k: to_meta(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_meta(v) for v in obj)
+    return obj
+
+
+def vae_latents_to_vae_input(vae, z: torch.Tensor) -> torch.Tensor:
+    """Undo the pipeline's latent normalisation (``latents_mean/std`` or ``scaling/shift_factor``)."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        c = z.shape[1]
+        mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, c, 1, 1)
+        std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, c, 1, 1)
+        return z * std / cfg.scaling_factor + mean
+    z = z / cfg.scaling_factor
+    if getattr(cfg, "shift_factor", None) is not None:
+        z = z + cfg.shift_factor
+    return z
+
+
+@torch.no_grad()
+def vae_decode(vae, x0: torch.Tensor, decode_batch: int, device) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] (float32) from normalised latents, ``decode_batch`` per VAE call."""
+    images = []
+    for lo in range(0, x0.shape[0], max(1, int(decode_batch))):
+        z = vae_latents_to_vae_input(vae, x0[lo : lo + decode_batch].to(device, vae.dtype))
+        img = vae.decode(z, return_dict=False)[0]
+        images.append((img.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)
+
+
+def vae_decode_flops(vae, sample_shape) -> float:
+    """VAE decoder FLOPs for one image of latent shape ``sample_shape``, counted on ``meta``."""
+    meta_vae = meta_copy(vae)
+    z = torch.zeros((1, *sample_shape), device="meta", dtype=next(vae.parameters()).dtype)
+    return _count_flops(lambda: meta_vae.decode(vae_latents_to_vae_input(meta_vae, z), return_dict=False))
+
+
+def parse_dtype(dtype, device: torch.device, cuda_default: torch.dtype = torch.float16) -> torch.dtype:
+    """``dtype`` (a torch.dtype, a name like ``"bfloat16"`` or None) -> torch.dtype; None gives
+    ``cuda_default`` on CUDA and float32 elsewhere."""
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise NoiseSearchError(f"unknown dtype {dtype!r}; use e.g. float32, float16, bfloat16")
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = cuda_default if torch.device(device).type == "cuda" else torch.float32
+    return dtype
+
+
 class DiffusersDenoiser:
     """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` as a noisesearch ``Denoiser``.
 
@@ -222,25 +302,7 @@ class DiffusersDenoiser:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] (float32) from latent x0 estimates, via the VAE."""
-        vae = self.decode_vae
-        cfg = vae.config
-        vae_dtype = vae.dtype
-        images = []
-        for lo in range(0, x0.shape[0], self.decode_batch):
-            z = x0[lo : lo + self.decode_batch].to(self.device, vae_dtype)
-            mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-            if mean is not None and std is not None:
-                c = z.shape[1]
-                mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, c, 1, 1)
-                std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, c, 1, 1)
-                z = z * std / cfg.scaling_factor + mean
-            else:
-                z = z / cfg.scaling_factor
-                if getattr(cfg, "shift_factor", None) is not None:
-                    z = z + cfg.shift_factor
-            img = vae.decode(z, return_dict=False)[0]
-            images.append((img.float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(images)
+        return vae_decode(self.decode_vae, x0, self.decode_batch, self.device)
 
     # ---- costs -----------------------------------------------------------------------------------
     @property
@@ -257,8 +319,7 @@ class DiffusersDenoiser:
     def flops_per_decode(self) -> float:
         """VAE decoder FLOPs for one image (measured once)."""
         if self._flops_per_decode is None:
-            x = torch.zeros((1, *self.sample_shape), device=self.device)
-            self._flops_per_decode = _count_flops(lambda: self.decode(x))
+            self._flops_per_decode = vae_decode_flops(self.decode_vae, self.sample_shape)
         return self._flops_per_decode
 
     # ---- the pipeline's own schedule -------------------------------------------------------------
@@ -326,11 +387,16 @@ def load_diffusers(
     variant: str | None = None,
     **kw,
 ) -> DiffusersDenoiser:
-    """Load a Stable Diffusion / SDXL pipeline (local directory or hub ``org/name``) as a denoiser.
+    """Load a Stable Diffusion / SDXL / flow pipeline (local directory or hub ``org/name``) as a denoiser.
 
-    ``dtype``: the network dtype (default float16 on CUDA, float32 elsewhere); a string like
-    ``"bfloat16"`` works too. ``variant``: a weights variant such as ``"fp16"``. Other keyword
-    arguments go to ``DiffusersDenoiser`` (height, width, default_steps, negative_prompt, ...).
+    Flow-matching pipelines (FluxPipeline, StableDiffusion3Pipeline, Lumina2Pipeline; detected from
+    ``model_index.json``) become a ``models.flow.FlowPipelineDenoiser``.
+
+    ``dtype``: the network dtype (default on CUDA: bfloat16 for flow pipelines, float16 for SD / SDXL;
+    float32 elsewhere); a string like ``"bfloat16"`` works too. ``variant``: a weights variant such as
+    ``"fp16"``. ``offload=True``: model CPU offload (``enable_model_cpu_offload``, CUDA only; flow
+    pipelines). Other keyword arguments go to the denoiser (height, width, default_steps,
+    negative_prompt, decode_batch, ...).
     """
     try:
         import diffusers
@@ -339,12 +405,7 @@ def load_diffusers(
 
     name = str(name_or_path)
     device = torch.device(device)
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise NoiseSearchError(f"unknown dtype {dtype!r}; use e.g. float32, float16, bfloat16")
-        dtype = getattr(torch, dtype)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    offload = bool(kw.pop("offload", False))
 
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")):
@@ -362,12 +423,18 @@ def load_diffusers(
         except Exception as e:
             raise _hub_error(name, e) from e
 
+    from noisesearch.models.flow import FLOW_FAMILIES, FlowPipelineDenoiser
+
     class_name = config.get("_class_name")
-    if class_name not in SUPPORTED_PIPELINES:
+    supported = SUPPORTED_PIPELINES + tuple(FLOW_FAMILIES)
+    if class_name not in supported:
         raise NoiseSearchError(
-            f"{name} is a {class_name} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)} "
-            "(Stable Diffusion 1.x / 2.x and SDXL text-to-image)"
+            f"{name} is a {class_name} pipeline; supported: {', '.join(supported)} "
+            "(Stable Diffusion 1.x / 2.x, SDXL and the flow-matching FLUX, SD3 and Lumina2 text-to-image)"
         )
+    is_flow = class_name in FLOW_FAMILIES
+    # flow transformers are trained in bfloat16 (float16 overflows in FLUX); UNets run in float16
+    dtype = parse_dtype(dtype, device, torch.bfloat16 if is_flow else torch.float16)
     pipeline_cls = getattr(diffusers, class_name)
     extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
     if variant is not None:
@@ -379,12 +446,21 @@ def load_diffusers(
         if not os.path.isdir(name):
             raise _hub_error(name, e) from e
         raise NoiseSearchError(f"cannot load the {class_name} in {name} (missing or broken files?): {e}") from e
-    pipe.to(device)
+    if offload:
+        if device.type != "cuda":
+            raise NoiseSearchError("--offload (model CPU offload) needs a CUDA device")
+        pipe.enable_model_cpu_offload(device=device)  # needs accelerate; each model moves to the GPU when it runs
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     try:
+        if is_flow:
+            return FlowPipelineDenoiser(pipe, guidance=guidance, name=name, offloaded=offload, **kw)
+        if offload:
+            raise NoiseSearchError("--offload applies to flow pipelines (FLUX, SD3, Lumina2)")
         return DiffusersDenoiser(pipe, guidance=guidance, name=name, **kw)
     except TypeError as e:
         raise NoiseSearchError(f"bad option for a diffusers model: {e}") from e
 
 
-__all__ = ["DiffusersDenoiser", "load_diffusers", "SUPPORTED_PIPELINES"]
+__all__ = ["DiffusersDenoiser", "load_diffusers", "SUPPORTED_PIPELINES", "vae_decode", "vae_decode_flops", "meta_copy", "parse_dtype"]

@@ -11,9 +11,10 @@ noisesearch works in the EDM / k-diffusion convention ``x = x0 + sigma * eps`` w
 * **Discrete VP, v-prediction** (SD 2.x 768): ``v = sqrt(a) eps - sqrt(1 - a) x0``. With
   sigma_data = 1: ``x0 = c_skip x + c_out v``, ``c_skip = 1 / (sigma^2 + 1)``,
   ``c_out = -sigma / sqrt(sigma^2 + 1)``.
-* **Flow matching / rectified flow** (SD3, Flux): ``x_t = (1 - t) x0 + t eps`` for t in [0, 1] and
+* **Flow matching / rectified flow** (SD3, FLUX): ``x_t = (1 - t) x0 + t eps`` for t in [0, 1] and
   the network predicts the velocity ``v = eps - x0``. Then ``sigma = t / (1 - t)``,
-  ``x_t = x / (1 + sigma)`` and ``x0 = x_t - t v``.
+  ``x_t = x / (1 + sigma)`` and ``x0 = x_t - t v``. SD3's transformer takes ``1000 t``; FLUX's
+  takes ``t`` (it multiplies by 1000 itself).
 
 A wrapped *network* is any callable ``net(x_in, t, cond) -> output`` where ``t`` has shape [B] (the
 network's own time input: a possibly fractional training timestep for the VP wrappers, ``t`` times
@@ -169,9 +170,15 @@ class FlowDenoiser:
     """Velocity (flow-matching) network -> sigma-parameterized denoiser.
 
     With ``x_t = (1 - t) x0 + t eps`` and ``v = eps - x0``: ``t = sigma / (1 + sigma)``,
-    ``x_t = x / (1 + sigma)``, ``x0 = x_t - t v``. The network gets ``t * timestep_scale``
-    (diffusers' SD3 / Flux transformers take ``1000 t``). ``t_min`` / ``t_max`` bound the usable
-    range (t = 1 is sigma = infinity) and give ``sigma_min`` / ``sigma_max``.
+    ``x_t = x / (1 + sigma)``, ``x0 = x_t - t v``. The network gets ``t * timestep_scale``: 1000 for
+    diffusers' ``SD3Transformer2DModel`` (it takes ``1000 t``); 1 for ``FluxTransformer2DModel``,
+    which multiplies its timestep (and guidance) input by 1000 itself (``FluxPipeline`` passes
+    ``timestep / 1000``). ``models.flow`` handles the families' other conventions (reversed time,
+    negated velocity). ``t_min`` / ``t_max`` give ``sigma_min`` / ``sigma_max`` (the range of
+    Karras schedules).
+
+    ``sigma = inf`` (t = 1, where flow pipelines start) is allowed: there ``x`` holds the limit of
+    ``x / (1 + sigma)``, i.e. the pure noise ``x_t`` (see ``sampling.samplers``).
     """
 
     prediction_type = "flow"
@@ -184,15 +191,23 @@ class FlowDenoiser:
         self.sigma_min = flow_t_to_sigma(t_min)
         self.sigma_max = flow_t_to_sigma(t_max)
 
+    @staticmethod
+    def flow_time(sigma: torch.Tensor) -> torch.Tensor:
+        """t = sigma / (1 + sigma) in float64, 1 at sigma = inf."""
+        s = sigma.double()
+        inf = torch.isinf(s)
+        return torch.where(inf, torch.ones_like(s), s / (1 + torch.where(inf, torch.zeros_like(s), s)))
+
     def network_inputs(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = flow_sigma_to_t(sigma.double())
-        x_t = x / _expand(1 + sigma.double(), x)
+        t = self.flow_time(sigma)
+        scale = torch.where(torch.isinf(sigma.double()), torch.ones_like(t), 1 / (1 + sigma.double().nan_to_num(posinf=0.0)))
+        x_t = x * _expand(scale, x)
         return x_t, (t * self.timestep_scale).to(device=x.device, dtype=torch.float32)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         x_t, t_in = self.network_inputs(x, sigma)
         v = self.net(x_t, t_in, cond)
-        t = flow_sigma_to_t(sigma.double())
+        t = self.flow_time(sigma)
         return x_t - _expand(t, x) * v.to(x.dtype)
 
 

@@ -105,7 +105,8 @@ def fingerprints(sampler, rewards: dict, na: dict, layout: dict, prompt: str) ->
     g = torch.Generator().manual_seed(20240531)
     z = torch.randn((2, *sampler.noise_shape), generator=g, dtype=torch.float32).to(den.device, den.dtype)
     sig = torch.tensor([float(sampler.sigmas[0]), 1.0], dtype=torch.float32)
-    x = z * sig.view(-1, *([1] * (z.ndim - 1))).to(z.device, z.dtype)
+    scale = sig.nan_to_num(posinf=1.0)  # at sigma = inf (flow models) the state holds the noise itself
+    x = z * scale.view(-1, *([1] * (z.ndim - 1))).to(z.device, z.dtype)
 
     def digest(t) -> str:
         arr = np.round(torch.as_tensor(t).detach().double().cpu().numpy(), 3)
@@ -226,6 +227,7 @@ def generate_pool(
     max_prompts: int | None = None,
     progress: bool = False,
     command: str | None = None,
+    model_options: dict | None = None,
 ):
     """Make (or continue) the pool in ``out``; see the module docstring.
 
@@ -257,7 +259,9 @@ def generate_pool(
     dist = _dist_state(device)
     rank, world = (dist.process_index, dist.num_processes) if dist is not None else (0, 1)
 
-    den = as_denoiser(model, device=device, guidance=guidance)
+    if dist is not None and str(device).startswith("cuda"):
+        device = str(dist.device)  # one GPU per process under accelerate launch
+    den = as_denoiser(model, device=device, guidance=guidance, options=model_options)
     samp = as_sampler(sampler, den, steps, max_batch=max_batch)
     den.encode(prompts)  # unknown prompts fail here, before any work
     layout = step_layout(samp)
@@ -300,6 +304,8 @@ def generate_pool(
         "fingerprints": fingerprints(samp, base, na, layout, prompts[0]),
         "noise": "per candidate: noisesearch.noise stream (seed, prompt_index, 0, candidate)",
     }
+    if model_options:
+        spec_doc["model_options"] = {k: str(v) for k, v in sorted(model_options.items()) if k not in ("offload", "decode_batch", "vae_tiling")}
     digest = hashlib.sha256(json.dumps(spec_doc, sort_keys=True).encode()).hexdigest()[:16]
     spec_path = out / PARTS / SPEC
     if rank == 0:
@@ -384,6 +390,10 @@ def generate_pool(
         "processes": world,
         "seconds": None,
     }
+    if hasattr(den, "encode_cost"):  # prompt encoding (this process's prompts): reported, not charged
+        extra["prompt_encoding"] = den.encode_cost()
+    if model_options:
+        extra["model_options"] = {k: str(v) for k, v in model_options.items()}
     if command:
         extra["command"] = command
     fpr = {k: float(getattr(r, "flops_per_image", 0.0)) for k, r in base.items()}

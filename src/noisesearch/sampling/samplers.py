@@ -6,6 +6,13 @@ A ``Sampler`` advances a batched ``State`` one step at a time. ``start(cond, noi
 ``x0``, the Tweedie estimate a strategy scores, and ``owner``: the index of the search (output
 sample) each row belongs to, so that the budget charges every network evaluation to its search.
 
+**Infinite sigma.** Flow-matching pipelines start at t = 1, i.e. ``sigma_0 = inf`` (their
+``schedule_sigmas``, which samplers use by default when a denoiser has one). There the state holds
+the limit ``x / sigma``, the pure noise, the denoiser reads it as such, and the first step takes the
+exact limit of its rule: Euler / Euler-ancestral ``x_1 = x0 + sigma_down * eps`` (``eps = x / sigma``
+= the noise; sigma_down = sigma_1 for Euler), Heun an Euler step (a second-order correction over an
+infinite interval is undefined) and no churn.
+
 Branching is ``state.repeat(n)`` followed by ``step`` with ``n`` different noises per row; keeping
 a subset is ``state.select(idx)``. Network calls are split into chunks of ``max_batch`` rows and
 charged to ``budget`` (a ``noisesearch.budget.Budget``) before they run. Noise is never drawn here:
@@ -89,6 +96,8 @@ class Sampler:
         budget=None,
     ):
         self.denoiser = denoiser
+        if sigmas is None and hasattr(denoiser, "schedule_sigmas"):
+            sigmas = denoiser.schedule_sigmas(steps or denoiser.default_steps)  # the model's own (flow pipelines)
         if sigmas is None:
             steps = steps or denoiser.default_steps
             sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
@@ -127,10 +136,11 @@ class Sampler:
 
     # ---- the step rule (subclasses) -------------------------------------------------------------
     def start(self, cond: Cond, noise: torch.Tensor, owner: torch.Tensor | None = None) -> State:
-        """Initial states ``x = sigma_0 * noise`` and their x0 (one network call per row)."""
+        """Initial states ``x = sigma_0 * noise`` (``noise`` itself at sigma_0 = inf) and their x0."""
         if owner is None:
             owner = torch.arange(noise.shape[0])
-        x = noise * float(self.sigmas[0])
+        s0 = float(self.sigmas[0])
+        x = noise.clone() if math.isinf(s0) else noise * s0
         x0 = self.denoise(x, float(self.sigmas[0]), cond, owner)
         return State(x=x, x0=x0, step=0, cond=cond, owner=owner, x0_at_x=True)
 
@@ -179,6 +189,9 @@ def ancestral_split(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tup
     """(sigma_down, sigma_up) of an ancestral step, as in k-diffusion's ``get_ancestral_step``."""
     if sigma_to == 0 or eta == 0:
         return sigma_to, 0.0
+    if math.isinf(sigma_from):  # the limit sigma_from -> inf
+        sigma_up = min(sigma_to, eta * sigma_to)
+        return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
     sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
     sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
     return sigma_down, sigma_up
@@ -209,8 +222,11 @@ class EulerAncestral(Sampler):
         s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         noise = self.check_noise(state, noise)
         sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
-        d = (state.x - state.x0) / s
-        x = state.x + d * (sigma_down - s)
+        if math.isinf(s):  # state.x is eps = lim x / sigma: the limit of the step below
+            x = state.x0 + state.x * sigma_down
+        else:
+            d = (state.x - state.x0) / s
+            x = state.x + d * (sigma_down - s)
         if s_next == 0:
             return replace(state, x=x, x0=x, step=i + 1, x0_at_x=True)
         x = x + noise * sigma_up
@@ -258,12 +274,16 @@ class HeunChurn(Sampler):
 
     def gamma(self, i: int) -> float:
         t = float(self.sigmas[i])
-        if self.s_tmin <= t <= self.s_tmax:
+        if self.s_tmin <= t <= self.s_tmax and math.isfinite(t):
             return min(self.s_churn / self.num_steps, math.sqrt(2) - 1)
         return 0.0
 
     def step_nfe(self, i: int) -> int:
-        first = 0 if (i == 0 and self.gamma(0) == 0) else 1
+        if math.isinf(float(self.sigmas[i])):
+            return 1 if float(self.sigmas[i + 1]) > 0 else 0
+        # no first call where the state's x0 is at x: the start, or after an Euler step from inf
+        at_x = i == 0 or math.isinf(float(self.sigmas[i - 1]))
+        first = 0 if (at_x and self.gamma(i) == 0) else 1
         return first + (1 if float(self.sigmas[i + 1]) > 0 else 0)
 
     def uses_noise(self, i: int) -> bool:
@@ -275,6 +295,12 @@ class HeunChurn(Sampler):
             raise ValueError("state is already at the end of the schedule")
         t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         noise = self.check_noise(state, noise)
+        if math.isinf(t):  # Euler from the pure noise (state.x is eps), no churn
+            x_next = state.x0 + t_next * state.x
+            if t_next == 0:
+                return replace(state, x=x_next, x0=x_next, step=i + 1, x0_at_x=True)
+            x0 = self.denoise(x_next, t_next, state.cond, state.owner)
+            return replace(state, x=x_next, x0=x0, step=i + 1, x0_at_x=True)
         gamma = self.gamma(i)
         t_hat = t * (1 + gamma)
         x_hat = state.x + math.sqrt(max(t_hat**2 - t**2, 0.0)) * self.s_noise * noise
