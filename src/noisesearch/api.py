@@ -159,12 +159,15 @@ def evaluate_digits(report: dict, images: torch.Tensor) -> None:
     """Add the independent judge's verdict (never optimised) to a digits report, in place."""
     from noisesearch.rewards.digit import load_judge
 
+    from noisesearch.models.digits import parse_digits
+
     judge = load_judge("cpu")
     classes, probs = judge.predict(images)
+    targets = parse_digits([s["prompt"] for s in report["samples"]], "the digits judge").tolist()
     hits = 0
-    for s, c, p in zip(report["samples"], classes.tolist(), probs.tolist()):
+    for s, c, p, t in zip(report["samples"], classes.tolist(), probs.tolist(), targets):
         s["judge_class"], s["judge_prob"] = int(c), float(p)
-        hits += int(str(c) == s["prompt"].strip())
+        hits += int(int(c) == t)
     report["judge_accuracy"] = hits / max(1, len(report["samples"]))
 
 

@@ -1,4 +1,5 @@
-"""Atomic file output and image grids."""
+"""File output: the one atomic writer (and its bytes / text / JSON / npy / figure forms), image grids,
+checked safetensors."""
 from __future__ import annotations
 
 import hashlib
@@ -7,29 +8,49 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """The one atomic writer: ``write(f)`` fills a temporary file in the same folder, which is then
+    synced, made readable by others (0644: outputs, weights and pools are meant to be shared) and
+    moved into place with ``os.replace``. A failure leaves no partial file and the old one intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs and weights are meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> Path:
+    return atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
+
+
+def atomic_save_figure(path: str | os.PathLike, fig, **savefig_kw) -> Path:
+    """A matplotlib figure as PNG (``savefig_kw`` e.g. ``dpi``); the figure is left open."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig_kw))
 
 
 def _jsonable(obj: Any):
@@ -42,8 +63,8 @@ def _jsonable(obj: Any):
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:

@@ -45,6 +45,7 @@ import torch
 
 from noisesearch.errors import BudgetError
 from noisesearch.models import load_model
+from noisesearch.models.digits import parse_digits
 from noisesearch.rewards.base import make_reward, score
 from noisesearch.build import build_problem
 from noisesearch.search import make_strategy
@@ -231,7 +232,7 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
     wall, cpu = time.perf_counter() - t0, CLOCK() - c0
     wall, cpu = wall - tden.shadow_seconds, cpu - tden.shadow_seconds  # the paired calls are not the strategy's
     images = den.decode(result.x0).float().cpu()
-    targets = torch.tensor([int(p) for p in prompts])
+    targets = parse_digits(prompts)
     with torch.no_grad():
         cls, _ = classifier.predict(images)
         jcls, _ = judge.predict(images)

@@ -29,26 +29,12 @@ from typing import Sequence
 
 import torch
 
+from noisesearch.flops import count_flops
+
 from noisesearch.errors import NoiseSearchError
 from noisesearch.models.wrappers import vp_denoiser
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
-def _count_flops(fn) -> float:
-    """FLOPs of ``fn()`` counted by ``torch.utils.flop_counter.FlopCounterMode``.
-
-    Attention runs on the math backend while counting, so that it decomposes into counted matmuls on
-    every device (the fused CPU kernel has no FLOP formula); the count is the same as for the
-    fused CUDA kernels (two batched matmuls per attention).
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -116,7 +102,7 @@ def vae_decode_flops(vae, sample_shape) -> float:
     """VAE decoder FLOPs for one image of latent shape ``sample_shape``, counted on ``meta``."""
     meta_vae = meta_copy(vae)
     z = torch.zeros((1, *sample_shape), device="meta", dtype=next(vae.parameters()).dtype)
-    return _count_flops(lambda: meta_vae.decode(vae_latents_to_vae_input(meta_vae, z), return_dict=False))
+    return count_flops(lambda: meta_vae.decode(vae_latents_to_vae_input(meta_vae, z), return_dict=False))
 
 
 def parse_dtype(dtype, device: torch.device, cuda_default: torch.dtype = torch.float16) -> torch.dtype:
@@ -312,7 +298,7 @@ class DiffusersDenoiser:
             x = torch.zeros((1, *self.sample_shape), device=self.device)
             sigma = torch.ones(1, device=self.device)
             cond = self.encode([""])
-            self._flops_per_call = _count_flops(lambda: self(x, sigma, cond))
+            self._flops_per_call = count_flops(lambda: self(x, sigma, cond))
         return self._flops_per_call
 
     @property

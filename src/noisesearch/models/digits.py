@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 from noisesearch.io import load_checked_safetensors, save_checked_safetensors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -60,7 +61,7 @@ def save_weights(
 
     The metadata holds ``kind`` (what the file is), ``config`` (JSON, the constructor arguments of
     the module), ``sha256`` (a digest of the tensors, checked on load) and optionally ``flops``
-    (JSON, FLOP counts measured with ``count_flops`` when the file was written, so that loading
+    (JSON, FLOP counts measured with ``noisesearch.flops.count_flops`` when the file was written, so that loading
     does not have to run ``FlopCounterMode``, whose first use imports torch._dynamo: seconds).
     """
     meta = {"config": json.dumps(config, sort_keys=True)}
@@ -93,17 +94,6 @@ def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], path, kind: 
         first = str(e).splitlines()[0]
         raise NoiseSearchError(f"{kind} weights at {path} do not match the network ({first}); {hint}") from None
     return module
-
-
-def count_flops(module: nn.Module, *inputs) -> float:
-    """FLOPs of ``module(*inputs)`` counted by ``torch.utils.flop_counter.FlopCounterMode``
-    (matrix multiplications and convolutions; elementwise operations are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*inputs)
-    return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +205,7 @@ def measure_call_flops(model: EDMDigits) -> dict[str, float]:
         x = torch.zeros(branches, 1, 8, 8, device=next(model.parameters()).device)
         sigma = torch.ones(branches, device=x.device)
         labels = torch.zeros(branches, dtype=torch.long, device=x.device)
-        out[str(branches)] = count_flops(model, x, sigma, labels)
+        out[str(branches)] = count_flops(lambda: model(x, sigma, labels))
     return out
 
 
@@ -238,19 +228,23 @@ def load_edm_digits(weights: str | os.PathLike | None = None, device="cpu") -> t
 _FLOPS_CACHE: dict[str, dict[str, float]] = {}  # config JSON -> measure_call_flops
 
 
-def encode_digits(prompts: Sequence[str] | str, device="cpu") -> torch.Tensor:
-    """LongTensor of digit labels for prompts ``"0"`` .. ``"9"`` (surrounding whitespace ignored)."""
+def parse_digits(prompts: Sequence[str] | str, who: str = "the digits model", device="cpu") -> torch.Tensor:
+    """The one digit-prompt parser: LongTensor of digits for prompts ``"0"`` .. ``"9"`` (surrounding
+    whitespace ignored); ``NoiseSearchError`` naming ``who`` for anything else."""
     if isinstance(prompts, str):
         prompts = [prompts]
     labels = []
     for p in prompts:
         s = p.strip() if isinstance(p, str) else None
         if s not in DIGIT_PROMPTS:
-            raise NoiseSearchError(
-                f"the digits model does not know the prompt {p!r}; valid prompts: {', '.join(DIGIT_PROMPTS)}"
-            )
+            raise NoiseSearchError(f"{who} does not know the prompt {p!r}; valid prompts: {', '.join(DIGIT_PROMPTS)} (the digit to show)")
         labels.append(int(s))
     return torch.tensor(labels, dtype=torch.long, device=device)
+
+
+def encode_digits(prompts: Sequence[str] | str, device="cpu") -> torch.Tensor:
+    """Digit labels of the prompts, for the denoiser (see :func:`parse_digits`)."""
+    return parse_digits(prompts, "the digits model", device)
 
 
 class DigitsDenoiser:

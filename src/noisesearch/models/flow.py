@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.models.diffusers import _count_flops, meta_copy, to_meta, vae_decode, vae_decode_flops
+from noisesearch.flops import count_flops
+from noisesearch.models.diffusers import meta_copy, to_meta, vae_decode, vae_decode_flops
 from noisesearch.models.wrappers import FlowDenoiser, flow_sigma_to_t, flow_t_to_sigma
 
 
@@ -457,7 +458,7 @@ class FlowPipelineDenoiser:
         try:
             for n in names:
                 setattr(pipe, n, meta_copy(saved[n]))
-            return n_branches * _count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False, device=torch.device("meta")))
+            return n_branches * count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False, device=torch.device("meta")))
         except (NotImplementedError, RuntimeError):
             pass
         finally:
@@ -466,7 +467,7 @@ class FlowPipelineDenoiser:
         was = [e.device for e in fam.text_encoders()]
         self._text_encoders_to(self.device)
         try:
-            return n_branches * _count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False))
+            return n_branches * count_flops(lambda: fam.encode_branches(["a"], None, need_uncond=False))
         finally:
             for e, d in zip(fam.text_encoders(), was):
                 e.to(d)
@@ -487,12 +488,12 @@ class FlowPipelineDenoiser:
             t = torch.full((1,), 0.5, device="meta")
             negtome, self.negtome = self.negtome, None
             try:
-                self._flops_per_call = _count_flops(lambda: self._velocity(x, t, cond, transformer=meta_tr))
+                self._flops_per_call = count_flops(lambda: self._velocity(x, t, cond, transformer=meta_tr))
             except (NotImplementedError, RuntimeError):  # data-dependent code (Lumina2 reads its mask): run it
                 real = self.encode([""])
                 xr = torch.zeros((1, *self.sample_shape), device=self.device)
                 tr = torch.full((1,), 0.5, device=self.device)
-                self._flops_per_call = _count_flops(lambda: self._velocity(xr, tr, real))
+                self._flops_per_call = count_flops(lambda: self._velocity(xr, tr, real))
             finally:
                 self.negtome = negtome
         return self._flops_per_call

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import atomic_save_npy, atomic_write_json
 
 FORMAT_NAME = "noisesearch-pool"
 FORMAT_VERSION = 1
@@ -271,11 +271,11 @@ class Pool:
         files = {}
         for name, arr in self.rewards.items():
             fname = f"{name}.base.npy"
-            _atomic_save_npy(d / fname, arr)
+            atomic_save_npy(d / fname, arr)
             files.setdefault(name, {})["base"] = fname
         for name, arr in self.noise_aware.items():
             fname = f"{name}.noise_aware.npy"
-            _atomic_save_npy(d / fname, arr)
+            atomic_save_npy(d / fname, arr)
             files[name]["noise_aware"] = fname
         atomic_write_json(d / PROMPTS, self.prompts)
         manifest = {
@@ -317,32 +317,3 @@ def merge_pools(pools: Iterable[Pool]) -> Pool:
         prompts=[s for p in pools for s in p.prompts],
         extra=dict(first.extra),
     )
-
-
-# ---- atomic file helpers --------------------------------------------------------------------------
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,16 +40,6 @@ def _features(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out.pooler_output
-
-
-def _count_flops(fn) -> float:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 class ClipScore:
@@ -125,7 +116,7 @@ class ClipScore:
         """Vision tower + projection FLOPs for one image (text embeddings are cached, see module doc)."""
         if self._flops_per_image is None:
             x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-            self._flops_per_image = _count_flops(lambda: self.model.get_image_features(pixel_values=x))
+            self._flops_per_image = count_flops(lambda: self.model.get_image_features(pixel_values=x))
         return self._flops_per_image
 
     @property
@@ -133,7 +124,7 @@ class ClipScore:
         """Text tower FLOPs for one prompt at full length (paid once per distinct prompt)."""
         if self._flops_per_prompt is None:
             ids = torch.full((1, self.max_length), int(self.tokenizer.pad_token_id or 0), device=self.device)
-            self._flops_per_prompt = _count_flops(lambda: self.model.get_text_features(input_ids=ids))
+            self._flops_per_prompt = count_flops(lambda: self.model.get_text_features(input_ids=ids))
         return self._flops_per_prompt
 
 

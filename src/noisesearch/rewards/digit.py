@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.models.digits import DIGIT_PROMPTS, WEIGHTS_DIR, count_flops, load_state, load_weights
+from noisesearch.flops import count_flops
+from noisesearch.models.digits import WEIGHTS_DIR, load_state, load_weights, parse_digits
 
 CLASSIFIER_FILE = "digit_classifier.safetensors"
 JUDGE_FILE = "digit_judge.safetensors"
@@ -104,18 +105,8 @@ def build_classifier(config: dict) -> nn.Module:
 
 
 def parse_targets(prompts: Sequence[str], who: str) -> torch.Tensor:
-    """Target digits for prompts ``"0"`` .. ``"9"``; ``NoiseSearchError`` for anything else."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    out = []
-    for p in prompts:
-        s = p.strip() if isinstance(p, str) else None
-        if s not in DIGIT_PROMPTS:
-            raise NoiseSearchError(
-                f"{who} scores images for the prompts {', '.join(DIGIT_PROMPTS)} (the digit to show); got {p!r}"
-            )
-        out.append(int(s))
-    return torch.tensor(out, dtype=torch.long)
+    """Target digits for prompts ``"0"`` .. ``"9"`` (:func:`noisesearch.models.digits.parse_digits`)."""
+    return parse_digits(prompts, who)
 
 
 class DigitClassifier:
@@ -168,7 +159,7 @@ class DigitClassifier:
 def measure_image_flops(module: nn.Module) -> float:
     """FLOPs of classifying one image, counted with ``FlopCounterMode``."""
     device = next(module.parameters()).device
-    return count_flops(module, torch.zeros(1, *IMAGE_SHAPE, device=device))
+    return count_flops(lambda: module(torch.zeros(1, *IMAGE_SHAPE, device=device)))
 
 
 def load_classifier_module(path: str | os.PathLike, kind: str) -> tuple[nn.Module, float | None]:

@@ -1,11 +1,11 @@
 """Reward-versus-budget plots (PNG, matplotlib Agg backend)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from noisesearch.io import atomic_save_figure
 
 from noisesearch.simulate.metrics import rescale
 
@@ -45,15 +45,8 @@ def plot_curves(path, budgets_tflops, curves: dict, rewards, stderr: dict | None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        atomic_save_figure(path, fig, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from noisesearch.io import atomic_write_text
 from noisesearch.models.digits import (
     DENOISER_FILE,
     NULL_LABEL,
@@ -89,7 +89,7 @@ def make_split(seed: int = 0, n_test: int = N_TEST) -> dict[str, list[int]]:
 
 
 def save_split(split: dict, path: str | os.PathLike, seed: int) -> None:
-    _atomic_write_text(Path(path), json.dumps({"seed": seed, "source": "sklearn.datasets.load_digits", **split}, indent=None) + "\n")
+    atomic_write_text(Path(path), json.dumps({"seed": seed, "source": "sklearn.datasets.load_digits", **split}, indent=None) + "\n")
 
 
 def load_split(path: str | os.PathLike | None = None) -> dict[str, list[int]]:
@@ -105,15 +105,6 @@ def split_data(split: dict, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = digits_dataset()
     idx = torch.tensor(sum((split[p] for p in part.split("+")), []), dtype=torch.long)
     return x[idx], y[idx]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _progress(total: int, desc: str, enabled: bool):
