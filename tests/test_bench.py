@@ -42,4 +42,15 @@ def test_bench_search_tiny_sweep(tmp_path, capsys):
 
 def test_bench_unknown_name(capsys):
     assert main(["bench", "nope"]) == 2
-    assert "valid benchmarks: search" in capsys.readouterr().err
+    assert "valid benchmarks: search, noise_aware" in capsys.readouterr().err
+
+
+def test_every_benchmark_has_help(capsys):
+    # every benchmark lives in noisesearch.bench and answers --help without doing any work
+    from noisesearch.bench import BENCHMARKS
+
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", name, "--help"])
+        assert exit_.value.code == 0, name
+        assert f"noisesearch bench {name}" in capsys.readouterr().out

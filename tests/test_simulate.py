@@ -42,9 +42,8 @@ T = 1e12
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_simulate", REPO / "benchmarks" / "simulate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import noisesearch.bench.simulate as mod
+
     return mod
 
 

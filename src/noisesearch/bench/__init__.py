@@ -1,6 +1,14 @@
-"""Benchmarks that ship with the package (``noisesearch bench NAME``).
+"""The benchmarks, in one home (``noisesearch bench NAME [OPTIONS]``, or
+``python -m noisesearch.bench.NAME``). Run them from the repository: those that update the
+documentation write into ``docs/`` (``--docs``/``--out``) and read ``../shared`` by default.
 
-Each module has ``main(argv, prog, default_out) -> int`` with its own argparse options; the scripts
-under ``benchmarks/`` call the same functions with ``docs/`` as the output folder.
+Each module has ``main(argv=None, prog=None) -> int`` with its own argparse options.
 """
-BENCHMARKS = {"search": "every noise-trajectory search strategy at equal NFEs on digits-uncond (about 9 min on one CPU thread)"}
+BENCHMARKS = {
+    "search": "every noise-trajectory search strategy at equal NFEs on digits-uncond (about 9 min on one CPU thread)",
+    "noise_aware": "noise-aware rewards vs the base reward: Spearman / top-k recall per step on held-out candidates (docs/noise_aware.md)",
+    "live_prune": "live ttsnap / ttsp vs best-of-N at equal FLOPs on digits-uncond (docs/noise_aware.md)",
+    "simulate": "the TTSnap simulator on the published FLUX reward pools (needs ../shared; docs/simulator.md)",
+    "call_timing": "drift of one denoiser call's time on this machine (why the search benchmark pairs its timing)",
+    "flow_costs": "FLOPs and parameters of FLUX.1-dev, SD3.5 and SDXL counted on the meta device (docs/flux.md)",
+}

@@ -15,13 +15,13 @@ time of one denoiser call at the batch size the strategy uses", measured three w
 * **in-run**: the time of the denoiser calls inside the run itself;
 * **timed after**: ``t(b)``, the median time of a call on ``b`` rows measured after each cell,
   summed over the calls; on a shared VM this drifts by up to 2x within a minute
-  (``benchmarks/call_timing.py``), so it is reported but not read.
+  (``noisesearch bench call_timing``), so it is reported but not read.
 
 Everything else (reward calls, candidate bookkeeping, Python) counts as overhead.
 
     noisesearch bench search                                    # the full run (outputs in runs/bench-search)
     noisesearch bench search --budgets 72,360 --seeds 2 --strategies eps-greedy,best-of-n --out /tmp/b
-    .venv/bin/python benchmarks/search.py                       # the same, writing the tables in docs/
+    .venv/bin/noisesearch bench search --out docs                       # the same, writing the tables in docs/
 
 Outputs in ``--out``: ``search_results.json`` (every cell), ``search_results.md`` (tables) and
 ``search_reward_vs_nfe.png`` (plus ``search_other_rewards.png`` for brightness / compressibility);

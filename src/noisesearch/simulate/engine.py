@@ -14,7 +14,7 @@ processed at once as ``[prompt, iteration, candidate]`` arrays. Per (reward, ste
 replaced once by strict integer ranks over the whole pool (:func:`noisesearch.pruning.order_keys`,
 ties to the lower candidate index); a top-k packs each rank with its candidate id into one small
 unsigned integer and sorts those (see :meth:`Replay._select`), so every tie is broken exactly as
-:func:`noisesearch.pruning.select_top` breaks it in live generation. ``benchmarks/simulate.py``
+:func:`noisesearch.pruning.select_top` breaks it in live generation. ``noisesearch bench simulate``
 checks the result against a straightforward per-prompt loop.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Live pruning on digits-uncond: ``ttsnap`` (noise-aware prune reward) and ``ttsp`` (base reward)
 against ``best-of-n`` at equal FLOPs, under the exact cost model, on held-out seeds.
 
-Needs ``rewards/digit-noise-aware`` and ``pools/digits-eval`` (run ``benchmarks/noise_aware.py``
+Needs ``rewards/digit-noise-aware`` and ``pools/digits-eval`` (run ``noisesearch bench noise_aware``
 first). Two parts:
 
 1. **Schedule choice, offline.** On the evaluation pool (seed 1, never used below) the simulator
@@ -18,10 +18,10 @@ first). Two parts:
 
 Writes ``docs/live_prune.png`` and ``docs/live_prune_results.json``.
 
-    .venv/bin/python benchmarks/live_prune.py [--root .] [--seeds 4] [--samples 5]
+    noisesearch bench live_prune [--root .] [--seeds 4] [--samples 5]
 
 ``--sampler euler`` does the same on the deterministic Euler sampler with the pools and checkpoint of
-``benchmarks/noise_aware.py --sampler euler`` (``docs/live_prune_euler.*``); its schedule grid also
+``noisesearch bench noise_aware --sampler euler`` (``docs/live_prune_euler.*``); its schedule grid also
 has checks at early steps, where a deterministic sampler's estimates already rank the candidates.
 """
 from __future__ import annotations
@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+ROOT = Path.cwd()  # run from the repository: docs/ and ../shared are found from here
 
 GRID_STEPS = [(8,), (9,), (10,), (11,), (12,), (9, 11), (10, 12), (8, 10), (8, 11), (10, 11), (2, 5, 10)]
 GRID_KEEP = [0.15, 0.25, 0.35, 0.5, 0.65]
@@ -131,16 +130,16 @@ def plot(budget_units, curves: dict, sim: dict, gains: dict, path: Path, sampler
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--seeds", type=int, default=4, help="held-out seeds (1000, 1001, ...)")
     ap.add_argument("--samples", type=int, default=5, help="searches per prompt and seed")
     ap.add_argument("--units", default="2,4,6,8,10,12,14,16,18,20", help="budgets in best-of-N candidates")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--sampler", default="euler-ancestral", choices=["euler-ancestral", "euler"],
-                    help="sampler (euler: the pools and checkpoint of benchmarks/noise_aware.py --sampler euler)")
-    args = ap.parse_args()
+                    help="sampler (euler: the pools and checkpoint of noisesearch bench noise_aware --sampler euler)")
+    args = ap.parse_args(argv)
 
     import torch
 

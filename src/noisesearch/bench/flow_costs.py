@@ -1,7 +1,7 @@
 """FLOPs and parameter counts of FLUX.1-dev, SD3.5-large and SDXL, counted on the ``meta`` device
 from their published configs (no weights are loaded or downloaded), for docs/flux.md.
 
-    PYTHONPATH=src python benchmarks/flow_costs.py
+    PYTHONPATH=src noisesearch bench flow_costs
 
 Per image: one transformer / UNet evaluation (one CFG branch), one VAE decode, and the text encoders
 (T5-XXL with 512 tokens for FLUX, 256 for SD3; CLIPs with 77).
@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from noisesearch.models.diffusers import _count_flops
+from noisesearch.flops import count_flops
 
 FLUX_DEV = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
                 num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
@@ -46,10 +46,13 @@ def t5_xxl(tokens: int):
     with torch.device("meta"):
         m = T5EncoderModel(cfg).to(torch.bfloat16)
     ids = torch.zeros((1, tokens), dtype=torch.long, device="meta")
-    return params(m), _count_flops(lambda: m(ids))
+    return params(m), count_flops(lambda: m(ids))
 
 
-def main():
+def main(argv=None, prog=None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0]).parse_args(argv)
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     out = {}
@@ -60,29 +63,30 @@ def main():
                   pooled_projections=torch.zeros(1, 768), encoder_hidden_states=torch.zeros(1, 512, 4096),
                   txt_ids=torch.zeros(512, 3), img_ids=torch.zeros(n, 3))
         kw = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in kw.items()}
-        out[f"flux1-dev@{px}"] = {"transformer_params": params(m), "flops_per_call": _count_flops(lambda: m(**kw, return_dict=False))}
+        out[f"flux1-dev@{px}"] = {"transformer_params": params(m), "flops_per_call": count_flops(lambda: m(**kw, return_dict=False))}
     m = meta(SD3Transformer2DModel, SD35_LARGE)
     for px in (512, 1024):
         kw = dict(hidden_states=torch.zeros(1, 16, px // 8, px // 8), timestep=torch.ones(1), pooled_projections=torch.zeros(1, 2048),
                   encoder_hidden_states=torch.zeros(1, 333, 4096))  # 77 CLIP + 256 T5 tokens
         kw = {k: v.to("meta", torch.bfloat16) for k, v in kw.items()}
-        out[f"sd3.5-large@{px}"] = {"transformer_params": params(m), "flops_per_call": _count_flops(lambda: m(**kw, return_dict=False))}
+        out[f"sd3.5-large@{px}"] = {"transformer_params": params(m), "flops_per_call": count_flops(lambda: m(**kw, return_dict=False))}
     m = meta(UNet2DConditionModel, SDXL_UNET, torch.float16)
     for px in (512, 1024):
         kw = dict(sample=torch.zeros(1, 4, px // 8, px // 8), timestep=torch.ones(1), encoder_hidden_states=torch.zeros(1, 77, 2048))
         kw = {k: v.to("meta", torch.float16) for k, v in kw.items()}
         added = {"text_embeds": torch.zeros(1, 1280, device="meta", dtype=torch.float16), "time_ids": torch.zeros(1, 6, device="meta", dtype=torch.float16)}
-        out[f"sdxl@{px}"] = {"unet_params": params(m), "flops_per_call": _count_flops(lambda: m(**kw, added_cond_kwargs=added, return_dict=False))}
+        out[f"sdxl@{px}"] = {"unet_params": params(m), "flops_per_call": count_flops(lambda: m(**kw, added_cond_kwargs=added, return_dict=False))}
     for name, cfg in (("vae16", VAE_16), ("vae4", VAE_4)):
         v = meta(AutoencoderKL, cfg)
         for px in (512, 1024):
             z = torch.zeros(1, cfg["latent_channels"], px // 8, px // 8, device="meta", dtype=torch.bfloat16)
-            out[f"{name}@{px}"] = {"vae_params": params(v), "flops_per_decode": _count_flops(lambda: v.decode(z, return_dict=False))}
+            out[f"{name}@{px}"] = {"vae_params": params(v), "flops_per_decode": count_flops(lambda: v.decode(z, return_dict=False))}
     for tokens in (256, 512):
         p, f = t5_xxl(tokens)
         out[f"t5-xxl@{tokens}"] = {"params": p, "flops_per_prompt": f}
     print(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,7 +15,7 @@ final reward (per prompt, over its candidates) and the top-10% recall (share of 
 images found among the 10% best by the step's score), with the standard error over prompts; writes
 ``docs/noise_aware_spearman.png``, ``docs/noise_aware_recall.png`` and ``docs/noise_aware_results.json``.
 
-    .venv/bin/python benchmarks/noise_aware.py [--root .] [--train-args "--iters 300"]
+    noisesearch bench noise_aware [--root .] [--train-args "--iters 300"]
 
 ``--sampler euler`` runs the same on the deterministic Euler sampler (eta = 0, the probability-flow
 ODE: each candidate's final image is a function of its initial noise, as with FLUX's flow sampler
@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+ROOT = Path.cwd()  # run from the repository: docs/ and ../shared are found from here
 
 PROMPTS = "0,1,2,3,4,5,6,7,8,9"
 
@@ -125,8 +124,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     return files
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("."), help="where pools/ and rewards/ go (default: .)")
     ap.add_argument("--train-candidates", type=int, default=2000)
     ap.add_argument("--eval-candidates", type=int, default=1000)
@@ -136,7 +135,7 @@ def main() -> int:
                     help="sampler of the pools (default euler-ancestral: the search benchmark's digits-uncond)")
     ap.add_argument("--fresh", action="store_true", help="remove existing pools and checkpoint first")
     ap.add_argument("--retrain", action="store_true", help="remove the checkpoint (and the evaluation pool) first")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from noisesearch.pools import load_pool
 

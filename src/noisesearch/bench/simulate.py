@@ -11,7 +11,7 @@ Prints:
 
 Skips cleanly (exit 0) when the shared data are absent. Usage::
 
-    .venv/bin/python benchmarks/simulate.py [--json figures.json] [--quick]
+    noisesearch bench simulate [--json figures.json] [--quick]
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path.cwd()  # run from the repository: ../shared is found from here
 SHARED = REPO / ".." / "shared" / "data" / "ttsnap-flux"
-sys.path.insert(0, str(REPO / "src"))
 
 from noisesearch.pruning import keep_count, select_survivors  # noqa: E402
 from noisesearch.pruning import CostSpec  # noqa: E402
@@ -230,8 +229,8 @@ def closed_form(pool, iters=200, seed=1):
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--quick", action="store_true", help="time the loop on 10 iterations and extrapolate")
     args = ap.parse_args(argv)

@@ -7,7 +7,7 @@ median and the spread. On a quiet dedicated machine the rounds agree to a few pe
 VM they drift, and a ratio whose numerator and denominator are timed at different moments drifts
 with them.
 
-    .venv/bin/python benchmarks/call_timing.py [--batch 80] [--rounds 12] [--pause 5]
+    noisesearch bench call_timing [--batch 80] [--rounds 12] [--pause 5]
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import time
 import torch
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=80)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--pause", type=float, default=5.0, help="seconds of other work (random draws) between rounds")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from noisesearch.models import load_model
 
