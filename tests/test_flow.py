@@ -18,7 +18,7 @@ from noisesearch import api  # noqa: E402
 from noisesearch.budget import Budget  # noqa: E402
 from noisesearch.errors import NoiseSearchError  # noqa: E402
 from noisesearch.models import load_model  # noqa: E402
-from noisesearch.models.diffusers import _count_flops  # noqa: E402
+from noisesearch.flops import count_flops  # noqa: E402
 from noisesearch.sampling.samplers import Euler, EulerAncestral, HeunChurn  # noqa: E402
 
 PROMPTS = ["a red bicycle", "a cat"]
@@ -176,12 +176,12 @@ def test_flops_on_meta_equal_a_real_count(tiny_flux_dir):
     d = load_model(tiny_flux_dir, guidance=3.0, height=32, width=32)
     cond = d.encode([""])
     x = torch.zeros((1, *d.sample_shape))
-    real = _count_flops(lambda: d(x, torch.full((1,), 0.5), cond))
+    real = count_flops(lambda: d(x, torch.full((1,), 0.5), cond))
     assert d.flops_per_call == pytest.approx(real, rel=1e-6)
-    real_dec = _count_flops(lambda: d.decode(x))
+    real_dec = count_flops(lambda: d.decode(x))
     assert d.flops_per_decode == pytest.approx(real_dec, rel=1e-6)
     cost = d.encode_cost()  # text encoders counted on meta copies too; x2 for the two CFG branches
-    real_enc = _count_flops(lambda: d.family.encode_branches(["a"], None, need_uncond=False))
+    real_enc = count_flops(lambda: d.family.encode_branches(["a"], None, need_uncond=False))
     assert cost["flops_per_prompt"] == pytest.approx(2 * real_enc, rel=1e-6) and cost["prompts_encoded"] >= 1
 
 
