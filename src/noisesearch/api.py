@@ -83,20 +83,29 @@ def generate(
     progress: bool = False,
     evaluate: bool = True,
     model_options: dict[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
 
     ``model_options`` go to ``load_model`` when ``model`` is a name: for diffusers pipelines
     ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``,
     ``decode_batch``; for flow pipelines (FLUX, SD3, Lumina2) also ``embedded_guidance``,
-    ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``)."""
+    ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``).
+
+    ``shard=(rank, world)`` runs only the searches ``i`` with ``i % world == rank`` (each with the
+    noise stream it has in the whole run); :func:`merge_runs` joins the shards' runs into the run
+    of one process (``accelerate launch -m noisesearch generate`` does both)."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
     reward_fn = as_reward(reward, device=device)
+    total = len(prompts) * num_samples
+    searches = None if shard is None else list(range(shard[0], total, shard[1]))
+    if searches == []:
+        raise NoiseSearchError(f"{shard[1]} processes for {total} searches: launch at most {total} processes")
     problem = build_problem(denoiser, reward_fn, [str(p) for p in prompts], num_samples=num_samples,
                             budget_nfe=budget_nfe, budget_flops=budget_flops, steps=steps, sampler=sampler,
-                            seed=seed, max_batch=max_batch)
+                            seed=seed, max_batch=max_batch, searches=searches)
     budget, samp, all_prompts = problem.budget, problem.sampler, problem.prompts
     load_seconds = time.perf_counter() - t_load
 
@@ -115,7 +124,7 @@ def generate(
     for i, p in enumerate(all_prompts):
         samples.append(
             {
-                "index": i,
+                "index": i if searches is None else searches[i],
                 "prompt": p,
                 "reward": float(result.rewards[i]),
                 "nfe": int(budget.nfe[i]),
@@ -136,7 +145,7 @@ def generate(
         "nfe_per_trajectory": samp.nfe_per_trajectory,
         "seed": seed,
         "num_samples": num_samples,
-        "prompts": list(dict.fromkeys(all_prompts)),
+        "prompts": [str(p) for p in prompts],
         "samples": samples,
         "reward_mean": float(result.rewards.mean()),
         "reward_std": float(result.rewards.std()) if len(samples) > 1 else 0.0,
@@ -153,6 +162,40 @@ def generate(
     if evaluate and report["model"] == "digits":
         evaluate_digits(report, images)
     return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra={"info": result.info})
+
+
+def merge_runs(runs: Sequence[Run]) -> Run:
+    """One run from the runs of the shards of a multi-process ``generate`` (see ``shard``): samples
+    in global order, aggregates recomputed from the per-sample figures, wall time the slowest shard's."""
+    import statistics
+
+    if len(runs) == 1:
+        return runs[0]
+    pairs = sorted(((s["index"], r, j) for r in runs for j, s in enumerate(r.report["samples"])), key=lambda t: t[0])
+    samples = [r.report["samples"][j] for _, r, j in pairs]
+    if [s["index"] for s in samples] != list(range(len(samples))):
+        raise NoiseSearchError("the shards of this run do not cover every search exactly once")
+    first = runs[0].report
+    report = dict(first)
+    rewards = [s["reward"] for s in samples]
+    nfe = [s["nfe"] for s in samples]
+    flops = [s["flops"] for s in samples]
+    report.update(
+        samples=samples,
+        reward_mean=statistics.fmean(rewards),
+        reward_std=statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
+        nfe_max=max(nfe), nfe_mean=statistics.fmean(nfe), nfe_total=sum(nfe),
+        reward_calls=sum(s["reward_calls"] for s in samples), flops=sum(flops), flops_per_sample_max=max(flops),
+        wall_seconds=max(r.report["wall_seconds"] for r in runs),
+        load_seconds=max(r.report["load_seconds"] for r in runs),
+        processes=len(runs),
+        strategy_info={**first["strategy_info"], "note": "strategy_info of the first process's searches"},
+    )
+    if "judge_accuracy" in first:
+        report["judge_accuracy"] = statistics.fmean(float(s["judge_class"] == int(s["prompt"])) for s in samples)
+    images = torch.stack([r.images[j] for _, r, j in pairs])
+    x0 = torch.stack([r.x0[j] for _, r, j in pairs])
+    return Run(images=images, x0=x0, report=report, extra={"info": [r.extra.get("info") for r in runs]})
 
 
 def evaluate_digits(report: dict, images: torch.Tensor) -> None:

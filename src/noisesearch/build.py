@@ -61,17 +61,24 @@ def cost_model(denoiser: Denoiser, reward: Reward) -> CostModel:
 def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *, num_samples: int = 1,
                   budget_nfe: float | None = None, budget_flops: float | None = None, steps: int | None = None,
                   sampler: str = "euler-ancestral", seed: int = 0, max_batch: int = 512,
-                  sampler_options: dict[str, Any] | None = None):
-    """A :class:`~noisesearch.search.base.Problem`: ``num_samples`` searches per prompt (prompt-major),
-    each with its own budget and noise stream ``(seed, prompt index, sample index)``."""
+                  sampler_options: dict[str, Any] | None = None, searches: Sequence[int] | None = None):
+    """A :class:`~noisesearch.search.base.Problem`: ``num_samples`` searches per prompt (prompt-major:
+    search ``i`` is sample ``i % num_samples`` of prompt ``i // num_samples``), each with its own
+    budget and noise stream ``(seed, prompt index, sample index)``. ``searches`` keeps only those
+    global search indices (one shard of a multi-process run): each keeps its stream, so a shard's
+    samples are those of the single-process run."""
     from noisesearch.search.base import Problem
 
     all_prompts = expand_prompts(prompts, num_samples)
+    searches = list(range(len(all_prompts))) if searches is None else [int(i) for i in searches]
+    if not searches or min(searches) < 0 or max(searches) >= len(all_prompts):
+        raise NoiseSearchError(f"searches must be indices in [0, {len(all_prompts)}), got {searches[:5]}")
+    all_prompts = [all_prompts[i] for i in searches]
     budget = Budget(len(all_prompts), nfe=budget_nfe, flops=budget_flops, cost=cost_model(denoiser, reward))
     samp = as_sampler(sampler, denoiser, steps, max_batch=max_batch, budget=budget, **(sampler_options or {}))
     cond = denoiser.encode(all_prompts)
-    noise = NoiseSource.for_prompts(seed, samp.noise_shape, len(prompts), num_samples,
-                                    device=denoiser.device, dtype=denoiser.dtype)
+    noise = NoiseSource(seed, samp.noise_shape, [(i // num_samples, i % num_samples) for i in searches],
+                        device=denoiser.device, dtype=denoiser.dtype)
     return Problem(samp, reward, budget, all_prompts, cond, noise)
 
 

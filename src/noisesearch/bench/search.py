@@ -78,6 +78,10 @@ CONFIGS = {
 # extra configurations, not in the default sweep (--strategies eps-greedy,eps-greedy-init)
 EXTRA_CONFIGS = {
     "eps-greedy-init": ("eps-greedy", lambda b: {"n_candidates": _n(b), "search_init": True}),
+    # MCTS as published (raw rewards in UCT, the last move's terminal node returned), and each change alone
+    "mcts-paper": ("mcts", lambda b: {"n_candidates": 4, "normalize": False, "return_best": False}),
+    "mcts-normalized": ("mcts", lambda b: {"n_candidates": 4, "normalize": True, "return_best": False}),
+    "mcts-best": ("mcts", lambda b: {"n_candidates": 4, "normalize": False, "return_best": True}),
 }
 DEFAULT_STRATEGIES = list(CONFIGS)
 CONFIGS.update(EXTRA_CONFIGS)

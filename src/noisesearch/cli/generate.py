@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from noisesearch.cli.common import add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device
+from noisesearch.dist import dist_state
 from noisesearch.errors import NoiseSearchError
 
 EPILOG = """examples:
@@ -125,6 +126,10 @@ def run(args) -> int:
         raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     model_options = pipeline_model_options(args)
+    device = resolve_device(args.device)
+    dist = dist_state(device)  # several processes under `accelerate launch`: each runs a shard
+    if dist is not None and device.startswith("cuda"):
+        device = str(dist.device)
     result = api.generate(
         model=args.model,
         prompts=prompts,
@@ -137,12 +142,20 @@ def run(args) -> int:
         steps=args.steps,
         sampler=args.sampler,
         seed=args.seed,
-        device=resolve_device(args.device),
+        device=device,
         max_batch=args.max_batch,
         strategy_options=options,
-        progress=not (args.no_progress or args.quiet),
+        progress=not (args.no_progress or args.quiet) and (dist is None or dist.is_main_process),
         model_options=model_options,
+        shard=None if dist is None else (dist.process_index, dist.num_processes),
     )
+    if dist is not None:  # the main process merges the shards and writes the one run
+        from accelerate.utils import gather_object
+
+        shards = gather_object([result])
+        if not dist.is_main_process:
+            return 0
+        result = api.merge_runs(shards)
     result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     out = api.save_run(result, args.out)
     if not args.quiet:

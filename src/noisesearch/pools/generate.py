@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.dist import dist_state
 from noisesearch.io import atomic_write_bytes
 from noisesearch.noise import CandidateNoise
 from noisesearch.rewards.base import at_step, is_noise_aware, score
@@ -121,18 +122,6 @@ def fingerprints(sampler, rewards: dict, na: dict, layout: dict, prompt: str) ->
             vals = [score_at_step(r, images, [prompt, prompt], s, layout["sigmas"][s]) for s in sorted({0, S // 2, S - 1})]
             out[name] = digest(torch.stack(vals))
     return out
-
-
-def _dist_state(device: str):
-    """accelerate's PartialState when launched with several processes, else None (one process)."""
-    launched = any(int(os.environ.get(k, "1") or 1) > 1 for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if not launched:
-        return None
-    try:
-        from accelerate import PartialState
-    except ImportError:  # pragma: no cover - accelerate is an optional dependency
-        raise NoiseSearchError("sharding over processes needs accelerate: pip install accelerate") from None
-    return PartialState(cpu=not str(device).startswith("cuda"))
 
 
 def _part_path(out: Path, i: int) -> Path:
@@ -256,7 +245,7 @@ def generate_pool(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NoiseSearchError(f"--out {out} exists and is not a folder")
-    dist = _dist_state(device)
+    dist = dist_state(device)
     rank, world = (dist.process_index, dist.num_processes) if dist is not None else (0, 1)
 
     if dist is not None and str(device).startswith("cuda"):
