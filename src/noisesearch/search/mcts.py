@@ -217,53 +217,17 @@ class MCTS(Strategy):
         return _Selection(node, parent, k, path)
 
     def expand_and_rollout(self, problem: Problem, forest: Forest, sel: _Selection, steps: list, Z) -> torch.Tensor:
-        """Add the selected children, step each with its fixed noise, roll out to the end with fresh
-        noise (all trees in lockstep from the shallowest row) and score; a descent that ended on a
-        terminal node re-uses its stored reward at no cost. Returns the value of every tree [P]."""
-        s = problem.sampler
+        """Expand the selected children, roll them out and score the finished samples; a descent that
+        ended on a terminal node re-uses its stored reward at no cost. Returns every tree's value [P]."""
         P = sel.node.numel()
         values = forest.final_reward[torch.arange(P), sel.node].clone()
-        trees = (sel.parent >= 0).nonzero().flatten()
-        if not trees.numel():
+        groups = self.expand(problem, forest, sel, steps, Z)
+        if not groups:
             return values
-        parents, k = sel.parent[trees], sel.k[trees]
-        depth = forest.depth[trees, parents]
-        new = forest.add_child(trees, parents, k)
-        sel.path.append(torch.full((P,), -1, dtype=torch.long).index_put((trees,), new))
-        store_at = torch.tensor([steps[d + 1] for d in depth.tolist()])
-        fixed = Z[depth.to(Z.device), trees.to(Z.device), k.to(Z.device)]
-        from_root = torch.tensor([steps[d] is None for d in depth.tolist()])
-        groups: dict[int, list[tuple[State, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
-        if bool(from_root.any()):  # children of the virtual root: their noise is the initial noise
-            r = from_root.nonzero().flatten()
-            st = s.start(problem.cond_rows(trees[r]), fixed[r.to(fixed.device)], trees[r])
-            groups.setdefault(0, []).append((st, new[r], store_at[r], None))
-        if bool((~from_root).any()):
-            r = (~from_root).nonzero().flatten()
-            for jj in sorted({steps[int(d)] for d in depth[r].tolist()}):
-                rr = r[torch.tensor([steps[int(depth[i])] == jj for i in r.tolist()])]
-                dev = forest.x.device
-                st = State(x=forest.x[trees[rr].to(dev), parents[rr].to(dev)], x0=forest.x0[trees[rr].to(dev), parents[rr].to(dev)],
-                           step=jj, cond=problem.cond_rows(trees[rr]), owner=trees[rr], x0_at_x=self._x0_at_x[jj])
-                groups.setdefault(jj, []).append((st, new[rr], store_at[rr], fixed[rr.to(fixed.device)]))
-        while True:
-            j = min(groups)
-            group = groups.pop(j)
-            state = State.cat([g[0] for g in group])
-            nodes, store = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
-            hit = store == j
-            if bool(hit.any()):  # rows that just reached their new node: keep the state there
-                forest.store(state.owner[hit], nodes[hit], state.x[hit.to(state.x.device)], state.x0[hit.to(state.x.device)])
-                self._x0_at_x[j] = state.x0_at_x
-            if j >= s.num_steps:
-                break
-            noise = None
-            if s.uses_noise(j):
-                noise = torch.cat([g[3] if g[3] is not None else problem.noise.normal(g[0].owner) for g in group])
-            groups.setdefault(j + 1, []).insert(0, (s.step(state, noise), nodes, store, None))
+        state, nodes, store = self.rollout(problem, forest, groups)
         rewards = problem.score(state).double()
         values[state.owner] = rewards
-        terminal = store == s.num_steps
+        terminal = store == problem.sampler.num_steps
         forest.final_reward[state.owner[terminal], nodes[terminal]] = rewards[terminal]
         best_value, best_x0 = self._best
         better = rewards > best_value[state.owner]
@@ -272,6 +236,55 @@ class MCTS(Strategy):
             best_value[rows] = rewards[better]
             best_x0[rows.to(best_x0.device)] = state.x0[better.to(state.x0.device)]
         return values
+
+    def expand(self, problem: Problem, forest: Forest, sel: _Selection, steps: list, Z) -> dict:
+        """Add the selected children; their parents' states, grouped by sampler step, as
+        ``{step: [(state, new node ids, step to store at, fixed noise or None)]}``."""
+        s, P = problem.sampler, sel.node.numel()
+        trees = (sel.parent >= 0).nonzero().flatten()
+        if not trees.numel():
+            return {}
+        parents, k = sel.parent[trees], sel.k[trees]
+        depth = forest.depth[trees, parents]
+        new = forest.add_child(trees, parents, k)
+        sel.path.append(torch.full((P,), -1, dtype=torch.long).index_put((trees,), new))
+        store_at = torch.tensor([steps[d + 1] for d in depth.tolist()])
+        fixed = Z[depth.to(Z.device), trees.to(Z.device), k.to(Z.device)]
+        start_step = [steps[d] for d in depth.tolist()]  # None: a child of the virtual root
+        groups: dict[int, list] = {}
+        for j in sorted({-1 if st is None else st for st in start_step}):
+            r = torch.tensor([i for i, st in enumerate(start_step) if (-1 if st is None else st) == j])
+            noise = fixed[r.to(fixed.device)]
+            if j < 0:  # children of the virtual root: their noise is the initial noise
+                groups.setdefault(0, []).append((s.start(problem.cond_rows(trees[r]), noise, trees[r]), new[r], store_at[r], None))
+                continue
+            dev = forest.x.device
+            t, p = trees[r].to(dev), parents[r].to(dev)
+            state = State(x=forest.x[t, p], x0=forest.x0[t, p], step=j, cond=problem.cond_rows(trees[r]), owner=trees[r],
+                          x0_at_x=self._x0_at_x[j])
+            groups.setdefault(j, []).append((state, new[r], store_at[r], noise))
+        return groups
+
+    def rollout(self, problem: Problem, forest: Forest, groups: dict):
+        """Advance every row to the end, all trees in lockstep from the shallowest step: a row's first
+        step injects its child's fixed noise, later steps fresh noise from its search's stream; a row
+        reaching its new node's step leaves its state there. Returns (final state, nodes, store steps)."""
+        s = problem.sampler
+        while True:
+            j = min(groups)
+            group = groups.pop(j)
+            state = State.cat([g[0] for g in group])
+            nodes, store = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
+            hit = store == j
+            if bool(hit.any()):
+                forest.store(state.owner[hit], nodes[hit], state.x[hit.to(state.x.device)], state.x0[hit.to(state.x.device)])
+                self._x0_at_x[j] = state.x0_at_x
+            if j >= s.num_steps:
+                return state, nodes, store
+            noise = None
+            if s.uses_noise(j):
+                noise = torch.cat([g[3] if g[3] is not None else problem.noise.normal(g[0].owner) for g in group])
+            groups.setdefault(j + 1, []).insert(0, (s.step(state, noise), nodes, store, None))
 
     def move(self, forest: Forest, root: torch.Tensor) -> torch.Tensor:
         """Move every root to its child with the best mean reward (unvisited children never)."""

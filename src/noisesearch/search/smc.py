@@ -78,59 +78,58 @@ class SMC(Strategy):
         weighed = k * max(1, len(noise_steps(s))) if k > 1 else 0
         return problem.nfe_cost(k * s.nfe_per_trajectory) + problem.score_cost(weighed + k)
 
+    def potential_increment(self, r: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-weight increment, new reference) for rewards ``r`` [P, K] of the particles now."""
+        lam = self.potential_scale
+        if self.potential == "diff":  # lambda (r_t - r_{t-1})
+            return lam * (r - ref), r
+        if self.potential == "max":  # lambda (max_{s<=t} r_s - max_{s<t} r_s)
+            new_ref = torch.maximum(ref, r)
+            return lam * (new_ref - ref), new_ref
+        return lam * r, ref  # sum: lambda r_t
+
+    def resample_low_ess(self, problem: Problem, state, log_w, r, ref):
+        """Resample the particles of every search whose effective sample size fell below the
+        threshold (their weights reset); returns (state, log_w, r, ref, searches resampled, mean ESS/K)."""
+        P, K = log_w.shape
+        ess = 1.0 / (torch.softmax(log_w, dim=1) ** 2).sum(1)
+        low = ess < self.ess_threshold * K
+        if K > 1 and bool(low.any()):
+            ancestors = resample_indices(log_w, problem.noise, self.resampling)
+            ancestors = torch.where(low.view(P, 1), ancestors, torch.arange(K).expand(P, K))
+            rows = (ancestors + (torch.arange(P) * K).view(P, 1)).flatten()
+            state = state.select(rows)
+            r, ref = r.flatten()[rows].view(P, K), ref.flatten()[rows].view(P, K)
+            log_w = torch.where(low.view(P, 1), torch.zeros_like(log_w), log_w)
+        return state, log_w, r, ref, int(low.sum()) if K > 1 else 0, round(float(ess.mean()) / K, 3)
+
     def run(self, problem: Problem, size: int) -> SearchResult:
         s, P, K = problem.sampler, problem.num_searches, size
-        lam = self.potential_scale
-        offsets = (torch.arange(P) * K).view(P, 1)
-
-        state = advance(s, problem.start(K))
         weigh = K > 1  # one particle per search: its weight never matters, so nothing is scored on the way
+        state = advance(s, problem.start(K))
         r = problem.score(state).view(P, K).double() if weigh else torch.zeros(P, K, dtype=torch.float64)
-        log_w = lam * r
-        ref = r.clone()  # r_{t-1} for diff, running max for max
+        log_w, ref = self.potential_scale * r, r.clone()  # ref: r_{t-1} (diff) or the running max (max)
         resamples, ess_trace = 0, []
         while True:
-            w = torch.softmax(log_w, dim=1)
-            ess = 1.0 / (w**2).sum(1)
-            ess_trace.append(round(float(ess.mean()) / K, 3))
-            low = ess < self.ess_threshold * K
-            if bool(low.any()) and K > 1:
-                anc = resample_indices(log_w, problem.noise, self.resampling)
-                keep = torch.arange(K).expand(P, K)
-                anc = torch.where(low.view(P, 1), anc, keep)  # only the searches whose ESS is low
-                rows = (anc + offsets).flatten()
-                state = state.select(rows)
-                r, ref = r.flatten()[rows].view(P, K), ref.flatten()[rows].view(P, K)
-                log_w = torch.where(low.view(P, 1), torch.zeros_like(log_w), log_w)
-                resamples += int(low.sum())
+            state, log_w, r, ref, n, ess = self.resample_low_ess(problem, state, log_w, r, ref)
+            resamples += n
+            ess_trace.append(ess)
             if state.step >= s.num_steps:
                 break
             state = advance(s, s.step(state, problem.noise.normal(state.owner)))
             if state.step >= s.num_steps:
                 break
-            if not weigh:
-                continue
-            r = problem.score(state).view(P, K).double()
-            if self.potential == "diff":
-                log_w = log_w + lam * (r - ref)
-                ref = r
-            elif self.potential == "max":
-                new_ref = torch.maximum(ref, r)
-                log_w = log_w + lam * (new_ref - ref)
-                ref = new_ref
-            else:
-                log_w = log_w + lam * r
+            if weigh:
+                r = problem.score(state).view(P, K).double()
+                increment, ref = self.potential_increment(r, ref)
+                log_w = log_w + increment
         rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, P)
         return SearchResult(
             x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
-            info={
-                "particles": K,
-                "resamplings": resamples,
-                "resampling_rate": round(resamples / max(1, P), 3),
-                "mean_relative_ess": ess_trace,
-            },
+            info={"particles": K, "resamplings": resamples, "resampling_rate": round(resamples / max(1, P), 3),
+                  "mean_relative_ess": ess_trace},
         )
 
 
