@@ -27,9 +27,9 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from noisesearch.models import load_model
+    from noisesearch.build import as_denoiser
 
-    den = load_model("digits", guidance=0)
+    den = as_denoiser("digits", guidance=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *den.sample_shape, generator=g)
     sigma = torch.full((args.batch,), 2.0)

@@ -143,9 +143,9 @@ def main(argv=None, prog=None) -> int:
 
     import torch
 
-    from noisesearch.models import load_model
+    from noisesearch.build import as_denoiser
     from noisesearch.pools import load_pool
-    from noisesearch.rewards import make_reward
+    from noisesearch.build import as_reward
     from noisesearch.simulate.metrics import auc_gain_with_se
 
     torch.set_num_threads(1)
@@ -154,7 +154,7 @@ def main(argv=None, prog=None) -> int:
     pool = load_pool(args.root / f"pools/digits{suffix}-eval")
     if pool.extra.get("sampler", "euler-ancestral") != args.sampler:
         raise SystemExit(f"the evaluation pool was sampled with {pool.extra.get('sampler')}, not {args.sampler}")
-    den, rew = load_model("digits", guidance=0), make_reward("digit")
+    den, rew = as_denoiser("digits", guidance=0), as_reward("digit")
     T = 18 * den.flops_per_call + rew.flops_per_image
     assert abs(T - (pool.num_steps * pool.flops_per_step + pool.flops_per_reward["digit"])) < 1e-6 * T
     units = np.array([float(u) for u in args.units.split(",")])

@@ -44,9 +44,10 @@ from pathlib import Path
 import torch
 
 from noisesearch.errors import BudgetError
-from noisesearch.models import load_model
+from noisesearch.build import as_denoiser
 from noisesearch.models.digits import parse_digits
-from noisesearch.rewards.base import make_reward, score
+from noisesearch.build import as_reward
+from noisesearch.rewards.base import score
 from noisesearch.build import build_problem
 from noisesearch.search import make_strategy
 
@@ -430,14 +431,14 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
     from noisesearch.rewards.digit import load_classifier, load_judge
 
     w = args.weights_dir
-    den = load_model("digits", guidance=0, **({"weights": w / "digits_denoiser.safetensors"} if w else {}))
+    den = as_denoiser("digits", guidance=0, options={"weights": w / "digits_denoiser.safetensors"} if w else None)
     classifier = load_classifier("cpu", w / "digit_classifier.safetensors" if w else None)
     judge = load_judge("cpu", w / "digit_judge.safetensors" if w else None)
     timer = CallTimer(den)
     t_start = time.perf_counter()
 
     def sweep(reward_name, budgets_, labels_, seeds):
-        reward = classifier if reward_name == "digit" and w else make_reward(reward_name)
+        reward = classifier if reward_name == "digit" and w else as_reward(reward_name)
         cells = []
         for label in labels_:
             for b in budgets_:
