@@ -117,7 +117,46 @@ def parse_dtype(dtype, device: torch.device, cuda_default: torch.dtype = torch.f
     return dtype
 
 
-class DiffusersDenoiser:
+class PipelineDenoiser:
+    """What every diffusers-pipeline denoiser shares: guidance branches, the checked call, VAE decode
+    and its cost. Subclasses set ``guidance``, ``wrapper`` (``(x, sigma, cond) -> x0``), ``device``,
+    ``decode_vae``, ``decode_batch``, ``sample_shape`` and encode prompts into ``{branch: {...}}``."""
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Network branches one evaluation needs: ('uncond',), ('cond',) or ('uncond', 'cond')."""
+        if self.guidance == 0:
+            return ("uncond",)
+        if self.guidance == 1:
+            return ("cond",)
+        return ("uncond", "cond")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        """x0 estimate (float32) of latents ``x`` at noise levels ``sigma`` [B]."""
+        missing = [b for b in self.branches if b not in cond]
+        if missing:
+            raise NoiseSearchError(
+                f"condition lacks the {missing} branch(es) for guidance {self.guidance:g}: encode prompts with this denoiser"
+            )
+        x = x.to(self.device, torch.float32)
+        sigma = sigma.to(self.device, torch.float32)
+        return self.wrapper(x, sigma, cond).float()
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] (float32) from latent x0 estimates, ``decode_batch`` per VAE call."""
+        return vae_decode(self.decode_vae, x0, self.decode_batch, self.device)
+
+    @property
+    def flops_per_decode(self) -> float:
+        """VAE decoder FLOPs for one image (counted on ``meta``, once)."""
+        if getattr(self, "_flops_per_decode", None) is None:
+            self._flops_per_decode = vae_decode_flops(self.decode_vae, self.sample_shape)
+        return self._flops_per_decode
+
+
+class DiffusersDenoiser(PipelineDenoiser):
     """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` as a noisesearch ``Denoiser``.
 
     Args:
@@ -211,16 +250,7 @@ class DiffusersDenoiser:
         self._flops_per_call: float | None = None
         self._flops_per_decode: float | None = None
 
-    # ---- guidance branches ---------------------------------------------------------------------
-    @property
-    def branches(self) -> tuple[str, ...]:
-        """UNet branches one evaluation needs: ('uncond',), ('cond',) or ('uncond', 'cond')."""
-        if self.guidance == 0:
-            return ("uncond",)
-        if self.guidance == 1:
-            return ("cond",)
-        return ("uncond", "cond")
-
+    # ---- guidance --------------------------------------------------------------------------------
     def _guided_unet(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The network output (eps or v) with guidance applied; all branches in one UNet call."""
         branches = self.branches
@@ -242,19 +272,7 @@ class DiffusersDenoiser:
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + self.guidance * (out_cond - out_uncond)
 
-    # ---- Denoiser protocol -----------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        """x0 estimate (float32) of latents ``x`` at noise levels ``sigma`` [B]."""
-        missing = [b for b in self.branches if b not in cond]
-        if missing:
-            raise NoiseSearchError(
-                f"condition lacks the {missing} branch(es) for guidance {self.guidance:g}: encode prompts with this denoiser"
-            )
-        x = x.to(self.device, torch.float32)
-        sigma = sigma.to(self.device, torch.float32)
-        return self.wrapper(x, sigma, cond).float()
-
+    # ---- Denoiser protocol (call and decode: PipelineDenoiser) -------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict:
         """Prompt embeddings via the pipeline's ``encode_prompt``, one row per prompt."""
@@ -285,11 +303,6 @@ class DiffusersDenoiser:
             both = {"cond": {"embeds": embeds}, "uncond": {"embeds": neg_embeds}}
         return {b: {k: v.to(self.device, self.model_dtype) for k, v in both[b].items()} for b in self.branches}
 
-    @torch.no_grad()
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] (float32) from latent x0 estimates, via the VAE."""
-        return vae_decode(self.decode_vae, x0, self.decode_batch, self.device)
-
     # ---- costs -----------------------------------------------------------------------------------
     @property
     def flops_per_call(self) -> float:
@@ -300,13 +313,6 @@ class DiffusersDenoiser:
             cond = self.encode([""])
             self._flops_per_call = count_flops(lambda: self(x, sigma, cond))
         return self._flops_per_call
-
-    @property
-    def flops_per_decode(self) -> float:
-        """VAE decoder FLOPs for one image (measured once)."""
-        if self._flops_per_decode is None:
-            self._flops_per_decode = vae_decode_flops(self.decode_vae, self.sample_shape)
-        return self._flops_per_decode
 
     # ---- the pipeline's own schedule -------------------------------------------------------------
     def pipeline_sigmas(self, steps: int | None = None) -> torch.Tensor:

@@ -55,7 +55,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
-from noisesearch.models.diffusers import meta_copy, to_meta, vae_decode, vae_decode_flops
+from noisesearch.models.diffusers import PipelineDenoiser, meta_copy, to_meta, vae_decode, vae_decode_flops
 from noisesearch.models.wrappers import FlowDenoiser, flow_sigma_to_t, flow_t_to_sigma
 
 
@@ -259,7 +259,7 @@ FLOW_FAMILIES: dict[str, type[FlowFamily]] = {
 # ---- the denoiser ----------------------------------------------------------------------------------
 
 
-class FlowPipelineDenoiser:
+class FlowPipelineDenoiser(PipelineDenoiser):
     """A flow-matching diffusers pipeline as a noisesearch ``Denoiser`` (see the module docstring).
 
     Args:
@@ -299,6 +299,7 @@ class FlowPipelineDenoiser:
         self.family = FLOW_FAMILIES[cls](pipe, max_sequence_length)
         self.transformer = pipe.transformer
         self.vae = pipe.vae
+        self.decode_vae = self.vae
         self.guidance = float(guidance)
         self.negative_prompt = negative_prompt
         self.decode_batch = int(decode_batch)
@@ -359,15 +360,7 @@ class FlowPipelineDenoiser:
         self.encode_stats = {"prompts": 0, "seconds": 0.0}
         self._meta_cond = None
 
-    # ---- guidance branches ---------------------------------------------------------------------
-    @property
-    def branches(self) -> tuple[str, ...]:
-        if self.guidance == 0:
-            return ("uncond",)
-        if self.guidance == 1:
-            return ("cond",)
-        return ("uncond", "cond")
-
+    # ---- guidance --------------------------------------------------------------------------------
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, transformer=None) -> torch.Tensor:
         """Guided velocity ``eps - x0`` at flow time ``t`` [B]; all branches in one network call."""
         fam = self.family
@@ -389,19 +382,7 @@ class FlowPipelineDenoiser:
         v_uncond, v_cond = out.chunk(2)
         return fam.combine(v_uncond, v_cond, self.guidance)
 
-    # ---- Denoiser protocol -----------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        """x0 estimate (float32) of latents ``x`` at noise levels ``sigma`` [B] (inf allowed: x is the noise)."""
-        missing = [b for b in self.branches if b not in cond]
-        if missing:
-            raise NoiseSearchError(
-                f"condition lacks the {missing} branch(es) for guidance {self.guidance:g}: encode prompts with this denoiser"
-            )
-        x = x.to(self.device, torch.float32)
-        sigma = sigma.to(self.device, torch.float32)
-        return self.wrapper(x, sigma, cond).float()
-
+    # ---- Denoiser protocol (call and decode: PipelineDenoiser; x may be at sigma = inf) -----------
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict:
         """Prompt embeddings, one row per prompt; each distinct prompt is encoded once."""
@@ -472,11 +453,6 @@ class FlowPipelineDenoiser:
             for e, d in zip(fam.text_encoders(), was):
                 e.to(d)
 
-    @torch.no_grad()
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] (float32) from latent x0 estimates, ``decode_batch`` per VAE call."""
-        return vae_decode(self.vae, x0, self.decode_batch, self.device)
-
     # ---- costs -----------------------------------------------------------------------------------
     @property
     def flops_per_call(self) -> float:
@@ -497,13 +473,6 @@ class FlowPipelineDenoiser:
             finally:
                 self.negtome = negtome
         return self._flops_per_call
-
-    @property
-    def flops_per_decode(self) -> float:
-        """VAE decoder FLOPs for one image (counted on ``meta``)."""
-        if self._flops_per_decode is None:
-            self._flops_per_decode = vae_decode_flops(self.vae, self.sample_shape)
-        return self._flops_per_decode
 
     # ---- the pipeline's own schedule -------------------------------------------------------------
     def pipeline_flow_times(self, steps: int | None = None) -> torch.Tensor:
