@@ -87,7 +87,7 @@ class AestheticScore:
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         """Scores of preprocessed pixels [B, 3, S, S]."""
-        return torch.cat([self.module(pixels[lo:lo + self.batch_size]) for lo in range(0, pixels.shape[0], self.batch_size)])
+        return torch.cat([self.module(pixels[lo:lo + self.batch_size].to(self.device)) for lo in range(0, pixels.shape[0], self.batch_size)])
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:

@@ -103,6 +103,12 @@ class ClipScore:
         """Unit-norm text embeddings [B, D], cached per distinct prompt (computed without gradients)."""
         return self._text(list(prompts))
 
+    def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """[B] scores of already preprocessed pixel values [B, 3, S, S]."""
+        img = torch.cat([self.module(pixels[lo : lo + self.batch_size].to(self.device))
+                         for lo in range(0, pixels.shape[0], self.batch_size)])
+        return self.scale * (F.normalize(img.float(), dim=-1) * self.text_embeddings(list(prompts))).sum(-1)
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """[B] scores ``scale * cos`` (float32, on the reward's device)."""
         if len(prompts) != images.shape[0]:

@@ -126,7 +126,7 @@ class ImageRewardScore:
         out = []
         for lo in range(0, pixels.shape[0], self.batch_size):
             t = tok[lo:lo + self.batch_size]
-            out.append(self.module(pixels[lo:lo + self.batch_size], t[:, 0], t[:, 1]))
+            out.append(self.module(pixels[lo:lo + self.batch_size].to(self.device), t[:, 0], t[:, 1]))
         return torch.cat(out)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
