@@ -198,3 +198,28 @@ def test_pad_mode_geometry():
     assert torch.all(out[:, :, :4] == 0) and torch.all(out[:, :, 12:] == 0)  # pad 4 top, 4 bottom
     torch.testing.assert_close(out[:, :, 4:12], torch.ones(1, 3, 8, 16))
     assert ImagePreprocess(16, mode="pad")(torch.rand(2, 1, 16, 16)).shape == (2, 3, 16, 16)
+
+
+def test_generate_eval_reward_writes_the_extra_scores(tmp_path, capsys):
+    from noisesearch.api import split_reward_specs
+    from noisesearch.cli import main
+
+    hps, pick = f"hps@{FIXTURES / 'hps'}", f"pickscore@{FIXTURES / 'pickscore'}"
+    assert split_reward_specs(f"{hps},ranksum(digit,brightness), {pick}") == [hps, "ranksum(digit,brightness)", pick]
+    out = tmp_path / "run"
+    code = main(["generate", "--model", "digits", "--guidance", "0", "--prompt", "3", "--prompt", "5", "--reward", "digit",
+                 "--budget-nfe", "24", "--steps", "4", "--num-samples", "2", "--eval-reward", f"{hps},{pick}",
+                 "--eval-reward", "brightness", "--no-progress", "--out", str(out), "--threads", "1"])
+    assert code == 0
+    assert "eval[" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["eval_rewards"]) == {hps, pick, "brightness"}
+    images = torch.from_numpy(np.load(out / "images.npy"))
+    prompts = [s["prompt"] for s in report["samples"]]
+    for spec in (hps, pick):
+        want = score(make_reward(spec), images, prompts)
+        got = torch.tensor([s["eval_rewards"][spec] for s in report["samples"]])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert report["eval_rewards"][spec]["mean"] == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+        assert report["eval_rewards"][spec]["flops_per_image"] > 0
+    assert "judge_accuracy" in report  # the digits judge still runs

@@ -94,17 +94,24 @@ def generate(
     progress: bool = False,
     evaluate: bool = True,
     model_options: dict[str, Any] | None = None,
+    eval_rewards: Sequence[str | Reward] | str = (),
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
 
     ``model_options`` go to ``load_model`` when ``model`` is a name: for diffusers pipelines
-    ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``."""
+    ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``.
+
+    ``eval_rewards``: rewards that were not optimised (specs, a comma-separated string, or Reward
+    objects) scoring the chosen samples afterwards, outside the budget: ``report["eval_rewards"]``
+    and each sample's ``"eval_rewards"`` (see :func:`evaluate_rewards`)."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     if model_options and not isinstance(model, str):
         raise NoiseSearchError("model_options apply when the model is given by name; configure a denoiser object directly")
     denoiser = load_model(model, device=device, guidance=guidance, **(model_options or {})) if isinstance(model, str) else model
     reward_fn = make_reward(reward, device=device) if isinstance(reward, str) else reward
+    eval_fns = [(r, make_reward(r, device=device)) if isinstance(r, str) else (r.name, r)
+                for r in (split_reward_specs(eval_rewards) if isinstance(eval_rewards, str) else eval_rewards)]
     all_prompts = expand_prompts([str(p) for p in prompts], num_samples)
     cond = denoiser.encode(all_prompts)
     if steps is not None and steps < 1:
@@ -171,6 +178,8 @@ def generate(
     }
     if evaluate and report["model"] == "digits":
         evaluate_digits(report, images)
+    if eval_fns:
+        evaluate_rewards(report, images, all_prompts, eval_fns)
     return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra={"info": result.info})
 
 
@@ -185,6 +194,41 @@ def evaluate_digits(report: dict, images: torch.Tensor) -> None:
         s["judge_class"], s["judge_prob"] = int(c), float(p)
         hits += int(str(c) == s["prompt"].strip())
     report["judge_accuracy"] = hits / max(1, len(report["samples"]))
+
+
+def split_reward_specs(text: str) -> list[str]:
+    """``"hps@A,ranksum(x,y),pickscore"`` -> its reward specs (commas inside parentheses stay)."""
+    specs, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            specs.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    specs.append(cur)
+    return [s.strip() for s in specs if s.strip()]
+
+
+def evaluate_rewards(report: dict, images: torch.Tensor, prompts: Sequence[str], rewards) -> None:
+    """Score the chosen samples with rewards that were not optimised, in place: each sample gets
+    ``"eval_rewards": {spec: value}`` and the report ``"eval_rewards": {spec: {mean, std, name,
+    flops_per_image}}``. Not charged to the search budget (an evaluation, like the digits judge: a
+    reward the search hacked scores high on its own reward, not on these)."""
+    from noisesearch.rewards.base import score
+
+    summary = {}
+    for spec, fn in rewards:
+        values = score(fn, images, list(prompts))
+        for s, v in zip(report["samples"], values.tolist()):
+            s.setdefault("eval_rewards", {})[spec] = float(v)
+        summary[spec] = {
+            "name": fn.name,
+            "mean": float(values.mean()),
+            "std": float(values.std()) if len(values) > 1 else 0.0,
+            "flops_per_image": float(fn.flops_per_image),
+        }
+    report["eval_rewards"] = summary
 
 
 def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:

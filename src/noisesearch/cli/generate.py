@@ -81,7 +81,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
 
     g = p.add_argument_group("search")
-    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH, pickscore@DIR, hps@DIR, imagereward@DIR, aesthetic@DIR), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--eval-reward", action="append", default=[], metavar="SPECS",
+                   help="rewards NOT optimised that score the chosen samples afterwards, comma-separated, repeatable "
+                   "(e.g. hps@DIR,pickscore@DIR); written to report.json (eval_rewards), outside the budget")
     g.add_argument("--strategy", default="best-of-n", help="search strategy (default: best-of-n); see the strategy options below")
     g.add_argument("--budget-nfe", type=float, default=None, help="budget in network evaluations (NFEs) per sample")
     g.add_argument("--budget-flops", type=float, default=None, help="budget in FLOPs per sample (network and reward calls)")
@@ -147,6 +150,7 @@ def run(args) -> int:
         strategy_options=options,
         progress=not (args.no_progress or args.quiet),
         model_options=model_options,
+        eval_rewards=[spec for text in args.eval_reward for spec in api.split_reward_specs(text)],
     )
     result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     out = api.save_run(result, args.out)
@@ -155,6 +159,8 @@ def run(args) -> int:
         line = f"{r['strategy']}: reward_mean {r['reward_mean']:.4f}"
         if "judge_accuracy" in r:
             line += f"  judge_accuracy {r['judge_accuracy']:.3f}"
+        for spec, e in r.get("eval_rewards", {}).items():
+            line += f"  eval[{spec}] {e['mean']:.4f}"
         line += f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
         print(line)
         print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/report.json")
