@@ -58,3 +58,37 @@ def test_train_reward_end_to_end(tmp_path_factory, name, lora, capsys):
     base = score(make_reward(spec), x, prompts)
     assert not torch.allclose(s2.cpu(), base, atol=1e-6)  # fine-tuned weights differ from the base reward
     torch.testing.assert_close(r.score_at(x, prompts, step=3).cpu(), base, rtol=1e-5, atol=1e-5)  # final image: base
+
+
+def test_step_conditioning_is_the_identity_at_init_and_trains(tmp_path_factory):
+    import copy
+
+    from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
+    from noisesearch.train.step_conditioning import StepConditioned, set_condition
+
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = list("0123")
+    for spec, kind in (("digit", "film"), (f"hps@{FIXTURES / 'hps'}", "adaln"), (f"imagereward@{FIXTURES / 'imagereward'}", "adaln")):
+        r = make_reward(spec)
+        base = score(r, x, prompts)
+        c = copy.deepcopy(r)
+        c.module = StepConditioned(copy.deepcopy(r.module))
+        assert c.module.kind == kind
+        set_condition(c.module, torch.tensor([0.0, 1.0, 10.0, 80.0]))
+        torch.testing.assert_close(score(c, x, prompts), base, rtol=1e-6, atol=1e-6)  # adaLN-Zero: identity
+
+    pool, spec, key = _pool(tmp_path_factory, "hps")
+    out = tmp_path_factory.mktemp("na_cond") / "reward"
+    m = train_noise_aware(pool, out, TrainConfig(reward=key, steps=(1, 2), iters=25, batch_size=16, lr=1e-3, holdout=0.3,
+                                                 gate=False, step_conditioning=True, cond_dim=16), log=lambda *a: None)
+    assert m["step_conditioning"]["kind"] == "adaln" and m["scoring"].startswith("final-model")
+    for st in m["stages"]:
+        assert st["loss_last"] < st["loss_first"] and np.isfinite(st["heldout_spearman_final_model"])
+    r = make_reward(f"noise-aware@{out}")
+    s1, s2 = r.score_at(x, prompts, step=1), r.score_at(x, prompts, step=2)
+    assert not torch.allclose(s1, s2)  # the same weights, told another noise level
+    ref = make_reward(spec)
+    ref.module = StepConditioned(ref.module, 16)
+    ref.module.load_state_dict(load_stage(out / m["step_conditioning"]["final_file"]))
+    set_condition(ref.module, m["sigmas"][1])
+    torch.testing.assert_close(s1.cpu(), score(ref, x, prompts), rtol=1e-5, atol=1e-5)
