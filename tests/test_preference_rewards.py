@@ -201,11 +201,11 @@ def test_pad_mode_geometry():
 
 
 def test_generate_eval_reward_writes_the_extra_scores(tmp_path, capsys):
-    from noisesearch.api import split_reward_specs
+    from noisesearch.pools.generate import split_specs
     from noisesearch.cli import main
 
     hps, pick = f"hps@{FIXTURES / 'hps'}", f"pickscore@{FIXTURES / 'pickscore'}"
-    assert split_reward_specs(f"{hps},ranksum(digit,brightness), {pick}") == [hps, "ranksum(digit,brightness)", pick]
+    assert split_specs(f"{hps},ranksum(digit,brightness), {pick}") == [hps, "ranksum(digit,brightness)", pick]
     out = tmp_path / "run"
     code = main(["generate", "--model", "digits", "--guidance", "0", "--prompt", "3", "--prompt", "5", "--reward", "digit",
                  "--budget-nfe", "24", "--steps", "4", "--num-samples", "2", "--eval-reward", f"{hps},{pick}",

@@ -110,8 +110,10 @@ def generate(
         raise NoiseSearchError("model_options apply when the model is given by name; configure a denoiser object directly")
     denoiser = load_model(model, device=device, guidance=guidance, **(model_options or {})) if isinstance(model, str) else model
     reward_fn = make_reward(reward, device=device) if isinstance(reward, str) else reward
+    from noisesearch.pools.generate import split_specs
+
     eval_fns = [(r, make_reward(r, device=device)) if isinstance(r, str) else (r.name, r)
-                for r in (split_reward_specs(eval_rewards) if isinstance(eval_rewards, str) else eval_rewards)]
+                for r in (split_specs(eval_rewards) if isinstance(eval_rewards, str) else eval_rewards)]
     all_prompts = expand_prompts([str(p) for p in prompts], num_samples)
     cond = denoiser.encode(all_prompts)
     if steps is not None and steps < 1:
@@ -194,20 +196,6 @@ def evaluate_digits(report: dict, images: torch.Tensor) -> None:
         s["judge_class"], s["judge_prob"] = int(c), float(p)
         hits += int(str(c) == s["prompt"].strip())
     report["judge_accuracy"] = hits / max(1, len(report["samples"]))
-
-
-def split_reward_specs(text: str) -> list[str]:
-    """``"hps@A,ranksum(x,y),pickscore"`` -> its reward specs (commas inside parentheses stay)."""
-    specs, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            specs.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    specs.append(cur)
-    return [s.strip() for s in specs if s.strip()]
 
 
 def evaluate_rewards(report: dict, images: torch.Tensor, prompts: Sequence[str], rewards) -> None:

@@ -125,6 +125,7 @@ def read_prompts(args) -> list[str]:
 
 def run(args) -> int:
     from noisesearch import api
+    from noisesearch.pools.generate import split_specs
 
     prompts = read_prompts(args)
     apply_threads(args)
@@ -150,7 +151,7 @@ def run(args) -> int:
         strategy_options=options,
         progress=not (args.no_progress or args.quiet),
         model_options=model_options,
-        eval_rewards=[spec for text in args.eval_reward for spec in api.split_reward_specs(text)],
+        eval_rewards=[spec for text in args.eval_reward for spec in split_specs(text)],
     )
     result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     out = api.save_run(result, args.out)
