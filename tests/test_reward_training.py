@@ -85,6 +85,7 @@ def test_step_conditioning_is_the_identity_at_init_and_trains(tmp_path_factory):
     for st in m["stages"]:
         assert st["loss_last"] < st["loss_first"] and np.isfinite(st["heldout_spearman_final_model"])
     r = make_reward(f"noise-aware@{out}")
+    assert r.flops_per_image > make_reward(spec).flops_per_image  # the modulation is charged too
     s1, s2 = r.score_at(x, prompts, step=1), r.score_at(x, prompts, step=2)
     assert not torch.allclose(s1, s2)  # the same weights, told another noise level
     ref = make_reward(spec)

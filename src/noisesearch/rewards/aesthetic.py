@@ -133,8 +133,15 @@ def aesthetic_reward(arg: str | None = None, device="cpu") -> AestheticScore:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     head = PreferenceMLP.from_state_dict(state, what=f"aesthetic reward: {head_path}")
-    vision, _, mean, std = load_clip_folder("aesthetic", str(folder), model_cls=CLIPVisionModelWithProjection,
-                                            tokenizer=False)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the folder's text tower is not loaded: no report of "unexpected" weights
+    try:
+        vision, _, mean, std = load_clip_folder("aesthetic", str(folder), model_cls=CLIPVisionModelWithProjection,
+                                                tokenizer=False)
+    finally:
+        hf_logging.set_verbosity(level)
     if head.layers[0].in_features != vision.config.projection_dim:
         raise NoiseSearchError(f"aesthetic reward: the head takes {head.layers[0].in_features}-d embeddings, "
                                f"the CLIP model in {folder} makes {vision.config.projection_dim}-d ones")

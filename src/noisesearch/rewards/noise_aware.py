@@ -122,6 +122,9 @@ class NoiseAwareReward:
             from noisesearch.train.step_conditioning import StepConditioned
 
             self._scorer.module = StepConditioned(self._scorer.module, int(cond.get("cond_dim", 64)))
+            # the modulation MLPs run per image too (a multiply-add per weight)
+            extra = self._scorer.module.embed.parameters(), self._scorer.module.heads.parameters()
+            self.flops_per_image += float(sum(2 * p.numel() for ps in extra for p in ps if p.ndim == 2))
         self._active: int | None = None
         self.step: int | None = None  # set to score at a step when called as a plain reward
         self.sigma: float | None = None
