@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib
-import io
 import json
 import sys
 import types
-from functools import partial
 from pathlib import Path
 
 import numpy as np
