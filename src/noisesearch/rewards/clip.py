@@ -32,6 +32,7 @@ from noisesearch.rewards.preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, I
                                             features)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_features, _count_flops = features, count_flops  # former names (now in rewards.preprocess)
 
 
 class ClipImageTower(torch.nn.Module):
