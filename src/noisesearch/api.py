@@ -84,6 +84,7 @@ def generate(
     evaluate: bool = True,
     model_options: dict[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
+    eval_rewards: Sequence[str | Reward] | str = (),
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
 
@@ -94,11 +95,19 @@ def generate(
 
     ``shard=(rank, world)`` runs only the searches ``i`` with ``i % world == rank`` (each with the
     noise stream it has in the whole run); :func:`merge_runs` joins the shards' runs into the run
-    of one process (``accelerate launch -m noisesearch generate`` does both)."""
+    of one process (``accelerate launch -m noisesearch generate`` does both).
+
+    ``eval_rewards``: rewards that were not optimised (specs, a comma-separated string, or Reward
+    objects) scoring the chosen samples afterwards, outside the budget: ``report["eval_rewards"]``
+    and each sample's ``"eval_rewards"`` (see :func:`evaluate_rewards`)."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
     reward_fn = as_reward(reward, device=device)
+    from noisesearch.pools.generate import split_specs
+
+    eval_fns = [(r, as_reward(r, device=device)) if isinstance(r, str) else (r.name, r)
+                for r in (split_specs(eval_rewards) if isinstance(eval_rewards, str) else eval_rewards)]
     total = len(prompts) * num_samples
     searches = None if shard is None else list(range(shard[0], total, shard[1]))
     if searches == []:
@@ -161,6 +170,8 @@ def generate(
         report["prompt_encoding"] = denoiser.encode_cost()
     if evaluate and report["model"] == "digits":
         evaluate_digits(report, images)
+    if eval_fns:
+        evaluate_rewards(report, images, all_prompts, eval_fns)
     return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra={"info": result.info})
 
 
@@ -212,6 +223,27 @@ def evaluate_digits(report: dict, images: torch.Tensor) -> None:
         s["judge_class"], s["judge_prob"] = int(c), float(p)
         hits += int(int(c) == t)
     report["judge_accuracy"] = hits / max(1, len(report["samples"]))
+
+
+def evaluate_rewards(report: dict, images: torch.Tensor, prompts: Sequence[str], rewards) -> None:
+    """Score the chosen samples with rewards that were not optimised, in place: each sample gets
+    ``"eval_rewards": {spec: value}`` and the report ``"eval_rewards": {spec: {mean, std, name,
+    flops_per_image}}``. Not charged to the search budget (an evaluation, like the digits judge: a
+    reward the search hacked scores high on its own reward, not on these)."""
+    from noisesearch.rewards.base import score
+
+    summary = {}
+    for spec, fn in rewards:
+        values = score(fn, images, list(prompts))
+        for s, v in zip(report["samples"], values.tolist()):
+            s.setdefault("eval_rewards", {})[spec] = float(v)
+        summary[spec] = {
+            "name": fn.name,
+            "mean": float(values.mean()),
+            "std": float(values.std()) if len(values) > 1 else 0.0,
+            "flops_per_image": float(fn.flops_per_image),
+        }
+    report["eval_rewards"] = summary
 
 
 def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:

@@ -11,4 +11,5 @@ BENCHMARKS = {
     "simulate": "the TTSnap simulator on the published FLUX reward pools (needs ../shared; docs/simulator.md)",
     "call_timing": "drift of one denoiser call's time on this machine (why the search benchmark pairs its timing)",
     "flow_costs": "FLOPs and parameters of FLUX.1-dev, SD3.5 and SDXL counted on the meta device (docs/flux.md)",
+    "step_conditioning": "noise-aware rewards: per-step snapshots vs one step-conditioned model (adaLN-Zero / FiLM) on digits-uncond (docs/rewards.md)",
 }

@@ -78,7 +78,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_pipeline_options(g)
 
     g = p.add_argument_group("search")
-    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH, pickscore@DIR, hps@DIR, imagereward@DIR, aesthetic@DIR), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--eval-reward", action="append", default=[], metavar="SPECS",
+                   help="rewards NOT optimised that score the chosen samples afterwards, comma-separated, repeatable "
+                   "(e.g. hps@DIR,pickscore@DIR); written to report.json (eval_rewards), outside the budget")
     g.add_argument("--strategy", default="best-of-n", help="search strategy (default: best-of-n); see the strategy options below")
     g.add_argument("--budget-nfe", type=float, default=None, help="budget in network evaluations (NFEs) per sample")
     g.add_argument("--budget-flops", type=float, default=None, help="budget in FLOPs per sample (network and reward calls)")
@@ -119,6 +122,7 @@ def read_prompts(args) -> list[str]:
 
 def run(args) -> int:
     from noisesearch import api
+    from noisesearch.pools.generate import split_specs
 
     prompts = read_prompts(args)
     apply_threads(args)
@@ -148,6 +152,7 @@ def run(args) -> int:
         progress=not (args.no_progress or args.quiet) and (dist is None or dist.is_main_process),
         model_options=model_options,
         shard=None if dist is None else (dist.process_index, dist.num_processes),
+        eval_rewards=[spec for text in args.eval_reward for spec in split_specs(text)],
     )
     if dist is not None:  # the main process merges the shards and writes the one run
         from accelerate.utils import gather_object
@@ -163,6 +168,8 @@ def run(args) -> int:
         line = f"{r['strategy']}: reward_mean {r['reward_mean']:.4f}"
         if "judge_accuracy" in r:
             line += f"  judge_accuracy {r['judge_accuracy']:.3f}"
+        for spec, e in r.get("eval_rewards", {}).items():
+            line += f"  eval[{spec}] {e['mean']:.4f}"
         line += f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
         print(line)
         print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/report.json")

@@ -51,6 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "pool's other prompts (valid when sampling ignores the prompt, e.g. guidance 0)")
     p.add_argument("--no-gate", dest="gate", action="store_false", help="use every stage's weights, even where they do not "
                    "beat the base reward on held-out candidates (default: such steps are scored by the base reward)")
+    p.add_argument("--step-conditioning", action="store_true", help="condition the reward model on the noise level "
+                   "(adaLN-Zero on ViT layers, FiLM-Zero otherwise; identity at initialisation): the final stage's model "
+                   "scores every step instead of per-step snapshots")
+    p.add_argument("--cond-dim", type=int, default=d.cond_dim, help=f"noise-level embedding width of --step-conditioning (default: {d.cond_dim})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto (default)")
     add_threads(p)
@@ -85,6 +89,8 @@ def run(args) -> int:
         cross_prompts=args.cross_prompts,
         gate=args.gate,
         seed=args.seed,
+        step_conditioning=args.step_conditioning,
+        cond_dim=args.cond_dim,
     )
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     manifest = train_noise_aware(args.pool, args.out, config, device=resolve_device(args.device),

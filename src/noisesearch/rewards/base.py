@@ -41,6 +41,10 @@ REWARDS: dict[str, str] = {
     "compressibility": "noisesearch.rewards.simple:Compressibility",
     "clip": "noisesearch.rewards.clip:clip_reward",
     "noise-aware": "noisesearch.rewards.noise_aware:load_noise_aware",
+    "pickscore": "noisesearch.rewards.pickscore:pickscore_reward",
+    "hps": "noisesearch.rewards.hps:hps_reward",
+    "imagereward": "noisesearch.rewards.imagereward:imagereward_reward",
+    "aesthetic": "noisesearch.rewards.aesthetic:aesthetic_reward",
 }
 
 

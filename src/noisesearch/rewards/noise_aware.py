@@ -116,6 +116,15 @@ class NoiseAwareReward:
             raise NoiseSearchError(f"noise-aware manifest: {len(self.sigmas)} sigmas for {self.num_steps} steps")
         self.stages = dict(stages)
         self._scorer = copy.deepcopy(base)
+        cond = manifest.get("step_conditioning")
+        self.conditioned = bool(cond)
+        if cond:  # trained with step conditioning (noisesearch.train.step_conditioning)
+            from noisesearch.train.step_conditioning import StepConditioned
+
+            self._scorer.module = StepConditioned(self._scorer.module, int(cond.get("cond_dim", 64)))
+            # the modulation MLPs run per image too (a multiply-add per weight)
+            extra = self._scorer.module.embed.parameters(), self._scorer.module.heads.parameters()
+            self.flops_per_image += float(sum(2 * p.numel() for ps in extra for p in ps if p.ndim == 2))
         self._active: int | None = None
         self.step: int | None = None  # set to score at a step when called as a plain reward
         self.sigma: float | None = None
@@ -154,7 +163,11 @@ class NoiseAwareReward:
         s = self.resolve(step, sigma)
         if s not in self.stages:
             return self.base(images, prompts)
-        if self._active != s:
+        if self.conditioned:  # one step-conditioned model for every step: tell it the noise level
+            from noisesearch.train.step_conditioning import set_condition
+
+            set_condition(self._scorer.module, self.sigmas[s] if sigma is None else float(sigma))
+        if self._active != s and not (self.conditioned and self._active is not None):
             module = self._scorer.module
             try:
                 module.load_state_dict(self.stages[s], strict=True)
@@ -186,6 +199,8 @@ def load_noise_aware(arg: str | None, device: str | torch.device = "cpu") -> Noi
         raise NoiseSearchError(f"{d / MANIFEST}: the base reward cannot itself be noise-aware ({base_spec!r})")
     base = make_reward(base_spec, device=device)
     stages: dict[int, dict[str, torch.Tensor]] = {}
+    final = m.get("step_conditioning", {}).get("final_file") if isinstance(m.get("step_conditioning"), dict) else None
+    final_tensors = None
     for entry in m["stages"]:
         if isinstance(entry, dict) and not entry.get("use", True):
             continue  # trained, but no better than the base reward on held-out candidates
@@ -193,6 +208,11 @@ def load_noise_aware(arg: str | None, device: str | torch.device = "cpu") -> Noi
             step, fname = int(entry["step"]), str(entry["file"])
         except (KeyError, TypeError, ValueError):
             raise NoiseSearchError(f"{d / MANIFEST}: malformed stage entry {entry!r}; {TRAIN_HINT.format(dir=d)}") from None
+        if final:  # step conditioning: the final stage's model scores every trained step
+            if final_tensors is None:
+                final_tensors = {k: v.to(getattr(base, "device", "cpu")) for k, v in load_stage(d / Path(final).name).items()}
+            stages[step] = final_tensors
+            continue
         tensors = load_stage(d / Path(fname).name)
         stages[step] = {k: v.to(getattr(base, "device", "cpu")) for k, v in tensors.items()}
     reward = NoiseAwareReward(base, base_spec, stages, m, d)

@@ -34,6 +34,13 @@ manifest ``noise_aware.json`` is written last.
 per stage the Spearman correlation (per prompt, averaged) with the final reward on them is recorded
 for the base reward and the student.
 
+**Step conditioning** (``step_conditioning``, TTSnap's alternative): the student is wrapped by
+``noisesearch.train.step_conditioning.StepConditioned`` (adaLN-Zero on the ViT layers, FiLM-Zero
+on other models; the identity at initialisation) and told each image's noise level ``sigma``; the
+curriculum is the same, and the *final* stage's model scores every trained step (one model, no
+per-step snapshots); held-out metrics of that final model are recorded per step
+(``heldout_spearman_final_model``) and the gate uses them.
+
 Trainable rewards expose ``module`` (a ``torch.nn.Module``) and compute ``reward(images, prompts)``
 through it, differentiably (e.g. the ``digit`` reward).
 """
@@ -52,6 +59,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.rewards.noise_aware import FORMAT_NAME, FORMAT_VERSION, MANIFEST, load_stage, save_stage
+from noisesearch.train.step_conditioning import set_condition
 
 STATE = "train_state.json"
 
@@ -74,6 +82,8 @@ class TrainConfig:
     cross_prompts: bool = False  # also distil the teacher's reward of each image for the pool's other prompts
     gate: bool = True  # drop stages worse than the base reward on held-out candidates by > 1 standard error
     seed: int = 0
+    step_conditioning: bool = False  # adaLN-Zero on the noise level: one model (the final stage's) for all steps
+    cond_dim: int = 64  # width of the noise-level embedding of step_conditioning
 
     def check(self) -> None:
         if self.lora_rank < 0:
@@ -207,8 +217,11 @@ class _Data:
 
 
 @torch.no_grad()
-def _predict(reward, data: _Data, cand: np.ndarray, step: int, device, batch: int = 1024) -> np.ndarray:
-    """Reward of the estimates at ``step`` of candidates ``cand`` of every prompt: [P, len(cand)]."""
+def _predict(reward, data: _Data, cand: np.ndarray, step: int, device, batch: int = 1024, sigma=None) -> np.ndarray:
+    """Reward of the estimates at ``step`` of candidates ``cand`` of every prompt: [P, len(cand)]
+    (``sigma``: the noise level told to a step-conditioned module)."""
+    if sigma is not None:
+        set_condition(reward.module, float(sigma))
     P = data.P
     pp, cc = np.meshgrid(np.arange(P), cand, indexing="ij")
     pp, cc = pp.ravel(), cc.ravel()
@@ -285,8 +298,12 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
     out.mkdir(parents=True, exist_ok=True)
     pool_dir = Path(pool_path)
     pool_dir = pool_dir.parent if pool_dir.is_file() else pool_dir
+    cfg_id = asdict(config)
+    if not config.step_conditioning:  # runs from before the option keep their digest (resumable)
+        cfg_id.pop("step_conditioning")
+        cfg_id.pop("cond_dim")
     identity = {
-        "config": asdict(config),
+        "config": cfg_id,
         "steps": steps,
         "pool_shape": [P, N, S],
         "pool_teacher_sha": hashlib.sha256(data.own.tobytes()).hexdigest()[:16],
@@ -315,6 +332,11 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
 
     # the student: the base module, or the last finished stage's weights when resuming
     student = copy.deepcopy(base_module).to(dev)
+    sigmas = np.asarray([float(v) for v in pool.extra.get("sigmas", [])] or _fallback_sigmas(S), np.float32)
+    if config.step_conditioning:
+        from noisesearch.train.step_conditioning import StepConditioned
+
+        student = StepConditioned(student, config.cond_dim).to(dev)
     done = {int(e["step"]) for e in state["stages"]}
     if state["stages"]:
         last = state["stages"][-1]
@@ -360,6 +382,8 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
             use_replay = rng.random(B) < config.replay
             st = np.where(use_replay, replay_steps[rng.integers(0, len(replay_steps), B)], step)
             x, y, prompts = data.batch(rows_p, rows_c, st, dev, rows_q)
+            if config.step_conditioning:
+                set_condition(model, torch.from_numpy(sigmas[st]))
             with torch.enable_grad():
                 pred = scorer(x, prompts)
                 if not isinstance(pred, torch.Tensor) or not pred.requires_grad:
@@ -394,7 +418,7 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if len(data.held) >= 2:
-            pred_held = _predict(scorer, data, data.held, step, dev)
+            pred_held = _predict(scorer, data, data.held, step, dev, sigma=sigmas[step])
             base_held = data.base[:, data.held, step]
             sp_base = spearman_per_prompt(base_held, final_held)
             sp_student = spearman_per_prompt(pred_held, final_held)
@@ -426,6 +450,8 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
 
     if len(done) < len(steps):
         return state
+    if config.step_conditioning and len(data.held) >= 2:
+        _final_model_metrics(state, scorer, student, out, data, sigmas, dev, config.gate, final_held, k_top, acc)
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -440,9 +466,14 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
         "sampler": pool.extra.get("sampler"),
         "steps": sorted(int(e["step"]) for e in state["stages"] if e.get("use", True)),
         "curriculum": steps,
-        "scoring": "per-stage: step s is scored with the weights saved after the stage that trained s "
+        "scoring": ("final-model: every trained step is scored by the final stage's step-conditioned model, told "
+                    "the step's sigma (steps marked use=false and untrained steps: the base reward)")
+        if config.step_conditioning else
+        "per-stage: step s is scored with the weights saved after the stage that trained s "
                    "(stages marked use=false, which did not beat the base reward on held-out candidates, "
                    "and untrained steps are scored by the base reward)",
+        **({"step_conditioning": {"kind": student.kind, "cond_dim": config.cond_dim,
+                                  "final_file": state["stages"][-1]["file"]}} if config.step_conditioning else {}),
         "stages": state["stages"],
         "config": asdict(config),
         "train_candidates": data.n_train,
@@ -455,6 +486,26 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
         atomic_write_json(manifest_path, manifest)
     acc.wait_for_everyone()
     return manifest
+
+
+def _final_model_metrics(state, scorer, student, out, data, sigmas, dev, gate, final_held, k_top, acc) -> None:
+    """Step conditioning: held-out metrics of the final model at every trained step; the gate uses them."""
+    if not isinstance(student, torch.nn.Module) or "heldout_spearman" not in state["stages"][-1]:
+        return
+    scorer.module = student  # the final stage's model (trained now, or loaded from its file on a resume)
+    for entry in state["stages"]:
+        step = int(entry["step"])
+        pred = _predict(scorer, data, data.held, step, dev, sigma=sigmas[step])
+        sp_base = spearman_per_prompt(data.base[:, data.held, step], final_held)
+        diff = spearman_per_prompt(pred, final_held) - sp_base
+        entry["heldout_spearman_final_model"] = float(np.nanmean(spearman_per_prompt(pred, final_held)))
+        entry["heldout_top10pct_recall_final_model"] = float(topk_recall(pred, final_held, k_top).mean())
+        se = float(np.nanstd(diff, ddof=1) / np.sqrt(max(1, np.isfinite(diff).sum()))) if np.isfinite(diff).sum() > 1 else 0.0
+        entry["use"] = bool(not gate or float(np.nanmean(diff)) >= -se)
+    if acc.is_main_process:
+        from noisesearch.io import atomic_write_json
+
+        atomic_write_json(out / STATE, state)
 
 
 def _fallback_sigmas(S: int) -> list[float]:

@@ -1,0 +1,153 @@
+"""LAION aesthetic predictor v2 (improved-aesthetic-predictor, Schuhmann 2022): a linear head on the
+L2-normalised CLIP ViT-L/14 image embedding; prompts are ignored.
+
+``score = MLP(e / |e|)`` with ``e`` the projected CLIP image embedding and ``MLP`` the official
+``nn.Sequential`` of Linear(768, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout,
+Linear(64, 16), Linear(16, 1) (no activations; state dict keys ``layers.0/2/4/6/7.weight|bias``; the
+widths are read from the file). Preprocessing is OpenAI CLIP's (shorter side to 224 bicubic,
+torchvision ``CenterCrop`` offsets ``round((h - 224) / 2)``, CLIP mean / std), on the device.
+
+Reward spec ``aesthetic@DIR``: a transformers CLIP ViT-L/14 folder (``openai/clip-vit-large-patch14``;
+only the vision tower and projection are loaded) plus the head's ``.pth`` (the official
+``sac+logos+ava1-l14-linearMSE.pth``; with several ``.pth`` files, ``aesthetic@DIR/NAME.pth``).
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from noisesearch.errors import NoiseSearchError
+from noisesearch.rewards.preprocess import ImagePreprocess, count_flops
+
+HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+class PreferenceMLP(torch.nn.Module):
+    """The official head of the aesthetic predictor and of ImageReward (same layers, same keys):
+    Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear - no activations. ``widths``:
+    the input and the four hidden widths (official: (768, 1024, 128, 64, 16))."""
+
+    def __init__(self, widths: Sequence[int] = (768, 1024, 128, 64, 16), dropout=(0.2, 0.2, 0.1)):
+        super().__init__()
+        w = list(widths)
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(w[0], w[1]), torch.nn.Dropout(dropout[0]),
+            torch.nn.Linear(w[1], w[2]), torch.nn.Dropout(dropout[1]),
+            torch.nn.Linear(w[2], w[3]), torch.nn.Dropout(dropout[2]),
+            torch.nn.Linear(w[3], w[4]), torch.nn.Linear(w[4], 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "layers.", what: str = "head") -> "PreferenceMLP":
+        idx = (0, 2, 4, 6, 7)
+        try:
+            widths = [int(state[f"{prefix}{i}.weight"].shape[1]) for i in idx]
+        except KeyError as e:
+            raise NoiseSearchError(f"{what}: no weight {e.args[0]!r}: not the official MLP head") from None
+        head = cls(widths)
+        sub = {k[len(prefix) - len("layers."):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            head.load_state_dict(sub, strict=True)
+        except RuntimeError as e:
+            raise NoiseSearchError(f"{what}: {str(e).splitlines()[0]}") from None
+        return head
+
+
+class AestheticModule(torch.nn.Module):
+    """pixels -> aesthetic score: CLIP vision tower + projection, L2 normalisation, the MLP head."""
+
+    def __init__(self, vision_model: torch.nn.Module, visual_projection: torch.nn.Module, head: PreferenceMLP):
+        super().__init__()
+        self.vision_model, self.visual_projection, self.head = vision_model, visual_projection, head
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        emb = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+        return self.head(F.normalize(emb.float(), dim=-1)).squeeze(-1)
+
+
+class AestheticScore:
+    """The aesthetic predictor as a reward (module: :class:`AestheticModule`, fine-tunable)."""
+
+    def __init__(self, module: AestheticModule, preprocess: ImagePreprocess, device="cpu", name="aesthetic",
+                 batch_size: int = 32):
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.preprocess_fn, self.name, self.batch_size = preprocess, name, batch_size
+        self._flops: float | None = None
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return self.preprocess_fn(images, self.device)
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """Scores of preprocessed pixels [B, 3, S, S]."""
+        return torch.cat([self.module(pixels[lo:lo + self.batch_size].to(self.device)) for lo in range(0, pixels.shape[0], self.batch_size)])
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise NoiseSearchError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        return torch.cat([self.module(self.preprocess(images[lo:lo + self.batch_size]))
+                          for lo in range(0, images.shape[0], self.batch_size)]).float()
+
+    @property
+    def flops_per_image(self) -> float:
+        if self._flops is None:
+            s = self.preprocess_fn.size
+            x = torch.zeros(1, 3, s, s, device=self.device)
+            self._flops = count_flops(lambda: self.module(x))
+        return self._flops
+
+
+def aesthetic_reward(arg: str | None = None, device="cpu") -> AestheticScore:
+    """Factory for ``aesthetic@DIR`` (a CLIP ViT-L/14 folder + the head's .pth) or ``aesthetic@DIR/HEAD.pth``."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from noisesearch.rewards.clip import load_clip_folder
+
+    if not arg:
+        raise NoiseSearchError(
+            "reward 'aesthetic' needs a folder: aesthetic@DIR with a transformers CLIP ViT-L/14 "
+            f"(openai/clip-vit-large-patch14) and the head {HEAD_FILE} (see docs/rewards.md)"
+        )
+    p = Path(arg).expanduser()
+    if p.is_file():
+        head_path, folder = p, p.parent
+    else:
+        if not p.is_dir():
+            raise NoiseSearchError(f"aesthetic reward: {arg!r} is no folder; see docs/rewards.md")
+        heads = sorted(glob.glob(str(p / "*.pth")))
+        if len(heads) != 1:
+            raise NoiseSearchError(f"aesthetic reward: {p} holds {len(heads)} .pth heads; "
+                                   + ("name one: aesthetic@DIR/HEAD.pth" if heads else f"put {HEAD_FILE} there"))
+        head_path, folder = Path(heads[0]), p
+    try:
+        state = torch.load(head_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NoiseSearchError(f"aesthetic reward: cannot read {head_path}: {type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    head = PreferenceMLP.from_state_dict(state, what=f"aesthetic reward: {head_path}")
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the folder's text tower is not loaded: no report of "unexpected" weights
+    try:
+        vision, _, mean, std = load_clip_folder("aesthetic", str(folder), model_cls=CLIPVisionModelWithProjection,
+                                                tokenizer=False)
+    finally:
+        hf_logging.set_verbosity(level)
+    if head.layers[0].in_features != vision.config.projection_dim:
+        raise NoiseSearchError(f"aesthetic reward: the head takes {head.layers[0].in_features}-d embeddings, "
+                               f"the CLIP model in {folder} makes {vision.config.projection_dim}-d ones")
+    module = AestheticModule(vision.vision_model, vision.visual_projection, head)
+    pre = ImagePreprocess(int(vision.config.image_size), mean, std, mode="crop", crop_rounding="round", name="aesthetic")
+    return AestheticScore(module, pre, device=device, name=f"aesthetic@{arg}")
+
+
+__all__ = ["aesthetic_reward", "AestheticScore", "AestheticModule", "PreferenceMLP"]
