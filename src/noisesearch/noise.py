@@ -8,11 +8,13 @@ Live pruning and pool generation draw per *candidate*: candidate ``j`` of search
 stream ``(seed, p, k, j)``; a pool's candidate ``j`` of prompt ``p`` is ``(seed, p, 0, j)``, so a live
 ``ttsnap`` run and a pool made with the same seed and prompts start from the same candidates.
 
-Draws are made on the CPU in float32 (device independent) and moved to the denoiser's device/dtype.
+Draws are made on the CPU (device independent), in blocks per stream (:class:`Stream`: draw ``i``
+of a stream depends only on the seed and ``i``), and moved to the denoiser's device/dtype.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Sequence
 
 import torch
@@ -27,20 +29,57 @@ def stream_seed(seed: int, *key: int) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-def _by_stream(owner: torch.Tensor, generators: Sequence[torch.Generator], draw) -> torch.Tensor:
-    """Row ``r`` gets the next draw(s) of ``generators[owner[r]]``; one call per stream present."""
+#: Noises drawn per refill of a stream's buffer: about a million numbers, at most 64 noises.
+BLOCK_NUMBERS = 1 << 20
+
+
+class Stream:
+    """One seeded stream of standard normal (or uniform) draws of a fixed shape, drawn in blocks.
+
+    Draw ``i`` of a stream depends only on the seed and ``i`` (never on how many were asked for at
+    once), so any batching of the work reproduces the same noises; blocks make a draw cost a slice
+    instead of a generator call."""
+
+    def __init__(self, seed: int, shape: Sequence[int], kind: str = "normal"):
+        self.shape, self.kind = tuple(shape), kind
+        self.generator = torch.Generator().manual_seed(seed)
+        numel = max(1, math.prod(self.shape))
+        self.block = max(1, min(64, BLOCK_NUMBERS // numel))
+        self.buffer: torch.Tensor | None = None
+        self.pos = self.filled = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` draws (normal: float32, uniform: float64)."""
+        if self.pos + n <= self.filled:  # the common case: one slice of the buffer
+            self.pos += n
+            return self.buffer[self.pos - n : self.pos]
+        parts = []
+        while n > 0:
+            if self.pos == self.filled:
+                size = (self.block, *self.shape)
+                self.buffer = (torch.randn(size, generator=self.generator, dtype=torch.float32) if self.kind == "normal"
+                               else torch.rand(size, generator=self.generator, dtype=torch.float64))
+                self.pos, self.filled = 0, self.block
+            k = min(n, self.filled - self.pos)
+            parts.append(self.buffer[self.pos : self.pos + k])
+            self.pos += k
+            n -= k
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _by_stream(owner: torch.Tensor, streams: Sequence[Stream], dtype=torch.float32) -> torch.Tensor:
+    """Row ``r`` gets the next draw of ``streams[owner[r]]``, in row order within a stream (rows
+    grouped by stream, the usual layout, need no reordering)."""
     owner = owner.detach().cpu().long()
-    rows_of: dict[int, list[int]] = {}
-    for r, o in enumerate(owner.tolist()):
-        rows_of.setdefault(o, []).append(r)
-    out = None
-    for o, rows in rows_of.items():
-        z = draw(len(rows), generators[o])
-        if out is None:
-            out = z.new_empty((len(owner), *z.shape[1:]))
-        out[torch.tensor(rows)] = z
-    if out is None:
+    if owner.numel() == 0:
         raise ValueError("no rows to draw for")
+    order = torch.argsort(owner, stable=True)
+    ids, counts = torch.unique_consecutive(owner[order], return_counts=True)
+    z = torch.cat([streams[o].take(c) for o, c in zip(ids.tolist(), counts.tolist())]).to(dtype)
+    if bool((order[1:] > order[:-1]).all()):  # already grouped by stream
+        return z
+    out = torch.empty_like(z)
+    out[order] = z
     return out
 
 
@@ -54,15 +93,14 @@ class CandidateNoise:
     def __init__(self, seed: int, shape: Sequence[int], keys: Sequence[tuple[int, int, int]], device="cpu",
                  dtype=torch.float32):
         self.shape, self.device, self.dtype = tuple(shape), device, dtype
-        self.generators = [torch.Generator().manual_seed(stream_seed(seed, *k)) for k in keys]
+        self.streams = [Stream(stream_seed(seed, *k), self.shape) for k in keys]
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.streams)
 
     def draw(self, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        rows = range(len(self.generators)) if rows is None else [int(r) for r in rows]
-        z = torch.stack([torch.randn(self.shape, generator=self.generators[r], dtype=torch.float32) for r in rows])
-        return z.to(self.device, self.dtype)
+        rows = torch.arange(len(self.streams)) if rows is None else torch.as_tensor([int(r) for r in rows])
+        return _by_stream(rows, self.streams).to(self.device, self.dtype)
 
 
 class NoiseSource:
@@ -73,7 +111,8 @@ class NoiseSource:
         self.seed = int(seed)
         self.shape, self.device, self.dtype = tuple(shape), device, dtype
         self.keys = [tuple(int(v) for v in k) for k in keys]
-        self.generators = [torch.Generator().manual_seed(stream_seed(seed, *k)) for k in self.keys]
+        self.normals = [Stream(stream_seed(seed, *k), self.shape) for k in self.keys]
+        self.uniforms = [Stream(stream_seed(seed, *k, -1), (), "uniform") for k in self.keys]
 
     @classmethod
     def for_prompts(cls, seed: int, shape, num_prompts: int, num_samples: int, **kw) -> "NoiseSource":
@@ -82,12 +121,11 @@ class NoiseSource:
 
     def normal(self, owner: torch.Tensor) -> torch.Tensor:
         """One standard Gaussian noise per row, from the stream of the row's search."""
-        z = _by_stream(owner, self.generators, lambda n, g: torch.randn((n, *self.shape), generator=g, dtype=torch.float32))
-        return z.to(self.device, self.dtype)
+        return _by_stream(owner, self.normals).to(self.device, self.dtype)
 
     def uniform(self, owner: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """One uniform [0, 1) number per row (on the CPU), from the stream of the row's search."""
-        return _by_stream(owner, self.generators, lambda n, g: torch.rand(n, generator=g, dtype=dtype))
+        """One uniform [0, 1) number per row (on the CPU), from the uniform stream of the row's search."""
+        return _by_stream(owner, self.uniforms, dtype)
 
     def candidates(self, owner: Sequence[int], candidate: Sequence[int]) -> CandidateNoise:
         """Per-candidate streams ``(prompt, sample, candidate)`` for rows ``(owner[r], candidate[r])``."""
@@ -95,4 +133,4 @@ class NoiseSource:
         return CandidateNoise(self.seed, self.shape, keys, self.device, self.dtype)
 
 
-__all__ = ["NoiseSource", "CandidateNoise", "stream_seed"]
+__all__ = ["NoiseSource", "CandidateNoise", "Stream", "stream_seed"]
