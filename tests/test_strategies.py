@@ -333,3 +333,23 @@ def test_cli_records_params(tmp_path, strategy, flags):
         else:
             assert got == type(got)(value)
     assert report["strategy_info"] and 0.0 <= report["judge_accuracy"] <= 1.0
+
+
+def test_score_batch_chunks_decode_and_reward_apart_from_the_denoiser():
+    problem = make_problem(nfe=120, n=10, max_batch=512)
+    problem.score_batch = 7
+    sizes = []
+    reward = problem.reward
+
+    class Spy:
+        name, flops_per_image = reward.name, reward.flops_per_image
+
+        def __call__(self, images, prompts):
+            sizes.append(len(prompts))
+            return reward(images, prompts)
+
+    problem.reward = Spy()
+    result = make_strategy("best-of-n").search(problem)
+    assert max(sizes) == 7 and sum(sizes) == int(problem.budget.reward_calls.sum())
+    again = make_problem(nfe=120, n=10, max_batch=512)
+    torch.testing.assert_close(make_strategy("best-of-n").search(again).x0, result.x0)

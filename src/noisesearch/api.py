@@ -84,6 +84,7 @@ def generate(
     evaluate: bool = True,
     model_options: dict[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
+    score_batch: int | None = None,
     eval_rewards: Sequence[str | Reward] | str = (),
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
@@ -92,6 +93,9 @@ def generate(
     ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``,
     ``decode_batch``; for flow pipelines (FLUX, SD3, Lumina2) also ``embedded_guidance``,
     ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``).
+
+    ``max_batch`` rows go through the denoiser per call, ``score_batch`` (default ``max_batch``)
+    rows through decode + reward per call.
 
     ``shard=(rank, world)`` runs only the searches ``i`` with ``i % world == rank`` (each with the
     noise stream it has in the whole run); :func:`merge_runs` joins the shards' runs into the run
@@ -114,7 +118,7 @@ def generate(
         raise NoiseSearchError(f"{shard[1]} processes for {total} searches: launch at most {total} processes")
     problem = build_problem(denoiser, reward_fn, [str(p) for p in prompts], num_samples=num_samples,
                             budget_nfe=budget_nfe, budget_flops=budget_flops, steps=steps, sampler=sampler,
-                            seed=seed, max_batch=max_batch, searches=searches)
+                            seed=seed, max_batch=max_batch, searches=searches, score_batch=score_batch)
     budget, samp, all_prompts = problem.budget, problem.sampler, problem.prompts
     load_seconds = time.perf_counter() - t_load
 

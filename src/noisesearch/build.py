@@ -61,12 +61,14 @@ def cost_model(denoiser: Denoiser, reward: Reward) -> CostModel:
 def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *, num_samples: int = 1,
                   budget_nfe: float | None = None, budget_flops: float | None = None, steps: int | None = None,
                   sampler: str = "euler-ancestral", seed: int = 0, max_batch: int = 512,
-                  sampler_options: dict[str, Any] | None = None, searches: Sequence[int] | None = None):
+                  sampler_options: dict[str, Any] | None = None, searches: Sequence[int] | None = None,
+                  score_batch: int | None = None):
     """A :class:`~noisesearch.search.base.Problem`: ``num_samples`` searches per prompt (prompt-major:
     search ``i`` is sample ``i % num_samples`` of prompt ``i // num_samples``), each with its own
     budget and noise stream ``(seed, prompt index, sample index)``. ``searches`` keeps only those
     global search indices (one shard of a multi-process run): each keeps its stream, so a shard's
-    samples are those of the single-process run."""
+    samples are those of the single-process run. ``score_batch``: rows decoded and scored per chunk
+    (default ``max_batch``, the denoiser's chunk)."""
     from noisesearch.search.base import Problem
 
     all_prompts = expand_prompts(prompts, num_samples)
@@ -79,7 +81,9 @@ def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *,
     cond = denoiser.encode(all_prompts)
     noise = NoiseSource(seed, samp.noise_shape, [(i // num_samples, i % num_samples) for i in searches],
                         device=denoiser.device, dtype=denoiser.dtype)
-    return Problem(samp, reward, budget, all_prompts, cond, noise)
+    if score_batch is not None and score_batch < 1:
+        raise NoiseSearchError(f"--score-batch must be at least 1, got {score_batch}")
+    return Problem(samp, reward, budget, all_prompts, cond, noise, score_batch=score_batch)
 
 
 __all__ = ["as_denoiser", "as_reward", "as_sampler", "build_problem", "cost_model", "expand_prompts"]

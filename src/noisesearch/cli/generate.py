@@ -72,6 +72,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler (deterministic), heun (EDM Heun with churn)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
+    g.add_argument("--score-batch", type=int, default=None,
+                   help="rows decoded and scored per reward call (default: --max-batch); smaller saves GPU memory "
+                   "with a VAE and a large reward model")
     add_threads(g)
 
     g = p.add_argument_group("diffusers pipelines (SD, SDXL, FLUX, SD3, Lumina2)")
@@ -148,6 +151,7 @@ def run(args) -> int:
         seed=args.seed,
         device=device,
         max_batch=args.max_batch,
+        score_batch=args.score_batch,
         strategy_options=options,
         progress=not (args.no_progress or args.quiet) and (dist is None or dist.is_main_process),
         model_options=model_options,

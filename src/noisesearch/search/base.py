@@ -39,6 +39,7 @@ class Problem:
     prompts: list[str]  # one per search
     cond: Cond  # batched, one row per search
     noise: NoiseSource  # one stream per search
+    score_batch: int | None = None  # rows decoded + scored per chunk (default: the sampler's max_batch)
 
     @property
     def num_searches(self) -> int:
@@ -79,7 +80,8 @@ class Problem:
         included). Float32 [B] on the CPU.
 
         ``reward`` defaults to the problem's; ``step``/``sigma`` tell noise-aware rewards where the
-        estimates come from. Decoding and scoring run in chunks of ``sampler.max_batch`` rows; a
+        estimates come from. Decoding and scoring run in chunks of ``score_batch`` rows (default
+        ``sampler.max_batch``: on a GPU the VAE and the reward may need smaller chunks); a
         reward that compares candidates (``ranksum``) compares the rows of each search, after all
         chunks are scored, so the result does not depend on the chunk size."""
         reward = self.reward if reward is None else reward
@@ -87,7 +89,7 @@ class Problem:
         reward = at_step(reward, step, sigma)
         parts = list(reward.rewards) if is_comparative(reward) else [reward]
         prompts = [self.prompts[i] for i in state.owner.tolist()]
-        n, mb = len(state), max(1, self.sampler.max_batch)
+        n, mb = len(state), max(1, self.score_batch or self.sampler.max_batch)
         values: list[list[torch.Tensor]] = [[] for _ in parts]
         for lo in range(0, n, mb):
             images = self.denoiser.decode(state.x0[lo : lo + mb])
