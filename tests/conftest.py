@@ -11,6 +11,19 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 
 
+# ---- threads ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one torch thread is as fast and does not thrash a busy machine. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- tiny diffusers pipelines and CLIP models (builders in tests/tiny.py) ---------------------------
 # Saved once per session with save_pretrained, so that tests load them by path like a user would.
 

@@ -30,12 +30,7 @@ LATENT_RTOL = 1e-4
 IMAGE_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_adapter(d, noise, prompts, steps=STEPS):

@@ -20,13 +20,7 @@ JUDGE_MIN_TEST_ACC = 0.95  # measured 0.9767 (293 / 300)
 SAMPLES_MIN_JUDGE_ACC = 0.90  # 64 samples at guidance 1; measured 1.000 on 1000 samples
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The networks are tiny: one thread is as fast and does not thrash on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ STEPS = 3
 PARITY_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _streams(d, n, seed=0):

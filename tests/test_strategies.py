@@ -72,13 +72,7 @@ def toy_mode_reward(arg, device):
 REWARDS["toy-mode"] = "test_strategies:toy_mode_reward"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The toy's tensors are tiny: one thread avoids thread-pool overhead on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_denoiser(flops_per_decode: float = 0.0) -> PointMixtureDenoiser:
