@@ -55,7 +55,7 @@ def expand_prompts(prompts: Sequence[str], num_samples: int) -> list[str]:
 def cost_model(denoiser: Denoiser, reward: Reward) -> CostModel:
     """Prices of a problem: an NFE, a reward call of ``reward``, and the decode each reward call needs."""
     return CostModel(float(denoiser.flops_per_call), float(reward.flops_per_image),
-                     float(getattr(denoiser, "flops_per_decode", 0.0)))
+                     float(denoiser.flops_per_decode))
 
 
 def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *, num_samples: int = 1,

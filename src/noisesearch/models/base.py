@@ -24,6 +24,8 @@ class Denoiser(Protocol):
     sigma_max: float
     default_steps: int
     flops_per_call: float  # FLOPs of one network evaluation for one sample (all CFG branches)
+    flops_per_decode: float  # FLOPs of decoding one x0 to an image (the VAE; 0 for pixel models),
+    # paid with every reward call, since a reward scores the decoded estimate
     device: torch.device
     dtype: torch.dtype
 

@@ -260,6 +260,7 @@ class DigitsDenoiser:
     sigma_min = 0.002
     sigma_max = 80.0
     default_steps = 18
+    flops_per_decode = 0.0  # pixel model: decoding is a rescale
     dtype = torch.float32
     prompts = DIGIT_PROMPTS
 

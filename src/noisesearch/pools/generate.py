@@ -369,7 +369,7 @@ def generate_pool(
         "nfe_at_step": layout["nfe_at_step"],
         "sigmas": layout["sigmas"],
         "flops_per_nfe": flops_call,
-        "flops_per_decode": float(getattr(den, "flops_per_decode", 0.0)),
+        "flops_per_decode": float(den.flops_per_decode),
         "nfe_per_trajectory": samp.nfe_per_trajectory,
         "noise": spec_doc["noise"],
         "images": IMAGES if save_images else None,
