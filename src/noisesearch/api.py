@@ -83,13 +83,17 @@ def generate(
     progress: bool = False,
     evaluate: bool = True,
     model_options: dict[str, Any] | None = None,
+    trace: bool = False,
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
 
     ``model_options`` go to ``load_model`` when ``model`` is a name: for diffusers pipelines
     ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``,
     ``decode_batch``; for flow pipelines (FLUX, SD3, Lumina2) also ``embedded_guidance``,
-    ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``)."""
+    ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``).
+
+    ``trace``: record every scored candidate of the first sample of each prompt, so that ``save_run``
+    draws ``search.png`` (see ``noisesearch.search.trace``)."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
@@ -98,6 +102,10 @@ def generate(
                             budget_nfe=budget_nfe, budget_flops=budget_flops, steps=steps, sampler=sampler,
                             seed=seed, max_batch=max_batch)
     budget, samp, all_prompts = problem.budget, problem.sampler, problem.prompts
+    if trace:
+        from noisesearch.search.trace import SearchTrace
+
+        problem.trace = SearchTrace(owners=set(range(0, len(all_prompts), num_samples)))
     load_seconds = time.perf_counter() - t_load
 
     bar = _Progress(budget, progress, desc=f"{strat.name}")
@@ -152,7 +160,10 @@ def generate(
         report["prompt_encoding"] = denoiser.encode_cost()
     if evaluate and report["model"] == "digits":
         evaluate_digits(report, images)
-    return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra={"info": result.info})
+    extra = {"info": result.info}
+    if problem.trace is not None:
+        extra["trace"] = problem.trace
+    return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra=extra)
 
 
 def evaluate_digits(report: dict, images: torch.Tensor) -> None:
@@ -199,5 +210,13 @@ def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:
     buf = io.BytesIO()
     np.save(buf, run.images.numpy().astype("float32"))
     atomic_write_bytes(out / "images.npy", buf.getvalue())
+    if run.extra.get("trace") is not None:
+        from noisesearch.search.trace import plot_search
+
+        n = run.report.get("num_samples", 1)
+        prompts = [s["prompt"] for s in run.report["samples"]]
+        plot_search(out / "search.png", run.extra["trace"], run.images, prompts, list(range(0, len(prompts), n)),
+                    run.report["strategy"], "survivors" in run.extra.get("info", {}))
+        run.report["search_plot"] = "search.png"
     atomic_write_json(report_path, run.report)
     return out
