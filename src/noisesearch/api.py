@@ -42,27 +42,32 @@ class Run:
 
 
 class _Progress:
-    """A tqdm bar over the budget's NFE (or FLOP) limit, fed by budget charges."""
+    """Progress over the budget's NFE (or FLOP) limit, fed by budget charges (noisesearch.progress:
+    a bar on a terminal, a line every few seconds otherwise; whole units)."""
 
     def __init__(self, budget: Budget, enabled: bool, desc: str):
+        from noisesearch.progress import Progress
+
         self.bar = None
         if not enabled:
             return
-        from tqdm.auto import tqdm
-
         self.by_nfe = budget.nfe_limit is not None
         total = budget.nfe_limit * budget.num_searches if self.by_nfe else budget.flops_limit * budget.num_searches
+        self.scale, unit = 1.0, "NFE"
+        if not self.by_nfe:  # FLOPs in the largest SI unit that keeps >= 100 steps
+            self.scale, unit = next(((10.0**e, p + "FLOP") for e, p in ((15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k"))
+                                     if total / 10.0**e >= 100), (1.0, "FLOP"))
         self.budget = budget
-        self.bar = tqdm(total=total, desc=desc, unit="NFE" if self.by_nfe else "FLOP", unit_scale=not self.by_nfe, leave=False, file=sys.stderr)
+        self.bar = Progress(int(total / self.scale), desc=desc, unit=unit)
         budget.listeners.append(self)
 
     def __call__(self, kind: str, rows: int) -> None:
         used = float(self.budget.nfe.sum()) if self.by_nfe else float(self.budget.flops.sum())
-        self.bar.update(used - self.bar.n)
+        self.bar.set(used / self.scale)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close(complete=False)
 
 
 def generate(

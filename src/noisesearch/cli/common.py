@@ -36,6 +36,19 @@ def write_run_config(args, folder) -> None:
     write_config(Path(folder) / "config.yaml", parser, args, args.command)
 
 
+def write_config_beside(args, file) -> None:
+    """Write the resolved options next to an output file: ``out.json`` -> ``out.config.yaml``."""
+    parser = getattr(args, "cli_parser", None)
+    if parser is None:
+        return
+    from pathlib import Path
+
+    from noisesearch.cli.config import write_config
+
+    file = Path(file)
+    write_config(file.with_name(file.stem + ".config.yaml"), parser, args, args.command)
+
+
 def resolve_device(name: str) -> str:
     """``--device``: ``auto`` picks CUDA when available; a CUDA device that is not there is a clear error."""
     import torch

@@ -57,13 +57,14 @@ def _field_comments(cls) -> dict[str, str]:
     import inspect
     import re
 
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
     out = {}
-    for m in re.finditer(r"^\s{4}(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
-        out[m.group(1)] = m.group(2).strip()
+    for klass in reversed(cls.__mro__):  # subclasses override their bases' notes
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s{4}(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
     return out
 
 
@@ -84,8 +85,10 @@ def strategy_option_fields():
             if notes.get(f.name):
                 entry[3].append((sname, notes[f.name]))
     for typ, users, kind, notes in opts.values():  # one strategy: its note; several: "name: note" each
-        texts = [n for _, n in notes] if len(users) == 1 else [f"{s}: {n}" for s, n in notes]
-        notes[:] = list(dict.fromkeys(texts))
+        groups: dict[str, list[str]] = {}
+        for sname, note in notes:
+            groups.setdefault(note, []).append(sname)
+        notes[:] = [n if len(groups) == 1 else f"{', '.join(names)}: {n}" for n, names in groups.items()]
     return opts
 
 
