@@ -45,7 +45,7 @@ def positive_int(text) -> int:
     """An integer >= 1 (argparse type)."""
     v = _int(text, "a whole number >= 1")
     if not 1 <= v <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_INT:g}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be >= 1 and <= {MAX_INT:g} (a whole number), got {text}")
     return v
 
 
@@ -53,7 +53,7 @@ def nonneg_int(text) -> int:
     """An integer >= 0 (argparse type)."""
     v = _int(text, "a whole number >= 0")
     if not 0 <= v <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_INT:g}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be >= 0 and <= {MAX_INT:g} (a whole number), got {text}")
     return v
 
 
@@ -62,7 +62,7 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
     def parse(text) -> int:
         v = _int(text, f"a whole number in {lo}..{hi}")
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be a whole number in {lo}..{hi}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be >= {lo} and <= {hi:g} (a whole number), got {text}")
         return v
     parse.__name__ = "int"
     return parse

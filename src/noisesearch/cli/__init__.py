@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     except NoiseSearchError as e:
         print(f"noisesearch {command}: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv_full)
+    try:
+        args = parser.parse_args(argv_full)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
     args.cli_parser = sub.choices[args.command]
     try:
         return int(args.func(args) or 0)
+    except SystemExit as e:  # a benchmark's own argparse
+        return e.code if isinstance(e.code, int) else 2
     except NoiseSearchError as e:
         print(f"noisesearch {args.command}: error: {e}", file=sys.stderr)
         return 2
