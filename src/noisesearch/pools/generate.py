@@ -157,7 +157,7 @@ def _load_part(path: Path, spec_digest: str) -> dict[str, np.ndarray] | None:
     if str(arrays.get("spec", "")) != spec_digest:
         return None
     if not any(k.startswith("r:") for k in arrays) or any(
-            k.startswith(("r:", "na:")) and not np.all(np.isfinite(v)) for k, v in arrays.items()):
+            k.startswith("r:") and not np.all(np.isfinite(v)) for k, v in arrays.items()):
         return None
     return arrays
 

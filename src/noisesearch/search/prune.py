@@ -186,7 +186,7 @@ class _Prune(Strategy):
 
 @dataclass
 class TTSnap(_Prune):
-    """Prune with a noise-aware reward (``--prune-reward DIR``; default ``rewards/<reward>-noise-aware``)."""
+    """Prune with a noise-aware reward (``--prune-reward noise-aware@DIR``; default ``rewards/<reward>-noise-aware``)."""
 
     name: ClassVar[str] = "ttsnap"
 
@@ -194,7 +194,7 @@ class TTSnap(_Prune):
         d = Path("rewards") / f"{problem.reward.name}-noise-aware"
         if not d.is_dir():
             raise NoiseSearchError(
-                f"ttsnap prunes with a noise-aware reward: give --prune-reward DIR (made by `noisesearch train-reward "
+                f"ttsnap prunes with a noise-aware reward: give --prune-reward noise-aware@DIR (DIR made by `noisesearch train-reward "
                 f"--pool POOL --reward {problem.reward.name} --out DIR`); the default {d} does not exist"
             )
         return str(d)

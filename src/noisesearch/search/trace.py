@@ -113,7 +113,7 @@ def plot_search(path, trace: SearchTrace, final_images: torch.Tensor, prompts: l
                 box = OffsetImage(arr, zoom=zoom, cmap="gray" if arr.ndim == 2 else None)
                 ax.add_artist(AnnotationBbox(box, (x, y), xybox=(0, 22), xycoords="data", boxcoords="offset points",
                                              frameon=True, pad=0.1, zorder=4))
-        ax.set_title(f"{strategy}: prompt {prompts[o]!r} (search {o})", fontsize=9)
+        ax.set_title(f"{strategy}: prompt {prompts[o]!r} (search {o})", fontsize=9, pad=30)
         ax.set_xlabel("sampling step of the scored estimate")
         ax.set_ylabel("reward")
         ax.margins(y=0.35)
