@@ -17,6 +17,7 @@ from noisesearch.models.base import Denoiser
 from noisesearch.noise import NoiseSource
 from noisesearch.rewards.base import Reward, make_reward
 from noisesearch.sampling.samplers import Sampler, make_sampler
+from noisesearch.validate import MAX_NFE
 
 
 def as_denoiser(model: str | Denoiser, device: str = "cpu", guidance: float = 1.0,
@@ -67,6 +68,10 @@ def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *,
     from noisesearch.search.base import Problem
 
     all_prompts = expand_prompts(prompts, num_samples)
+    fpc = float(getattr(denoiser, "flops_per_call", 0.0) or 0.0)
+    if budget_flops is not None and fpc > 0 and budget_flops / fpc > MAX_NFE:
+        raise NoiseSearchError(f"--budget-flops {budget_flops:g} buys {budget_flops / fpc:.3g} NFEs of this model per sample; "
+                               f"at most {MAX_NFE:g} (lower --budget-flops)")
     budget = Budget(len(all_prompts), nfe=budget_nfe, flops=budget_flops, cost=cost_model(denoiser, reward))
     samp = as_sampler(sampler, denoiser, steps, max_batch=max_batch, budget=budget, **(sampler_options or {}))
     cond = denoiser.encode(all_prompts)

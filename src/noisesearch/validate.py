@@ -113,8 +113,8 @@ def int_list(text: str, flag: str, lo: int = 1, hi: int = MAX_INT, min_len: int 
 
 # ---- paths --------------------------------------------------------------------------------------------
 def _check_parent(path: Path, flag: str) -> None:
-    """The first existing ancestor of ``path`` must be a writable folder."""
-    anc = path.parent if not path.exists() else path
+    """``path`` if it is an existing folder, else its first existing ancestor, must be a writable folder."""
+    anc = path if path.is_dir() else path.parent
     while not anc.exists():
         if anc.parent == anc:
             break

@@ -125,11 +125,14 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str], command: str
         if action is None:
             known = sorted({_long_name(a) for a in actions.values()})
             raise NoiseSearchError(f"--config {path}: unknown option {key!r} for '{command}'; valid: {', '.join(known)}")
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if switch and value is not None:
+            value = _bool(value, key)  # checked even when the command line gives the flag
         if _given(action, rest) or value is None:
             continue
         opt = [o for o in action.option_strings if o.startswith("--")][0]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if _bool(value, key):
+        if switch:
+            if value:
                 tokens.append(opt)
         elif isinstance(action, argparse._AppendAction):
             for v in value if isinstance(value, (list, tuple)) else [value]:
