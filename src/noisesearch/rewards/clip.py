@@ -142,6 +142,10 @@ def clip_reward(arg: str | None = None, device="cpu") -> ClipScore:
     """Factory for the ``clip`` / ``clip@ARG`` reward (ARG: a local directory or a hub name)."""
     try:
         from transformers import AutoTokenizer, CLIPModel
+
+        from noisesearch.models.diffusers import quiet_library_notices
+
+        quiet_library_notices()
     except ImportError as e:
         raise NoiseSearchError("the clip reward needs `pip install transformers` (or 'noisesearch[diffusers]')") from e
 
