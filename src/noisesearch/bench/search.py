@@ -392,7 +392,7 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
     from noisesearch.cli import OneLineParser
     from noisesearch.cli.config import expand_config, write_config
     from noisesearch.errors import NoiseSearchError
-    from noisesearch.validate import int_in, int_list, output_dir, positive_int
+    from noisesearch.validate import check_memory, int_in, int_list, output_dir, positive_int
 
     p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="Every option is optional: with none, the full benchmark runs (about 9 min on one thread). "
@@ -442,6 +442,10 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
     make_reward(args.reward)
     for r in [x.strip() for x in args.other_rewards.split(",") if x.strip()]:
         make_reward(r)
+    # memory: best-of-N holds every candidate of every search at once (8x8 digits: x, x0, noise and
+    # decoded images, float32, with headroom): 10 targets x seeds x budget / 18 rows
+    rows = max(10 * args.seeds * max(budgets), 10 * args.other_seeds * max(other_budgets)) / TRAJ
+    check_memory(rows * 64 * 4 * 8, f"bench search ({int(rows):,} candidates at the largest budget)", "--budgets or --seeds")
     output_dir(args.out, "bench search", [f"{prefix}_results.json"])
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

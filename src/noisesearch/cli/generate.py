@@ -210,5 +210,5 @@ def run(args) -> int:
             line += f"  judge_accuracy {r['judge_accuracy']:.3f}"
         line += f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
         print(line)
-        print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/report.json")
+        print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/search.png, {out}/config.yaml, {out}/report.json")
     return 0
