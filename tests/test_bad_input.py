@@ -162,6 +162,10 @@ def test_memory_is_estimated_before_allocating(root, capsys, monkeypatch):
     code = main(["simulate", "--pool", f"{root}/synpool", "--reward", "r1", "--iters", "5000000", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "GiB of memory" in err and "--iters" in err
+    code = main(GEN + ["--budget-nfe", "1e7", "--num-samples", "50", "--out", f"{root}/gm"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "GiB of memory" in err and "--num-samples" in err
+    assert not (root / "gm").exists()
     code = main(["bench", "search", "--budgets", "1000000", "--seeds", "10000", "--out", f"{root}/bm"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "GiB of memory" in err and "--seeds" in err

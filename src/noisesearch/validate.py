@@ -188,10 +188,10 @@ def physical_memory() -> int:
         return 0
 
 
-def check_memory(estimate: float, what: str, flags: str, share: float = 0.5) -> None:
-    """Refuse work whose memory estimate (bytes) exceeds ``share`` of this machine's memory, naming
-    the flags to change."""
-    total = physical_memory()
+def check_memory(estimate: float, what: str, flags: str, share: float = 0.5, total: int | None = None) -> None:
+    """Refuse work whose memory estimate (bytes) exceeds ``share`` of this machine's memory (or of
+    ``total`` bytes, e.g. a GPU's), naming the flags to change."""
+    total = physical_memory() if total is None else total
     if total and estimate > share * total:
         raise NoiseSearchError(f"{what} would need about {estimate / 2**30:.1f} GiB of memory, more than "
                                f"{share:.0%} of this machine's {total / 2**30:.1f} GiB; reduce {flags}")
