@@ -42,27 +42,32 @@ class Run:
 
 
 class _Progress:
-    """A tqdm bar over the budget's NFE (or FLOP) limit, fed by budget charges."""
+    """Progress over the budget's NFE (or FLOP) limit, fed by budget charges (noisesearch.progress:
+    a bar on a terminal, a line every few seconds otherwise; whole units)."""
 
     def __init__(self, budget: Budget, enabled: bool, desc: str):
+        from noisesearch.progress import Progress
+
         self.bar = None
         if not enabled:
             return
-        from tqdm.auto import tqdm
-
         self.by_nfe = budget.nfe_limit is not None
         total = budget.nfe_limit * budget.num_searches if self.by_nfe else budget.flops_limit * budget.num_searches
+        self.scale, unit = 1.0, "NFE"
+        if not self.by_nfe:  # FLOPs in the largest SI unit that keeps >= 100 steps
+            self.scale, unit = next(((10.0**e, p + "FLOP") for e, p in ((15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k"))
+                                     if total / 10.0**e >= 100), (1.0, "FLOP"))
         self.budget = budget
-        self.bar = tqdm(total=total, desc=desc, unit="NFE" if self.by_nfe else "FLOP", unit_scale=not self.by_nfe, leave=False, file=sys.stderr)
+        self.bar = Progress(int(total / self.scale), desc=desc, unit=unit)
         budget.listeners.append(self)
 
     def __call__(self, kind: str, rows: int) -> None:
         used = float(self.budget.nfe.sum()) if self.by_nfe else float(self.budget.flops.sum())
-        self.bar.update(used - self.bar.n)
+        self.bar.set(used / self.scale)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close(complete=False)
 
 
 def generate(
@@ -86,6 +91,7 @@ def generate(
     shard: tuple[int, int] | None = None,
     score_batch: int | None = None,
     eval_rewards: Sequence[str | Reward] | str = (),
+    trace: bool = False,
 ) -> Run:
     """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
 
@@ -103,7 +109,10 @@ def generate(
 
     ``eval_rewards``: rewards that were not optimised (specs, a comma-separated string, or Reward
     objects) scoring the chosen samples afterwards, outside the budget: ``report["eval_rewards"]``
-    and each sample's ``"eval_rewards"`` (see :func:`evaluate_rewards`)."""
+    and each sample's ``"eval_rewards"`` (see :func:`evaluate_rewards`).
+
+    ``trace``: record every scored candidate of the first sample of each prompt, so that ``save_run``
+    draws ``search.png`` (see ``noisesearch.search.trace``)."""
     t_load = time.perf_counter()
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
@@ -120,6 +129,10 @@ def generate(
                             budget_nfe=budget_nfe, budget_flops=budget_flops, steps=steps, sampler=sampler,
                             seed=seed, max_batch=max_batch, searches=searches, score_batch=score_batch)
     budget, samp, all_prompts = problem.budget, problem.sampler, problem.prompts
+    if trace:
+        from noisesearch.search.trace import SearchTrace
+
+        problem.trace = SearchTrace(owners=set(range(0, len(all_prompts), num_samples)))
     load_seconds = time.perf_counter() - t_load
 
     bar = _Progress(budget, progress, desc=f"{strat.name}")
@@ -176,7 +189,10 @@ def generate(
         evaluate_digits(report, images)
     if eval_fns:
         evaluate_rewards(report, images, all_prompts, eval_fns)
-    return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra={"info": result.info})
+    extra = {"info": result.info}
+    if problem.trace is not None:
+        extra["trace"] = problem.trace
+    return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra=extra)
 
 
 def merge_runs(runs: Sequence[Run]) -> Run:
@@ -278,5 +294,13 @@ def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:
     buf = io.BytesIO()
     np.save(buf, run.images.numpy().astype("float32"))
     atomic_write_bytes(out / "images.npy", buf.getvalue())
+    if run.extra.get("trace") is not None:
+        from noisesearch.search.trace import plot_search
+
+        n = run.report.get("num_samples", 1)
+        prompts = [s["prompt"] for s in run.report["samples"]]
+        plot_search(out / "search.png", run.extra["trace"], run.images, prompts, list(range(0, len(prompts), n)),
+                    run.report["strategy"], "survivors" in run.extra.get("info", {}))
+        run.report["search_plot"] = "search.png"
     atomic_write_json(report_path, run.report)
     return out

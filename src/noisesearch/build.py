@@ -17,6 +17,7 @@ from noisesearch.models.base import Denoiser
 from noisesearch.noise import NoiseSource
 from noisesearch.rewards.base import Reward, make_reward
 from noisesearch.sampling.samplers import Sampler, make_sampler
+from noisesearch.validate import MAX_NFE
 
 
 def as_denoiser(model: str | Denoiser, device: str = "cpu", guidance: float = 1.0,
@@ -58,6 +59,33 @@ def cost_model(denoiser: Denoiser, reward: Reward) -> CostModel:
                      float(denoiser.flops_per_decode))
 
 
+def check_search_memory(samp: Sampler, budget: Budget, num_searches: int, denoiser: Denoiser) -> None:
+    """Refuse a budget whose widest search cannot fit in memory, before allocating: best-of-N holds
+    every candidate at once, budget / (cost of one trajectory) of them per search, each with its state,
+    estimate and noise (and temporaries): about 4 copies of a sample."""
+    import math
+
+    import torch
+
+    from noisesearch.validate import check_memory, physical_memory
+
+    per_traj_nfe = max(1, int(getattr(samp, "nfe_per_trajectory", 1) or 1))
+    rows = 0.0
+    if budget.nfe_limit is not None:
+        rows = budget.nfe_limit / per_traj_nfe
+    elif budget.flops_limit is not None:
+        per_traj = per_traj_nfe * budget.cost.nfe(1).flops + budget.cost.reward(1).flops
+        rows = budget.flops_limit / per_traj if per_traj > 0 else 0.0
+    dtype = getattr(denoiser, "dtype", torch.float32) or torch.float32
+    row_bytes = math.prod(samp.noise_shape) * torch.empty((), dtype=dtype).element_size() * 4
+    dev = torch.device(getattr(denoiser, "device", "cpu") or "cpu")
+    total = None
+    if dev.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(dev).total_memory
+    check_memory(rows * num_searches * row_bytes, f"the search ({rows * num_searches:,.0f} candidates at once)",
+                 "--budget-nfe/--budget-flops or --num-samples", total=total or physical_memory())
+
+
 def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *, num_samples: int = 1,
                   budget_nfe: float | None = None, budget_flops: float | None = None, steps: int | None = None,
                   sampler: str = "euler-ancestral", seed: int = 0, max_batch: int = 512,
@@ -72,12 +100,17 @@ def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *,
     from noisesearch.search.base import Problem
 
     all_prompts = expand_prompts(prompts, num_samples)
+    fpc = float(getattr(denoiser, "flops_per_call", 0.0) or 0.0)
+    if budget_flops is not None and fpc > 0 and budget_flops / fpc > MAX_NFE:
+        raise NoiseSearchError(f"--budget-flops {budget_flops:g} buys {budget_flops / fpc:.3g} NFEs of this model per sample; "
+                               f"at most {MAX_NFE:g} (lower --budget-flops)")
     searches = list(range(len(all_prompts))) if searches is None else [int(i) for i in searches]
     if not searches or min(searches) < 0 or max(searches) >= len(all_prompts):
         raise NoiseSearchError(f"searches must be indices in [0, {len(all_prompts)}), got {searches[:5]}")
     all_prompts = [all_prompts[i] for i in searches]
     budget = Budget(len(all_prompts), nfe=budget_nfe, flops=budget_flops, cost=cost_model(denoiser, reward))
     samp = as_sampler(sampler, denoiser, steps, max_batch=max_batch, budget=budget, **(sampler_options or {}))
+    check_search_memory(samp, budget, len(all_prompts), denoiser)
     cond = denoiser.encode(all_prompts)
     noise = NoiseSource(seed, samp.noise_shape, [(i // num_samples, i % num_samples) for i in searches],
                         device=denoiser.device, dtype=denoiser.dtype)

@@ -394,38 +394,65 @@ def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
 
 
 def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = Path("runs/bench-search")) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", default="18,72,144,360,720,1440", help="NFEs per sample (comma separated)")
-    p.add_argument("--seeds", type=int, default=8, help="independent searches per target digit (default 8: 80 searches)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed of every cell")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"configurations among {', '.join(CONFIGS)}")
+    from noisesearch.cli import OneLineParser
+    from noisesearch.cli.config import expand_config, write_config
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.validate import check_memory, int_in, int_list, output_dir, positive_int
+
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="Every option is optional: with none, the full benchmark runs (about 9 min on one thread). "
+                      "A budget below one trajectory (18 NFEs) is refused. Not resumable: a rerun recomputes every cell.")
+    p.add_argument("--config", metavar="FILE", default=None, help="read options from a YAML/TOML file (keys named as the flags); flags override it")
+    p.add_argument("--budgets", default="18,72,144,360,720,1440", help="budgets per output sample, comma separated: NFEs, or "
+                   "NFE-equivalents of FLOPs with --budget-kind flops; each at least 18 (one trajectory) (default: %(default)s)")
+    p.add_argument("--seeds", type=int_in(1, 10000), default=8, help="independent searches per target digit (default 8: 80 searches per cell)")
+    p.add_argument("--seed", type=int_in(0, 2**62), default=0, help="generator seed of every cell (default 0)")
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"strategy configurations of the main sweep, comma separated, among {', '.join(CONFIGS)}")
     p.add_argument("--reward", default="digit", help="the main reward (default digit)")
-    p.add_argument("--other-rewards", default="brightness,compressibility", help="rewards of the smaller sweep ('' = none)")
-    p.add_argument("--other-budgets", default="72,360,1440")
-    p.add_argument("--other-seeds", type=int, default=4)
-    p.add_argument("--other-strategies", default=",".join(OTHER_REWARD_STRATEGIES))
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: lean, stable timings)")
-    p.add_argument("--max-batch", type=int, default=512)
-    p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument("--other-rewards", default="brightness,compressibility", help="rewards of the smaller second sweep, comma separated ('' = no second sweep)")
+    p.add_argument("--other-budgets", default="72,360,1440", help="budgets of the second sweep (default: %(default)s)")
+    p.add_argument("--other-seeds", type=int_in(1, 10000), default=4, help="searches per target digit in the second sweep (default 4)")
+    p.add_argument("--other-strategies", default=",".join(OTHER_REWARD_STRATEGIES), help="strategy configurations of the second sweep (default: %(default)s)")
+    p.add_argument("--threads", type=int_in(1, 4096), default=1, help="torch threads (default 1: lean, stable timings)")
+    p.add_argument("--max-batch", type=positive_int, default=512, help="rows per denoiser call (default 512)")
+    p.add_argument("--out", type=Path, default=default_out, help=f"output folder: new, empty or a previous bench search run (default: {default_out})")
     p.add_argument("--weights-dir", type=Path, default=None, help="folder with digits_denoiser / digit_classifier / digit_judge .safetensors (default: the shipped weights)")
     p.add_argument("--budget-kind", choices=("nfe", "flops"), default="nfe", help="budgets in NFEs (default) or in FLOPs (network + reward) expressed in NFE-equivalents")
     p.add_argument("--prefix", default=None, help="output file prefix (default: search, or search_flops with --budget-kind flops)")
     p.add_argument("--no-paired-timing", dest="paired", action="store_false",
                    help="skip the paired timing of every denoiser call (halves the denoiser time of the benchmark)")
     p.add_argument("--replot", action="store_true", help="only rewrite the tables and plots from OUT/PREFIX_results.json")
-    args = p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress display (on a terminal a bar, otherwise a line every few seconds)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(expand_config(p, argv, "bench search"))
     prefix = args.prefix or ("search_flops" if args.budget_kind == "flops" else "search")
     if args.replot:
-        write_outputs(json.loads((args.out / f"{prefix}_results.json").read_text()), args.out, prefix)
+        src = args.out / f"{prefix}_results.json"
+        try:
+            data = json.loads(src.read_text())
+        except (OSError, ValueError) as e:
+            raise NoiseSearchError(f"--replot: cannot read {src} ({getattr(e, 'strerror', None) or e})") from None
+        write_outputs(data, args.out, prefix)
         print(f"rewrote {args.out}/{prefix}_results.md and the plots")
         return 0
 
-    torch.set_num_threads(args.threads)
-    budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
+    budgets = int_list(args.budgets, "--budgets", TRAJ, 10**6)
+    other_budgets = int_list(args.other_budgets, "--other-budgets", TRAJ, 10**6)
     labels = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if not labels:
+        raise NoiseSearchError("--strategies: give at least one configuration")
     for label in labels + [x.strip() for x in args.other_strategies.split(",") if x.strip()]:
         if label not in CONFIGS:
-            p.error(f"unknown strategy configuration {label!r}; choose among {', '.join(CONFIGS)}")
+            raise NoiseSearchError(f"unknown strategy configuration {label!r}; choose among {', '.join(CONFIGS)}")
+    as_reward(args.reward)
+    for r in [x.strip() for x in args.other_rewards.split(",") if x.strip()]:
+        as_reward(r)
+    # memory: best-of-N holds every candidate of every search at once (8x8 digits: x, x0, noise and
+    # decoded images, float32, with headroom): 10 targets x seeds x budget / 18 rows
+    rows = max(10 * args.seeds * max(budgets), 10 * args.other_seeds * max(other_budgets)) / TRAJ
+    check_memory(rows * 64 * 4 * 8, f"bench search ({int(rows):,} candidates at the largest budget)", "--budgets or --seeds")
+    output_dir(args.out, "bench search", [f"{prefix}_results.json"])
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
     from noisesearch.rewards.digit import load_classifier, load_judge
@@ -437,6 +464,12 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
     timer = CallTimer(den)
     t_start = time.perf_counter()
 
+    from noisesearch.progress import Progress
+
+    others = [x.strip() for x in args.other_rewards.split(",") if x.strip()]
+    n_cells = len(budgets) * len(labels) + len(others) * len(other_budgets) * len([x for x in args.other_strategies.split(",") if x.strip()])
+    bar = Progress(n_cells, desc="bench search", unit="cell", enabled=not args.no_progress)
+
     def sweep(reward_name, budgets_, labels_, seeds):
         reward = classifier if reward_name == "digit" and w else as_reward(reward_name)
         cells = []
@@ -447,11 +480,13 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
                     if c is not None:
                         c["budget"] = b
                         cells.append(c)
+                        bar.update(1)
                         continue
                 cell = run_cell(den, reward, classifier, judge, timer, label, b, seeds, args.seed, args.max_batch, args.budget_kind,
                                 paired=args.paired)
                 cell["reward"] = reward_name
                 cells.append(cell)
+                bar.update(1)
                 if cell["status"] == "ok":
                     print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  reward {cell['reward_mean']:8.4f}  "
                           f"judge {cell['judge_accuracy']:.3f}  div {cell['diversity']:.3f}  wall {cell['wall_seconds']:6.1f}s  "
@@ -462,10 +497,11 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
 
     main_cells = sweep(args.reward, budgets, labels, args.seeds)
     other = {}
-    for r in [x.strip() for x in args.other_rewards.split(",") if x.strip()]:
-        other[r] = sweep(r, [int(x) for x in args.other_budgets.split(",")], [x.strip() for x in args.other_strategies.split(",") if x.strip()], args.other_seeds)
+    for r in others:
+        other[r] = sweep(r, other_budgets, [x.strip() for x in args.other_strategies.split(",") if x.strip()], args.other_seeds)
+    bar.close()
 
-    command = prog + " " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = prog + " " + shlex.join(argv)
     meta = {
         "command": command.strip(),
         "model": "digits (guidance 0, unconditional), 18 Euler-ancestral steps",
@@ -481,6 +517,7 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
         "denoiser_call_seconds": {str(k): statistics.median(v) for k, v in sorted(timer.log.items())},
         "total_seconds": time.perf_counter() - t_start,
     }
+    write_config(args.out / f"{prefix}_config.yaml", p, args, "bench search")
     write_outputs({"meta": meta, "cells": main_cells, "other_rewards": other}, args.out, prefix)
     print()
     print(pivot(main_cells, "reward_mean", ".3f", budgets, labels))

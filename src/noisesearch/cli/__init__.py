@@ -15,12 +15,27 @@ import sys
 
 from noisesearch import __version__
 from noisesearch.errors import NoiseSearchError
+from noisesearch.cli.config import expand_config
 
 COMMANDS = ["generate", "simulate", "tune", "pool", "train_reward", "train_digits", "bench"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with errors on one line (``prog: error: message (see prog --help)``), exit code 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` (handled before parsing by ``noisesearch.cli.config.expand_config``)."""
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="read options from a YAML or TOML file (keys named as the flags, e.g. budget-nfe: 360); "
+                        "flags on the command line override it. Every run writes its resolved config.yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="noisesearch",
         description="Test-time scaling for diffusion and flow image models: search the injected noise, "
         "prune candidates early, and account for every FLOP spent.",
@@ -35,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.add_parser(sub)
+    for name, p in sub.choices.items():
+        if name != "bench":  # bench passes --config on to the benchmark's own parser
+            add_config_option(p)
     return parser
 
 
@@ -42,13 +60,29 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = argv[0] if argv and argv[0] in sub.choices else None
+    try:
+        if command and command != "bench":
+            argv_full = [command] + expand_config(sub.choices[command], argv[1:], command)
+        else:
+            argv_full = argv
+    except NoiseSearchError as e:
+        print(f"noisesearch {command}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv_full)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.cli_parser = sub.choices[args.command]
     try:
         return int(args.func(args) or 0)
+    except SystemExit as e:  # a benchmark's own argparse
+        return e.code if isinstance(e.code, int) else 2
     except NoiseSearchError as e:
         print(f"noisesearch {args.command}: error: {e}", file=sys.stderr)
         return 2

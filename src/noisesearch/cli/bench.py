@@ -5,7 +5,7 @@ import argparse
 import importlib
 
 from noisesearch.bench import BENCHMARKS
-from noisesearch.errors import unknown_name
+from noisesearch.errors import NoiseSearchError, unknown_name
 
 
 def add_parser(sub) -> None:
@@ -17,12 +17,16 @@ def add_parser(sub) -> None:
         epilog="benchmarks:\n" + "\n".join(f"  {k}: {v}" for k, v in BENCHMARKS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("name", metavar="NAME", help=f"benchmark: {', '.join(BENCHMARKS)}")
-    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options")
+    p.add_argument("name", metavar="NAME", nargs="?", help=f"benchmark: {', '.join(BENCHMARKS)}")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options, all optional "
+                   "(noisesearch bench NAME --help lists them; search also takes --config FILE)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if not args.name:
+        raise NoiseSearchError(f"give a benchmark NAME: {', '.join(BENCHMARKS)} (then its options, all optional; "
+                               "noisesearch bench NAME --help)")
     if args.name not in BENCHMARKS:
         raise unknown_name("benchmark", args.name, list(BENCHMARKS))
     module = importlib.import_module(f"noisesearch.bench.{args.name}")

@@ -8,9 +8,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device
+from noisesearch.cli.common import (add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device,
+                                    write_run_config)
 from noisesearch.dist import dist_state
 from noisesearch.errors import NoiseSearchError
+from noisesearch.validate import budget_flops, budget_nfe, finite_float, int_in, nonneg_int, output_dir, positive_int
 
 EPILOG = """examples:
   noisesearch generate --model digits --prompt 3 --guidance 0 --reward digit \\
@@ -18,7 +20,9 @@ EPILOG = """examples:
   noisesearch generate --model path/to/sd-pipeline --prompt "a red bicycle" --guidance 7.5 \\
       --reward clip@path/to/clip --strategy best-of-n --budget-nfe 120 --steps 30 --out runs/sd
 
-outputs in --out: samples.png (grid), samples/NNNN.png, images.npy, report.json (written last).
+outputs in --out: samples.png (grid), samples/NNNN.png, images.npy, search.png (the rewards of the
+candidates' estimates at every scored step, chosen path highlighted), config.yaml (every option: repeat
+the run with --config), report.json (written last). --out must be new, empty or a previous generate run.
 """
 
 
@@ -32,27 +36,71 @@ def _parse_bool(text: str) -> bool:
 
 
 def _float_tuple(text: str) -> tuple[float, ...]:
-    return tuple(float(t) for t in text.split(",") if t.strip())
+    parse = finite_float()
+    return tuple(parse(t) for t in str(text).split(",") if t.strip())
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
+    return tuple(nonneg_int(t) for t in str(text).split(",") if t.strip())
 
 
-_TYPES = {"int": int, "float": float, "bool": _parse_bool, "str": str, "tuple[float, ...]": _float_tuple, "tuple[int, ...]": _int_tuple}
+_float_tuple.__name__ = "comma-separated numbers"
+_int_tuple.__name__ = "comma-separated whole numbers"
+_parse_bool.__name__ = "true/false"
+_TYPES = {"int": nonneg_int, "float": finite_float(), "bool": _parse_bool, "str": str, "tuple[float, ...]": _float_tuple,
+          "tuple[int, ...]": _int_tuple}
+_KIND = {"int": "whole number", "float": "number", "bool": "true/false", "str": "text",
+         "tuple[float, ...]": "comma-separated numbers", "tuple[int, ...]": "comma-separated whole numbers"}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: the comment on its line} from a strategy dataclass's source (its documentation)."""
+    import inspect
+    import re
+
+    out = {}
+    for klass in reversed(cls.__mro__):  # subclasses override their bases' notes
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s{4}(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
 
 
 def strategy_option_fields():
-    """{option name: (parse type, [(strategy, default), ...])} over every registered strategy."""
+    """{option name: (parse type, [(strategy, default), ...], kind, [what it does, ...])} over every
+    registered strategy (descriptions from the comments of the strategies' dataclass fields)."""
     from noisesearch.search import STRATEGIES
 
     opts: dict[str, tuple] = {}
     for sname, cls in STRATEGIES.items():
+        notes = _field_comments(cls)
         for f in dataclasses.fields(cls):
-            typ = _TYPES.get(str(f.type).replace("typing.", ""), str)
+            tname = str(f.type).replace("typing.", "")
+            typ = _TYPES.get(tname, str)
             default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            opts.setdefault(f.name, (typ, []))[1].append((sname, default))
+            entry = opts.setdefault(f.name, (typ, [], _KIND.get(tname, "text"), []))
+            entry[1].append((sname, default))
+            if notes.get(f.name):
+                entry[3].append((sname, notes[f.name]))
+    for typ, users, kind, notes in opts.values():  # one strategy: its note; several: "name: note" each
+        groups: dict[str, list[str]] = {}
+        for sname, note in notes:
+            groups.setdefault(note, []).append(sname)
+        notes[:] = [n if len(groups) == 1 else f"{', '.join(names)}: {n}" for n, names in groups.items()]
     return opts
+
+
+def _fmt_default(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) if v else "none"
+    if v == "":
+        return "none"
+    return str(v)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -67,12 +115,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--model", default="digits", help="'digits' (built in), a diffusers pipeline folder, or a hub name org/model (default: digits)")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); for digits a digit 0-9")
     g.add_argument("--prompts-file", type=Path, help="file with one prompt per line (or a JSON list)")
-    g.add_argument("--guidance", type=float, default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 18 for digits)")
+    g.add_argument("--guidance", type=finite_float(0, 1e4), default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
+    g.add_argument("--steps", type=int_in(1, 10000), default=None, help="sampling steps (default: the model's, 18 for digits)")
     g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler (deterministic), heun (EDM Heun with churn)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
-    g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
-    g.add_argument("--score-batch", type=int, default=None,
+    g.add_argument("--max-batch", type=positive_int, default=512, help="rows per network call (default: 512)")
+    g.add_argument("--score-batch", type=positive_int, default=None,
                    help="rows decoded and scored per reward call (default: --max-batch); smaller saves GPU memory "
                    "with a VAE and a large reward model")
     add_threads(g)
@@ -86,19 +134,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="rewards NOT optimised that score the chosen samples afterwards, comma-separated, repeatable "
                    "(e.g. hps@DIR,pickscore@DIR); written to report.json (eval_rewards), outside the budget")
     g.add_argument("--strategy", default="best-of-n", help="search strategy (default: best-of-n); see the strategy options below")
-    g.add_argument("--budget-nfe", type=float, default=None, help="budget in network evaluations (NFEs) per sample")
-    g.add_argument("--budget-flops", type=float, default=None, help="budget in FLOPs per sample (network and reward calls)")
-    g.add_argument("--num-samples", type=int, default=1, help="independent searches (output samples) per prompt (default: 1)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--budget-nfe", type=budget_nfe, default=None, help="budget in network evaluations (NFEs) per sample, > 0 and at most 1e7")
+    g.add_argument("--budget-flops", type=budget_flops, default=None, help="budget in FLOPs per sample (network and reward calls), > 0, e.g. 8.07e8")
+    g.add_argument("--num-samples", type=int_in(1, 100000), default=1, help="independent searches (output samples) per prompt (default: 1)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
 
-    g = p.add_argument_group("strategy options (each applies to the strategies listed)")
-    for name, (typ, users) in sorted(strategy_option_fields().items()):
-        which = ", ".join(f"{s}={d}" for s, d in users)
-        g.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, type=typ, default=None, metavar=name.upper(), help=f"[{which}]")
+    g = p.add_argument_group(
+        "strategy options",
+        "Each applies to the strategies listed with their defaults in [...]. A size option given 0 (its "
+        "default) is fitted to the budget: the largest size the budget affords. true/false options take "
+        "true or false (also yes/no, 1/0).")
+    for name, (typ, users, kind, notes) in sorted(strategy_option_fields().items()):
+        which = ", ".join(f"{s}={_fmt_default(d)}" for s, d in users)
+        what = "; ".join(notes) if notes else ""
+        g.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, type=typ, default=None,
+                       metavar=name.upper() if kind != "true/false" else "{true,false}",
+                       help=f"({kind}) {what} [{which}]".replace("%", "%%"))
 
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=Path("runs/generate"), help="output folder (default: runs/generate)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal a bar, otherwise a line every few seconds)")
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
     return p
@@ -131,6 +186,7 @@ def run(args) -> int:
     apply_threads(args)
     if args.budget_nfe is None and args.budget_flops is None:
         raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
+    output_dir(args.out, "generate", ["report.json"])
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     model_options = pipeline_model_options(args)
     device = resolve_device(args.device)
@@ -157,14 +213,17 @@ def run(args) -> int:
         model_options=model_options,
         shard=None if dist is None else (dist.process_index, dist.num_processes),
         eval_rewards=[spec for text in args.eval_reward for spec in split_specs(text)],
+        trace=True,
     )
     if dist is not None:  # the main process merges the shards and writes the one run
         from accelerate.utils import gather_object
 
+        result.extra.pop("trace", None)  # search.png is drawn for single-process runs only
         shards = gather_object([result])
         if not dist.is_main_process:
             return 0
         result = api.merge_runs(shards)
+    write_run_config(args, args.out)
     result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     out = api.save_run(result, args.out)
     if not args.quiet:
@@ -176,5 +235,5 @@ def run(args) -> int:
             line += f"  eval[{spec}] {e['mean']:.4f}"
         line += f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
         print(line)
-        print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/report.json")
+        print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/search.png, {out}/config.yaml, {out}/report.json")
     return 0

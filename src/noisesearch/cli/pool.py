@@ -6,8 +6,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device
+from noisesearch.cli.common import (add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device,
+                                    write_run_config)
 from noisesearch.errors import NoiseSearchError
+from noisesearch.validate import finite_float, int_in, nonneg_int, output_dir, positive_int
 
 EPILOG = """examples:
   noisesearch pool --model digits --guidance 0 --reward digit --prompts 0,1,2,3,4,5,6,7,8,9 \\
@@ -16,9 +18,10 @@ EPILOG = """examples:
       --prompts 0,1,2,3,4,5,6,7,8,9 --candidates 200 --seed 1 --out pools/digits-eval
   accelerate launch --multi_gpu --num_processes 2 -m noisesearch pool ... --device cpu   # shard prompts
 
-A rerun with the same --out continues an interrupted run (finished prompts are kept in --out/parts).
+A rerun with the same --out continues an interrupted run (finished prompts are kept in --out/parts;
+a part that does not load is recomputed). --out must be new, empty or a previous pool run.
 outputs in --out: pool.json (manifest, written last), <reward>.base.npy [prompt, candidate, step],
-<reward>.noise_aware.npy (for noise-aware rewards), prompts.json, images.npz (--save-images).
+<reward>.noise_aware.npy (for noise-aware rewards), prompts.json, images.npz (--save-images), config.yaml.
 """
 
 
@@ -33,15 +36,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and prompts")
     g.add_argument("--model", default="digits", help="'digits' (built in), a diffusers pipeline folder, or a hub name (default: digits)")
-    g.add_argument("--guidance", type=float, default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
+    g.add_argument("--guidance", type=finite_float(0, 1e4), default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
     g.add_argument("--prompts", default=None, help="comma-separated prompts, e.g. 0,1,2,3,4,5,6,7,8,9")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; may contain commas)")
     g.add_argument("--prompts-file", type=Path, help="file with one prompt per line (or a JSON list)")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 18 for digits)")
+    g.add_argument("--steps", type=int_in(1, 10000), default=None, help="sampling steps (default: the model's, 18 for digits)")
     g.add_argument("--sampler", default="euler-ancestral", help="euler-ancestral (default), euler, heun")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     add_threads(g)
-    g.add_argument("--max-batch", type=int, default=512, help="rows per network call (default: 512)")
+    g.add_argument("--max-batch", type=positive_int, default=512, help="rows per network call (default: 512)")
 
     g = p.add_argument_group("diffusers pipelines (SD, SDXL, FLUX, SD3, Lumina2)")
     add_pipeline_options(g)
@@ -49,10 +52,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("pool")
     g.add_argument("--reward", action="append", default=[], help="reward spec(s), comma-separated or repeated, e.g. digit or "
                    "digit,noise-aware@DIR (a noise-aware reward is stored as the noise-aware variant of its base reward)")
-    g.add_argument("--candidates", type=int, default=200, help="candidates (starting noises) per prompt (default: 200)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the candidates' noise streams (default: 0)")
+    g.add_argument("--candidates", type=int_in(1, 10**6), default=200, help="candidates (starting noises) per prompt (default: 200)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the candidates' noise streams (default: 0)")
     g.add_argument("--save-images", action="store_true", help="also store every estimate as uint8 (images.npz; needed by train-reward)")
-    g.add_argument("--max-prompts", type=int, default=None, help="compute at most N missing prompts (per process) and stop; rerun to continue")
+    g.add_argument("--max-prompts", type=nonneg_int, default=None, help="compute at most N missing prompts (per process) and stop; rerun to continue")
     g.add_argument("--out", type=Path, required=True, help="output folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -78,8 +81,7 @@ def run(args) -> int:
 
     prompts = read_pool_prompts(args)
     rewards = [s for text in (args.reward or ["digit"]) for s in split_specs(text)]
-    if args.max_prompts is not None and args.max_prompts < 0:
-        raise NoiseSearchError("--max-prompts must be >= 0")
+    output_dir(args.out, "pool", ["pool.json", "parts"])
     command = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     pool = generate_pool(
         args.model,
@@ -99,6 +101,8 @@ def run(args) -> int:
         command=command,
         model_options=pipeline_model_options(args),
     )
+    if pool is not None:
+        write_run_config(args, args.out)
     if not args.quiet:
         if pool is None:
             from noisesearch.pools.generate import PARTS

@@ -12,6 +12,7 @@ import json
 import sys
 
 from noisesearch.errors import NoiseSearchError, unknown_name
+from noisesearch.validate import int_in
 
 METHODS = ("best-of-n", "ttsp", "ttsnap", "tuned", "budget-aware")
 
@@ -37,10 +38,10 @@ def add_parser(sub):
                    help="multi-reward pruning: rank sum (default, the paper's) or z-score sum")
     p.add_argument("--from", dest="from_json", default=None,
                    help="JSON written by 'noisesearch tune' (for --method tuned / budget-aware)")
-    p.add_argument("--iters", type=int, default=50, help="Monte Carlo iterations (default 50)")
+    p.add_argument("--iters", type=int_in(1, 10**7), default=50, help="Monte Carlo iterations (default 50; memory grows with it: checked before the run)")
     p.add_argument("--prompts", default=None, help="prompt range START:STOP (default: all)")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
-    p.add_argument("--plot", default=None, help="write a reward-vs-budget PNG here")
+    p.add_argument("--json", default=None, help="write the results as JSON here (a file; FILE.config.yaml next to it holds every option)")
+    p.add_argument("--plot", default=None, help="write a reward-vs-budget PNG here (a file)")
     p.set_defaults(func=run)
     return p
 
@@ -104,14 +105,21 @@ def run(args) -> int:
     from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
     from noisesearch.simulate.report import simulation_report
 
-    if args.iters < 1:
-        raise NoiseSearchError("--iters must be >= 1")
+    from noisesearch.simulate.engine import check_budgets
+    from noisesearch.simulate.options import simulation_bytes
+    from noisesearch.validate import check_memory, output_file
+
+    output_file(args.json, "--json", "simulate")
+    output_file(args.plot, "--plot")
     pool, rewards = load_for_cli(args)
     sl = parse_range(args.prompts, pool.num_prompts, "prompts")
     sub = pool.select_prompts(sl)
     cost = CostSpec.from_pool(pool, rewards, args.cost_model)
-    budgets = budget_grid(args, cost, len(rewards))
+    budgets = check_budgets(budget_grid(args, cost, len(rewards)), cost)
     strategies, warnings = build_strategies(args, pool, rewards)
+    check_memory(simulation_bytes(args.iters, pool.num_candidates, sub.num_prompts, len(budgets), len(rewards),
+                                  len(strategies) + 1), f"simulate ({args.iters} iterations x {len(budgets)} budgets)",
+                 "--iters or the number of --budgets")
     replay = Replay(sub, rewards)
     sim = simulate(replay, strategies, budgets, cost, iters=args.iters, seed=args.seed,
                    progress=not args.no_progress and sys.stderr.isatty())
@@ -136,6 +144,9 @@ def run(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     _print_summary(out, rewards)
     if args.json:
+        from noisesearch.cli.common import write_config_beside
+
+        write_config_beside(args, args.json)
         atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.validate import int_in, nonneg_int, output_dir
 
 
 def add_parser(sub) -> None:
@@ -17,13 +18,13 @@ def add_parser(sub) -> None:
         description="Train the built-in digits diffusion model (EDM), the 'digit' reward classifier and the judge "
         "on scikit-learn's digits, seeded; writes the split and safetensors weights to --out.",
     )
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--out", required=True, help="output folder: new, empty or a previous train-digits run (created if missing)")
     p.add_argument("--what", default="all", choices=["all", "denoiser", "classifier", "judge"], help="what to train (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0 = the shipped weights)")
-    p.add_argument("--epochs", type=int, default=None, help="denoiser epochs over train_a+train_b (default 500)")
-    p.add_argument("--classifier-epochs", type=int, default=None, help="epochs for the reward classifier and the judge (default 150)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see docs/digits.md)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0 = the shipped weights)")
+    p.add_argument("--epochs", type=int_in(1, 10**6), default=None, help="denoiser epochs over train_a+train_b (default 500)")
+    p.add_argument("--classifier-epochs", type=int_in(1, 10**6), default=None, help="epochs for the reward classifier and the judge (default 150)")
+    p.add_argument("--threads", type=int_in(1, 4096), default=1, help="torch CPU threads (default 1; see docs/digits.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display (on a terminal a bar, otherwise a line every few seconds)")
     p.set_defaults(func=run)
 
 
@@ -34,10 +35,14 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise NoiseSearchError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    output_dir(args.out, "train-digits", ["digits_denoiser.safetensors", "digit_classifier.safetensors", "digit_judge.safetensors", "digits_split.json"])
     t0 = time.perf_counter()
     try:
         train_all(args.out, args.what, args.seed, args.epochs, args.classifier_epochs, progress=not args.no_progress, threads=args.threads)
     except OSError as e:
         raise NoiseSearchError(f"cannot write to {args.out}: {e}") from None
+    from noisesearch.cli.common import write_run_config
+
+    write_run_config(args, args.out)
     print(f"done in {time.perf_counter() - t0:.0f} s; files in {args.out}")
     return 0

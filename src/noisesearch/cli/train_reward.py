@@ -5,18 +5,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import add_threads, apply_threads, resolve_device
+from noisesearch.cli.common import add_threads, apply_threads, resolve_device, write_run_config
 from noisesearch.errors import NoiseSearchError
+from noisesearch.validate import finite_float, int_in, nonneg_int, output_dir, positive_int
 
 EPILOG = """examples:
   noisesearch pool --model digits --guidance 0 --reward digit --prompts 0,1,2,3,4,5,6,7,8,9 \\
       --candidates 400 --save-images --out pools/digits
   noisesearch train-reward --pool pools/digits --reward digit --out rewards/digit-noise-aware
   noisesearch generate --model digits --guidance 0 --reward digit --prompt 3 --strategy ttsnap \\
-      --prune-reward rewards/digit-noise-aware --budget-flops 2e9 --out runs/ttsnap
+      --prune-reward noise-aware@rewards/digit-noise-aware --budget-flops 2e9 --out runs/ttsnap
 
 The result is the reward spec noise-aware@DIR (usable in generate and pool). A rerun of the same
-command continues an interrupted training after its last finished stage.
+command continues an interrupted training after its last finished stage; every finished stage file is
+verified first, and one that does not load or fails its checksum is retrained (with the stages after it).
+--out must be new, empty or a previous train-reward run; it also holds config.yaml.
 """
 
 
@@ -37,16 +40,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reward-spec", default="", help="spec of the reward model to fine-tune if it differs from the pool's record")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (the reward spec noise-aware@OUT)")
     p.add_argument("--steps", default="", help="pool steps to train, comma-separated (default: all but the final image)")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank through peft; 0 = full fine-tuning (default: {d.lora_rank})")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: the rank)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"start learning rate of the first stage (default: {d.lr:g})")
-    p.add_argument("--lr-decay", type=float, default=d.lr_decay, help=f"start learning rate of stage k = lr * decay^k (default: {d.lr_decay:g})")
-    p.add_argument("--iters", type=int, default=d.iters, help=f"optimizer steps per stage (default: {d.iters})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
-    p.add_argument("--replay", type=float, default=d.replay, help=f"share of each batch replaying earlier stages' steps (default: {d.replay:g})")
-    p.add_argument("--pairwise", type=float, default=d.pairwise, help=f"weight of the pairwise preference loss (default: {d.pairwise:g} = MSE only)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default: {d.weight_decay:g})")
-    p.add_argument("--holdout", type=float, default=d.holdout, help=f"share of candidates per prompt held out for validation (default: {d.holdout:g})")
+    p.add_argument("--lora-rank", type=int_in(0, 4096), default=d.lora_rank, help=f"LoRA rank through peft; 0 = full fine-tuning (default: {d.lora_rank})")
+    p.add_argument("--lora-alpha", type=finite_float(0), default=d.lora_alpha, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lr", type=finite_float(0, 10, lo_open=True), default=d.lr, help=f"start learning rate of the first stage (default: {d.lr:g})")
+    p.add_argument("--lr-decay", type=finite_float(0, 1, lo_open=True), default=d.lr_decay, help=f"start learning rate of stage k = lr * decay^k (default: {d.lr_decay:g})")
+    p.add_argument("--iters", type=int_in(1, 10**7), default=d.iters, help=f"optimizer steps per stage (default: {d.iters})")
+    p.add_argument("--batch-size", type=int_in(1, 10**6), default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    p.add_argument("--replay", type=finite_float(0, 1, hi_open=True), default=d.replay, help=f"share of each batch replaying earlier stages' steps (default: {d.replay:g})")
+    p.add_argument("--pairwise", type=finite_float(0, 1e6), default=d.pairwise, help=f"weight of the pairwise preference loss (default: {d.pairwise:g} = MSE only)")
+    p.add_argument("--weight-decay", type=finite_float(0, 1e3), default=d.weight_decay, help=f"AdamW weight decay (default: {d.weight_decay:g})")
+    p.add_argument("--holdout", type=finite_float(0, 1, hi_open=True), default=d.holdout, help=f"share of candidates per prompt held out to gate each stage (default: {d.holdout:g}; 0 turns the gate off, with a warning)")
     p.add_argument("--cross-prompts", action="store_true", help="also distil the teacher's reward of every image for the "
                    "pool's other prompts (valid when sampling ignores the prompt, e.g. guidance 0)")
     p.add_argument("--no-gate", dest="gate", action="store_false", help="use every stage's weights, even where they do not "
@@ -54,8 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--step-conditioning", action="store_true", help="condition the reward model on the noise level "
                    "(adaLN-Zero on ViT layers, FiLM-Zero otherwise; identity at initialisation): the final stage's model "
                    "scores every step instead of per-step snapshots")
-    p.add_argument("--cond-dim", type=int, default=d.cond_dim, help=f"noise-level embedding width of --step-conditioning (default: {d.cond_dim})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed (default: 0)")
+    p.add_argument("--cond-dim", type=positive_int, default=d.cond_dim, help=f"noise-level embedding width of --step-conditioning (default: {d.cond_dim})")
+    p.add_argument("--seed", type=nonneg_int, default=d.seed, help="seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto (default)")
     add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -72,6 +75,9 @@ def run(args) -> int:
         steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
     except ValueError:
         raise NoiseSearchError(f"--steps {args.steps!r}: give comma-separated step indices, e.g. 0,1,2") from None
+    output_dir(args.out, "train-reward", ["train_state.json", "noise_aware.json"])
+    if args.out.resolve() == args.pool.resolve():
+        raise NoiseSearchError("--out must not be the --pool folder")
     config = TrainConfig(
         reward=args.reward,
         reward_spec=args.reward_spec,
@@ -95,6 +101,8 @@ def run(args) -> int:
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     manifest = train_noise_aware(args.pool, args.out, config, device=resolve_device(args.device),
                                  progress=not (args.no_progress or args.quiet), log=log)
+    if manifest.get("format"):
+        write_run_config(args, args.out)
     if not args.quiet and manifest.get("format"):
         print(f"noise-aware reward noise-aware@{args.out}: steps {manifest['steps'][0]}..{manifest['steps'][-1]} "
               f"({len(manifest['stages'])} stages) on {manifest['base_reward']}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.validate import int_in
 
 
 def add_parser(sub):
@@ -30,12 +31,12 @@ def add_parser(sub):
     add_pool_arguments(p)
     p.add_argument("--train-prompts", required=True, help="prompt range used for the search, e.g. 0:100")
     p.add_argument("--test-prompts", default=None, help="held-out prompt range for the report, e.g. 100:200")
-    p.add_argument("--explore", type=int, default=150, help="random plans in the first stage (default 150)")
-    p.add_argument("--iters-explore", type=int, default=20, help="Monte Carlo iterations per plan while searching")
-    p.add_argument("--iters-confirm", type=int, default=96, help="iterations to confirm the finalists (fresh draws)")
-    p.add_argument("--iters-test", type=int, default=200, help="iterations for the held-out report")
-    p.add_argument("--max-checks", type=int, default=3, help="most checks in a plan (default 3)")
-    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--explore", type=int_in(1, 10**6), default=150, help="random plans in the first stage (default 150)")
+    p.add_argument("--iters-explore", type=int_in(1, 10**7), default=20, help="Monte Carlo iterations per plan while searching")
+    p.add_argument("--iters-confirm", type=int_in(1, 10**7), default=96, help="iterations to confirm the finalists (fresh draws)")
+    p.add_argument("--iters-test", type=int_in(1, 10**7), default=200, help="iterations for the held-out report")
+    p.add_argument("--max-checks", type=int_in(0, 100), default=3, help="most checks in a plan (default 3)")
+    p.add_argument("--json", default=None, help="write the result here (a file; FILE.config.yaml next to it holds every option)")
     p.add_argument("--plot", default=None, help="PNG of the held-out curves (needs --test-prompts)")
     p.set_defaults(func=run)
     return p
@@ -51,11 +52,11 @@ def run(args) -> int:
     from noisesearch.simulate.report import per_reward
     from noisesearch.simulate.tuning import TuneConfig, tune
 
-    for flag in ("explore", "iters_explore", "iters_confirm", "iters_test"):
-        if getattr(args, flag) < 1:
-            raise NoiseSearchError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_checks < 0:
-        raise NoiseSearchError("--max-checks must be >= 0")
+    from noisesearch.simulate.options import simulation_bytes
+    from noisesearch.validate import check_memory, output_file
+
+    output_file(args.json, "--json", "tune")
+    output_file(args.plot, "--plot")
     pool, rewards = load_for_cli(args)
     train_sl = parse_range(args.train_prompts, pool.num_prompts, "train-prompts")
     test_sl = parse_range(args.test_prompts, pool.num_prompts, "test-prompts") if args.test_prompts else None
@@ -65,6 +66,9 @@ def run(args) -> int:
         raise NoiseSearchError("--plot needs --test-prompts")
     cost = CostSpec.from_pool(pool, rewards, args.cost_model)
     budgets = check_budgets(budget_grid(args, cost, len(rewards)), cost)
+    iters = max(args.iters_explore, args.iters_confirm, args.iters_test)
+    check_memory(simulation_bytes(iters, pool.num_candidates, pool.num_prompts, len(budgets), len(rewards), 4),
+                 f"tune ({iters} iterations x {len(budgets)} budgets)", "--iters-explore/--iters-confirm/--iters-test or the number of --budgets")
     train = Replay(pool.select_prompts(train_sl), rewards)
     test = Replay(pool.select_prompts(test_sl), rewards) if test_sl is not None else None
     config = TuneConfig(explore=args.explore, iters_explore=args.iters_explore, iters_confirm=args.iters_confirm,
@@ -107,6 +111,9 @@ def run(args) -> int:
     out["search"] = res["search"]
     _print_summary(out, rewards)
     if args.json:
+        from noisesearch.cli.common import write_config_beside
+
+        write_config_beside(args, args.json)
         atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:

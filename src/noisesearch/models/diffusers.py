@@ -37,6 +37,28 @@ from noisesearch.models.wrappers import vp_denoiser
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
+class _NoTorchvisionNotice:
+    """Drops transformers' notice that an image processor falls back from torchvision to PIL:
+    noisesearch preprocesses on tensors itself, so the notice (two per run) is noise."""
+
+    def filter(self, record) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def quiet_library_notices() -> None:
+    """Install :class:`_NoTorchvisionNotice` on transformers' log handlers (once)."""
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:  # pragma: no cover
+        return
+    for h in tlog.get_logger().handlers:
+        if not any(isinstance(f, _NoTorchvisionNotice) for f in h.filters):
+            h.addFilter(_NoTorchvisionNotice())
+
+
+quiet_library_notices()
+
+
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A parameter-free copy of a diffusers / transformers module on the ``meta`` device (same config).
 

@@ -145,6 +145,9 @@ def _load_part(path: Path, spec_digest: str) -> dict[str, np.ndarray] | None:
         return None
     if str(arrays.get("spec", "")) != spec_digest:
         return None
+    if not any(k.startswith("r:") for k in arrays) or any(
+            k.startswith("r:") and not np.all(np.isfinite(v)) for k, v in arrays.items()):
+        return None
     return arrays
 
 
@@ -317,12 +320,13 @@ def generate_pool(
 
     mine = [i for i in range(len(prompts)) if i % world == rank]
     todo = [i for i in mine if _load_part(_part_path(out, i), digest) is None]
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
+    for i in todo:  # resume verifies: a part that exists but does not load is redone, and said so
+        if _part_path(out, i).exists():
+            print(f"pool: {_part_path(out, i)} is corrupt or incomplete; recomputing prompt {i}", file=sys.stderr)
+    from noisesearch.progress import Progress
 
-        desc = "pool" + (f" [{rank}/{world}]" if world > 1 else "")
-        bar = tqdm(total=len(todo), desc=desc, unit="prompt", leave=False, file=sys.stderr, position=rank)
+    desc = "pool" + (f" [{rank}/{world}]" if world > 1 else "")
+    bar = Progress(len(todo), desc=desc, unit="prompt", enabled=bool(progress and todo), position=rank)
     done_now = 0
     stopped = False
     with torch.no_grad():
@@ -334,10 +338,8 @@ def generate_pool(
             arrays["spec"] = np.array(digest)
             _save_npz(_part_path(out, i), arrays)
             done_now += 1
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close(complete=False)
     if dist is not None:
         dist.wait_for_everyone()
     if stopped or rank != 0:

@@ -157,6 +157,10 @@ def load_clip_folder(reward: str, source: str, processor_source: str | None = No
     model (PickScore's hub model uses LAION's processor). ``model_cls``: ``CLIPModel`` by default."""
     try:
         from transformers import AutoTokenizer, CLIPModel
+
+        from noisesearch.models.diffusers import quiet_library_notices
+
+        quiet_library_notices()
     except ImportError as e:
         raise NoiseSearchError(f"the {reward} reward needs `pip install transformers` (or 'noisesearch[diffusers]')") from e
     model_cls = model_cls or CLIPModel

@@ -40,6 +40,7 @@ class Problem:
     cond: Cond  # batched, one row per search
     noise: NoiseSource  # one stream per search
     score_batch: int | None = None  # rows decoded + scored per chunk (default: the sampler's max_batch)
+    trace: Any = None  # a search.trace.SearchTrace recording every scored batch (None: off, no cost)
 
     @property
     def num_searches(self) -> int:
@@ -85,18 +86,27 @@ class Problem:
         reward that compares candidates (``ranksum``) compares the rows of each search, after all
         chunks are scored, so the result does not depend on the chunk size."""
         reward = self.reward if reward is None else reward
+        main = reward is self.reward
         self.budget.charge(state.owner, self.score_cost(1, reward), "reward")
         reward = at_step(reward, step, sigma)
         parts = list(reward.rewards) if is_comparative(reward) else [reward]
         prompts = [self.prompts[i] for i in state.owner.tolist()]
         n, mb = len(state), max(1, self.score_batch or self.sampler.max_batch)
         values: list[list[torch.Tensor]] = [[] for _ in parts]
+        thumbs = []
         for lo in range(0, n, mb):
             images = self.denoiser.decode(state.x0[lo : lo + mb])
             for v, r in zip(values, parts):
                 v.append(score(r, images, prompts[lo : lo + mb]))
+            if self.trace is not None:
+                from noisesearch.search.trace import thumbnails
+
+                thumbs.append(thumbnails(images))
         values = [torch.cat(v) for v in values]
-        return reward.combine(values, state.owner) if is_comparative(reward) else values[0]
+        out = reward.combine(values, state.owner) if is_comparative(reward) else values[0]
+        if self.trace is not None:
+            self.trace.record(state.step, sigma, main, state.owner, out, torch.cat(thumbs))
+        return out
 
     def images(self, state: State) -> torch.Tensor:
         return self.denoiser.decode(state.x0)

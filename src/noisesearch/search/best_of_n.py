@@ -34,7 +34,7 @@ class BestOfN(Strategy):
 
     name = "best-of-n"
     size_option = "n_candidates"
-    n_candidates: int = 0
+    n_candidates: int = 0  # N: candidates per search, the best final sample is kept; 0 = fit to the budget
 
     def validate(self) -> None:
         from noisesearch.errors import NoiseSearchError

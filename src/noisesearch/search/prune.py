@@ -68,7 +68,7 @@ class _Prune(Strategy):
 
     prune_steps: tuple[int, ...] = ()  # check steps (pool step indices); () = the paper's schedule mapped to the sampler
     keep: tuple[float, ...] = ()  # keep fractions, one per check step
-    prune_reward: str = ""  # reward (spec, or a noise-aware checkpoint folder) scoring the checks
+    prune_reward: str = ""  # reward scoring the checks: a reward spec, e.g. noise-aware@DIR (a train-reward checkpoint folder); default: the search's reward
     cost_model: str = "exact"  # exact (never over budget) or reference (the authors' sizing, capped to fit)
     n_candidates: int = 0  # starts per search; 0 = as many as the budget affords
     pool_noise: bool = True  # candidate j of search (p, k) uses the pool's noise stream (seed, p, k, j)
@@ -186,7 +186,7 @@ class _Prune(Strategy):
 
 @dataclass
 class TTSnap(_Prune):
-    """Prune with a noise-aware reward (``--prune-reward DIR``; default ``rewards/<reward>-noise-aware``)."""
+    """Prune with a noise-aware reward (``--prune-reward noise-aware@DIR``; default ``rewards/<reward>-noise-aware``)."""
 
     name: ClassVar[str] = "ttsnap"
 
@@ -194,7 +194,7 @@ class TTSnap(_Prune):
         d = Path("rewards") / f"{problem.reward.name}-noise-aware"
         if not d.is_dir():
             raise NoiseSearchError(
-                f"ttsnap prunes with a noise-aware reward: give --prune-reward DIR (made by `noisesearch train-reward "
+                f"ttsnap prunes with a noise-aware reward: give --prune-reward noise-aware@DIR (DIR made by `noisesearch train-reward "
                 f"--pool POOL --reward {problem.reward.name} --out DIR`); the default {d} does not exist"
             )
         return str(d)

@@ -276,11 +276,9 @@ def simulate(replay: Replay, strategies, budgets, cost: CostSpec, iters: int = 5
     P = replay.num_prompts
     chunk = max(1, int(4_000_000 // max(P * N, 1)))  # iterations per batch, bounds the memory
     results = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from noisesearch.progress import Progress
 
-        bar = tqdm(total=len(strategies) * len(budgets), desc="simulate", unit="budget", leave=False)
+    bar = Progress(len(strategies) * len(budgets), desc="simulate", unit="budget", enabled=progress)
     for strat in strategies:
         per_iter = np.empty((iters, len(budgets), len(replay.rewards)))
         per_prompt = np.zeros((P, len(budgets), len(replay.rewards)))
@@ -301,10 +299,8 @@ def simulate(replay: Replay, strategies, budgets, cost: CostSpec, iters: int = 5
             costs.append(cost.realised(schedule, n))
             plans.append(plan)
             capped.append(n_uncapped > N)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         results[strat.name] = MethodResult(strat.name, strat.label, per_iter, per_prompt, starts, costs, plans, capped,
                                            info=strat.describe())
-    if bar is not None:
-        bar.close()
+    bar.close()
     return Simulation(budgets, list(replay.rewards), cost, iters, seed, results, baseline)

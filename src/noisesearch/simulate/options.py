@@ -11,6 +11,7 @@ from noisesearch.errors import NoiseSearchError
 from noisesearch.pools import Pool, load_pool
 from noisesearch.pruning import COST_MODELS
 from noisesearch.pruning import CostSpec
+from noisesearch.validate import nonneg_int
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -67,13 +68,37 @@ def parse_budget_values(text: str) -> np.ndarray:
             if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
                 raise ValueError
             start, stop, step = parts
+            if not all(np.isfinite(parts)):
+                raise ValueError
             count = int(np.floor((stop - start) / step + 1e-9)) + 1
-            return start + step * np.arange(count)
-        return np.array([float(x) for x in text.split(",") if x.strip()])
+            if count > MAX_BUDGETS:
+                raise NoiseSearchError(f"--budgets {text}: {count:,} budgets; at most {MAX_BUDGETS:,} "
+                                       "(raise STEP, e.g. 400:4000:200)")
+            values = start + step * np.arange(count)
+        else:
+            values = np.array([float(x) for x in text.split(",") if x.strip()])
+            if len(values) > MAX_BUDGETS:
+                raise NoiseSearchError(f"--budgets: {len(values):,} budgets; at most {MAX_BUDGETS:,}")
     except ValueError:
         raise NoiseSearchError(
             f"--budgets: expected START:STOP:STEP (e.g. 400:4000:200, STOP included) or a comma list, got {text!r}"
-        )
+        ) from None
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise NoiseSearchError(f"--budgets {text}: budgets must be finite and > 0")
+    return values
+
+
+MAX_BUDGETS = 10_000
+
+
+def simulation_bytes(iters: int, num_candidates: int, num_prompts: int, num_budgets: int, num_rewards: int,
+                     num_methods: int) -> float:
+    """Estimated peak memory (bytes) of ``simulate``: the subsets [iters, N] (int64), each method's
+    per-iteration and per-prompt curves, and the engine's working chunk (about 4e6 rows per reward)."""
+    subsets = 8.0 * iters * num_candidates
+    curves = 8.0 * num_methods * num_budgets * num_rewards * (iters + num_prompts)
+    working = 8.0 * 4e6 * num_rewards * 6
+    return subsets + curves + working
 
 
 def add_pool_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,8 +116,8 @@ def add_pool_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops-per-step", default=None, help="override the pool's FLOPs of one denoising step (e.g. 9.9e12 or 9.9T)")
     p.add_argument("--flops-per-reward", default=None,
                    help="override the FLOPs of one reward call: one value for all, or NAME=VALUE,... ")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the Monte Carlo subsets (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the Monte Carlo subsets (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal a bar, otherwise a line every few seconds)")
 
 
 def load_for_cli(args) -> tuple[Pool, list[str]]:
@@ -105,6 +130,9 @@ def load_for_cli(args) -> tuple[Pool, list[str]]:
         raise NoiseSearchError(f"--reward lists a reward twice: {args.reward}")
     for r in rewards:
         pool.check_reward(r)
+    if pool.num_candidates < 2:
+        raise NoiseSearchError(f"the pool at {args.pool} has {pool.num_candidates} candidate per prompt: comparing "
+                               "strategies needs at least 2 (make one with noisesearch pool --candidates N)")
     changes = {}
     if args.flops_per_step is not None:
         changes["flops_per_step"] = parse_flops(args.flops_per_step)

@@ -239,16 +239,13 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
     rng = np.random.default_rng(config.seed)
     budgets = np.asarray(budgets, float)
     nrew = len(train.rewards)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from noisesearch.progress import Progress
 
-        total = config.explore + config.refine_rounds * config.refine_width * 14 + config.finalists + 6
-        bar = tqdm(total=total, desc="tune", unit="plan")
+    total = config.explore + config.refine_rounds * config.refine_width * 14 + config.finalists + 6
+    bar = Progress(total, desc="tune", unit="plan", enabled=progress)  # an estimate: close() completes it
 
     def tick(n=1):
-        if bar is not None:
-            bar.update(min(n, bar.total - bar.n))
+        bar.update(n)
 
     # the paper's schedule mapped to this pool: the anchor of the objective and the reference of the report
     published = PrunePlan(published_schedule(nrew, sp["num_steps"]), sp["noise_aware"][0]) if sp["num_steps"] >= 2 else None
@@ -337,8 +334,7 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
                                              test_curve=np.round(curve, 6).T.tolist())
             tick(1)
         result["best_of_n_test_curve"] = np.round(ev.baseline.curve, 6).T.tolist()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return result
 
 

@@ -108,9 +108,9 @@ def split_data(split: dict, part: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from noisesearch.progress import Progress
 
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    return Progress(total, desc=desc, enabled=enabled)
 
 
 def _cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:

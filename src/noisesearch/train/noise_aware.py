@@ -62,6 +62,7 @@ from noisesearch.rewards.noise_aware import FORMAT_NAME, FORMAT_VERSION, MANIFES
 from noisesearch.train.step_conditioning import set_condition
 
 STATE = "train_state.json"
+MIN_HELD = 16  # fewer held-out candidates per prompt than this: the quality gate is warned about
 
 
 @dataclass
@@ -294,6 +295,12 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
     teacher_reward = make_reward(spec, device=dev)
     base_module = _trainable_module(teacher_reward)
     data = _Data(pool, images, name, config.holdout, teacher_reward if config.cross_prompts else None, dev)
+    if config.gate and len(data.held) < 2:
+        log(f"warning: --holdout {config.holdout:g} holds out {len(data.held)} of {N} candidates per prompt: the quality "
+            "gate is off (every stage's weights are used); raise --holdout to keep it")
+    elif config.gate and len(data.held) < MIN_HELD:
+        log(f"warning: only {len(data.held)} held-out candidates per prompt decide the quality gate (fewer than "
+            f"{MIN_HELD}): its verdicts are noisy; raise --holdout or the pool's --candidates")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pool_dir = Path(pool_path)
@@ -325,8 +332,30 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
         if old is not None:
             state = old
     manifest_path = out / MANIFEST
+    # resume verifies: every finished stage's file must load and pass its checksum; the first that
+    # does not is retrained, with every stage after it (each stage starts from the previous one)
+    for i, e in enumerate(state["stages"]):
+        try:
+            load_stage(out / e["file"])
+        except NoiseSearchError as err:
+            log(f"stage file {out / e['file']} does not verify ({str(err).split(';')[0].split(' (')[0]}); "
+                f"retraining from step {e['step']} ({len(state['stages']) - i} of {len(steps)} stages)")
+            state["stages"] = state["stages"][:i]
+            if acc.is_main_process:
+                from noisesearch.io import atomic_write_json
+
+                if manifest_path.exists():
+                    manifest_path.unlink()
+                atomic_write_json(state_path, state)
+            break
     if manifest_path.exists() and len(state["stages"]) == len(steps):
-        return json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("digest") == digest:
+            return manifest
+        log(f"{manifest_path} is unreadable or stale; rewriting it")
     if manifest_path.exists():
         manifest_path.unlink()
 
@@ -369,11 +398,10 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
         rng = np.random.default_rng([config.seed, step, acc.process_index])
         replay_steps = np.array(sorted({s for s in steps if s > step} | {S - 1}))
         losses = []
-        bar = None
-        if progress and acc.is_main_process:
-            from tqdm.auto import tqdm
+        from noisesearch.progress import Progress
 
-            bar = tqdm(total=config.iters, desc=f"stage {k + 1}/{len(steps)} (step {step})", leave=False)
+        bar = Progress(config.iters, desc=f"stage {k + 1}/{len(steps)} (step {step})", unit="iter",
+                       enabled=progress and acc.is_main_process)
         for it in range(config.iters):
             B = config.batch_size
             rows_p = rng.integers(0, data.P, B)
@@ -394,12 +422,10 @@ def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                if it % 20 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            if it % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.close()
         acc.wait_for_everyone()
         model = acc.unwrap_model(model)
         acc.free_memory()
