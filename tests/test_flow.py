@@ -252,13 +252,10 @@ def test_cli_generate_on_flux(tiny_flux_dir, tmp_path):
 
 @pytest.mark.parametrize("which", ["flux", "sd3"])
 def test_pool_train_reward_ttsnap(which, request, tmp_path):
-    from tiny import register_tiny_net_reward
-
     from noisesearch.cli import main
     from noisesearch.pools import load_pool
 
-    register_tiny_net_reward()
-    clip = "tinynet"  # a tiny random trainable reward
+    clip = f"clip@{request.getfixturevalue('tiny_clip_dir')}"  # a tiny random CLIP: trainable image tower
     model = request.getfixturevalue(f"tiny_{which}_dir")
     base = ["--model", model, "--height", "32", "--width", "32", "--steps", "3", "--device", "cpu"]
     rc = main(["pool", *base, "--prompt", "a red bicycle", "--prompt", "a cat", "--candidates", "4",
