@@ -314,33 +314,3 @@ def tiny_lumina2_pipeline(directory: str | Path, seed: int = 0):
                            vae=_tiny_flow_vae(0.3611, 0.1159, blocks=4), text_encoder=gemma, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-# ---- a tiny trainable reward (tests only) ---------------------------------------------------------
-
-
-class TinyNetReward:
-    """A random conv net scoring images (trainable: exposes ``module``), for pool / train-reward tests."""
-
-    def __init__(self, arg=None, device="cpu"):
-        g = torch.Generator().manual_seed(int(arg or 0))
-        self.module = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(16, 1),
-        ).to(device)
-        with torch.no_grad():
-            for p in self.module.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        self.device = device
-        self.name = "tinynet" if arg is None else f"tinynet@{arg}"
-        self.flops_per_image = 1e4
-
-    def __call__(self, images, prompts):
-        return self.module(images.to(self.device, torch.float32)).flatten()
-
-
-def register_tiny_net_reward() -> None:
-    """Make ``tinynet`` a reward name (``tests/`` must be importable, as under pytest)."""
-    from noisesearch.rewards.base import register_reward
-
-    register_reward("tinynet", "tiny:TinyNetReward")
