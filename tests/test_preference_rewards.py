@@ -201,7 +201,7 @@ def test_pad_mode_geometry():
 
 
 def test_generate_eval_reward_writes_the_extra_scores(tmp_path, capsys):
-    from noisesearch.pools.generate import split_specs
+    from noisesearch.rewards.base import split_specs
     from noisesearch.cli import main
 
     hps, pick = f"hps@{FIXTURES / 'hps'}", f"pickscore@{FIXTURES / 'pickscore'}"

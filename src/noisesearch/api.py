@@ -27,7 +27,7 @@ from noisesearch.budget import Budget
 from noisesearch.build import as_denoiser, as_reward, build_problem, expand_prompts  # noqa: F401 (re-export)
 from noisesearch.io import atomic_write_bytes, atomic_write_json, image_grid, save_png, to_pil
 from noisesearch.models.base import Denoiser
-from noisesearch.rewards.base import Reward
+from noisesearch.rewards.base import Reward, split_specs
 from noisesearch.search import Strategy, make_strategy
 
 
@@ -117,8 +117,6 @@ def generate(
     strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
     denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
     reward_fn = as_reward(reward, device=device)
-    from noisesearch.pools.generate import split_specs
-
     eval_fns = [(r, as_reward(r, device=device)) if isinstance(r, str) else (r.name, r)
                 for r in (split_specs(eval_rewards) if isinstance(eval_rewards, str) else eval_rewards)]
     total = len(prompts) * num_samples

@@ -180,7 +180,7 @@ def read_prompts(args) -> list[str]:
 
 def run(args) -> int:
     from noisesearch import api
-    from noisesearch.pools.generate import split_specs
+    from noisesearch.rewards.base import split_specs
 
     prompts = read_prompts(args)
     apply_threads(args)

@@ -77,7 +77,8 @@ def read_pool_prompts(args) -> list[str]:
 
 def run(args) -> int:
     apply_threads(args)
-    from noisesearch.pools.generate import generate_pool, split_specs
+    from noisesearch.pools.generate import generate_pool
+    from noisesearch.rewards.base import split_specs
 
     prompts = read_pool_prompts(args)
     rewards = [s for text in (args.reward or ["digit"]) for s in split_specs(text)]

@@ -72,23 +72,6 @@ def pool_reward_name(name: str) -> str:
     return out
 
 
-def split_specs(text: str) -> list[str]:
-    """Split ``"digit,ranksum(a,b),noise-aware@dir"`` at commas outside parentheses."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [s.strip() for s in out if s.strip()]
-
-
 def score_at_step(reward, images: torch.Tensor, prompts: Sequence[str], step: int, sigma: float) -> torch.Tensor:
     """A reward's scores for estimates at pool index ``step`` / noise level ``sigma`` (noise-aware
     rewards are told the step). Checked like ``score``."""
@@ -438,7 +421,6 @@ __all__ = [
     "step_layout",
     "load_pool_images",
     "pool_reward_name",
-    "split_specs",
     "score_at_step",
     "is_noise_aware",
 ]

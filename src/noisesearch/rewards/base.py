@@ -86,6 +86,12 @@ def _split_top(text: str, sep: str) -> list[str]:
     return out + [cur]
 
 
+def split_specs(text: str) -> list[str]:
+    """Several reward specs in one string: ``"digit,ranksum(a,b),noise-aware@dir"`` split at the
+    commas outside parentheses (empty parts dropped; unbalanced parentheses are an error)."""
+    return [s.strip() for s in _split_top(text, ",") if s.strip()]
+
+
 def make_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
     """Build a reward from a spec string (see module docstring). The whole spec is parsed or refused:
     an empty term, a dangling ``+`` or ``*``, or an unknown name is an error, never skipped."""
