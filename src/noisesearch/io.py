@@ -98,6 +98,21 @@ def save_png(path: str | os.PathLike, pic: Image.Image) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def load_torch_state_dict(path: str | os.PathLike, what: str) -> dict:
+    """The state dict in an official PyTorch checkpoint (``*.pt`` / ``*.pth``), read with
+    ``weights_only=True`` (never unpickling code); a dict holding it under ``state_dict`` is
+    unwrapped. ``what`` names the reward for the one-line error of an unreadable file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        from noisesearch.errors import NoiseSearchError
+
+        raise NoiseSearchError(f"{what}: cannot read {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return obj
+
+
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a state dict: detects corrupt weight files."""
     h = hashlib.sha256()

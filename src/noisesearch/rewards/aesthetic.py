@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import load_torch_state_dict
 from noisesearch.rewards.preprocess import ImagePreprocess, count_flops
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
@@ -126,12 +127,7 @@ def aesthetic_reward(arg: str | None = None, device="cpu") -> AestheticScore:
             raise NoiseSearchError(f"aesthetic reward: {p} holds {len(heads)} .pth heads; "
                                    + ("name one: aesthetic@DIR/HEAD.pth" if heads else f"put {HEAD_FILE} there"))
         head_path, folder = Path(heads[0]), p
-    try:
-        state = torch.load(head_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NoiseSearchError(f"aesthetic reward: cannot read {head_path}: {type(e).__name__}: {e}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = load_torch_state_dict(head_path, "aesthetic reward")
     head = PreferenceMLP.from_state_dict(state, what=f"aesthetic reward: {head_path}")
     from transformers.utils import logging as hf_logging
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import load_torch_state_dict
 from noisesearch.rewards.clip import ClipScore
 from noisesearch.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess, hub_error
 
@@ -154,12 +155,7 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_open_clip_checkpoint(path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NoiseSearchError(f"hps reward: cannot read the checkpoint {path}: {type(e).__name__}: {e}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    obj = load_torch_state_dict(path, "hps reward")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise NoiseSearchError(f"hps reward: {path} holds no state dict (nor one under 'state_dict')")
     return obj

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import load_torch_state_dict
 from noisesearch.rewards.aesthetic import PreferenceMLP
 from noisesearch.rewards.preprocess import ImagePreprocess, TextCache, count_flops, hub_error
 
@@ -171,12 +172,7 @@ def build_imagereward(checkpoint, med_config, vocab, vision_config=None, name="i
         pad_token_id=int(med.get("pad_token_id", 0)), bos_token_id=None, eos_token_id=None, sep_token_id=None,
         is_decoder=True,  # is_decoder: build the cross-attention layers
     )
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NoiseSearchError(f"imagereward reward: cannot read {checkpoint}: {type(e).__name__}: {e}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = load_torch_state_dict(checkpoint, "imagereward reward")
     vis_sd, txt_sd, mlp_sd = imagereward_to_hf(state)
     vision = BlipVisionModel(vision_cfg)
     text = BlipTextModel(text_cfg, add_pooling_layer=False)
