@@ -12,6 +12,18 @@ import pytest  # noqa: E402
 
 
 # ---- threads ----------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Commands run with ``--threads N`` set torch's thread count for the whole process: put it back
+    after every test, so that results a test compares bitwise (a rerun, a resume) are computed at
+    the same thread count as the fixtures they are compared with."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny networks: one torch thread is as fast and does not thrash a busy machine. Modules opt in

@@ -4,17 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from noisesearch.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The benchmark sets torch's thread count (--threads, default 1): put it back afterwards."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bench_search_tiny_sweep(tmp_path, capsys):
