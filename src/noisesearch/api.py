@@ -221,7 +221,10 @@ def merge_runs(runs: Sequence[Run]) -> Run:
         strategy_info={**first["strategy_info"], "note": "strategy_info of the first process's searches"},
     )
     if "judge_accuracy" in first:
-        report["judge_accuracy"] = statistics.fmean(float(s["judge_class"] == int(s["prompt"])) for s in samples)
+        from noisesearch.models.digits import parse_digits
+
+        targets = parse_digits([s["prompt"] for s in samples], "the digits judge").tolist()
+        report["judge_accuracy"] = statistics.fmean(float(s["judge_class"] == t) for s, t in zip(samples, targets))
     images = torch.stack([r.images[j] for _, r, j in pairs])
     x0 = torch.stack([r.x0[j] for _, r, j in pairs])
     return Run(images=images, x0=x0, report=report, extra={"info": [r.extra.get("info") for r in runs]})
