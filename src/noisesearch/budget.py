@@ -134,8 +134,9 @@ class Budget:
     def fit(self, cost_of: Callable[[int], Cost], start: int = 1, what: Callable[[int], str] | None = None) -> int:
         """Largest size ``n >= start`` whose ``cost_of(n)`` is affordable; a clear BudgetError when
         even ``start`` is not (``what(n)`` names the work for the message)."""
-        self.require(cost_of(start), what(start) if what else f"size {start}")
-        if self.nfe_limit is None and cost_of(start).flops <= 0:
+        first = cost_of(start)
+        self.require(first, what(start) if what else f"size {start}")
+        if self.nfe_limit is None and first.flops <= 0:
             raise BudgetError("cannot size the search: the budget does not constrain any cost it incurs")
         return largest_affordable(lambda n: self.affords(cost_of(n)), start)
 

@@ -114,11 +114,6 @@ class NoiseSource:
         self.normals = [Stream(stream_seed(seed, *k), self.shape) for k in self.keys]
         self.uniforms = [Stream(stream_seed(seed, *k, -1), (), "uniform") for k in self.keys]
 
-    @classmethod
-    def for_prompts(cls, seed: int, shape, num_prompts: int, num_samples: int, **kw) -> "NoiseSource":
-        """Searches in prompt-major order: search ``p * num_samples + k`` is (prompt p, sample k)."""
-        return cls(seed, shape, [(p, k) for p in range(num_prompts) for k in range(num_samples)], **kw)
-
     def normal(self, owner: torch.Tensor) -> torch.Tensor:
         """One standard Gaussian noise per row, from the stream of the row's search."""
         return _by_stream(owner, self.normals).to(self.device, self.dtype)

@@ -108,9 +108,6 @@ class Problem:
             self.trace.record(state.step, sigma, main, state.owner, out, torch.cat(thumbs))
         return out
 
-    def images(self, state: State) -> torch.Tensor:
-        return self.denoiser.decode(state.x0)
-
 
 def best_per_owner(values: torch.Tensor, owner: torch.Tensor, num_owners: int) -> torch.Tensor:
     """Row index of the highest value of each owner (first on ties). Long [num_owners]."""
