@@ -62,6 +62,9 @@ class Forest:
         self.count = torch.ones(trees, dtype=torch.long)
         self.low = torch.full((trees,), float("inf"), dtype=torch.float64)  # reward range seen per tree
         self.high = torch.full((trees,), float("-inf"), dtype=torch.float64)
+        self.best_value = torch.full((trees,), float("-inf"), dtype=torch.float64)  # best scored sample per tree
+        self.best_x0 = torch.zeros((trees, *shape), device=device, dtype=dtype)
+        self.x0_at_x: dict[int, bool] = {}  # per sampler step: whether a stored x0 is D(x) (see State)
 
     def add_child(self, trees: torch.Tensor, parents: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         new = self.count[trees].clone()
@@ -85,6 +88,14 @@ class Forest:
             span = (self.high - self.low).clamp_min(1e-12).view(-1, 1)
             mean = torch.where(torch.isfinite(span), (mean - self.low.view(-1, 1)) / span, mean)
         return mean, visits
+
+    def keep_best(self, trees: torch.Tensor, rewards: torch.Tensor, x0: torch.Tensor) -> None:
+        """Remember each finished sample that beats its tree's best so far."""
+        better = rewards > self.best_value[trees]
+        if bool(better.any()):
+            rows = trees[better]
+            self.best_value[rows] = rewards[better]
+            self.best_x0[rows.to(self.best_x0.device)] = x0[better.to(x0.device)]
 
     def backup(self, path: list[torch.Tensor], values: torch.Tensor) -> None:
         """Add ``values[p]`` to the statistics of every node on tree p's path (-1 = no node)."""
@@ -165,12 +176,10 @@ class MCTS(Strategy):
         ar = torch.arange(P)
         # candidate noises, fixed per depth: Z[t, p, k] from search p's stream
         Z = problem.noise.normal(ar.repeat_interleave(T * N)).view(P, T, N, *s.noise_shape).transpose(0, 1)
-        self._x0_at_x: dict[int, bool] = {}
         if not self.search_init:
             root_state = advance(s, problem.start(1))
             forest.store(ar, torch.zeros(P, dtype=torch.long), root_state.x, root_state.x0)
-            self._x0_at_x[root_state.step] = root_state.x0_at_x
-        self._best = (torch.full((P,), float("-inf"), dtype=torch.float64), forest.x0[:, 0].clone())
+            forest.x0_at_x[root_state.step] = root_state.x0_at_x
         root = torch.zeros(P, dtype=torch.long)
         for t in range(T):
             for _ in range(sims[t]):
@@ -178,7 +187,7 @@ class MCTS(Strategy):
                 values = self.expand_and_rollout(problem, forest, sel, steps, Z)
                 forest.backup(sel.path, values)
             root = self.move(forest, root)
-        best_value, best_x0 = self._best
+        best_value, best_x0 = forest.best_value, forest.best_x0
         final = forest.final_reward[ar, root]
         if self.return_best:
             use = best_value > final
@@ -229,12 +238,7 @@ class MCTS(Strategy):
         values[state.owner] = rewards
         terminal = store == problem.sampler.num_steps
         forest.final_reward[state.owner[terminal], nodes[terminal]] = rewards[terminal]
-        best_value, best_x0 = self._best
-        better = rewards > best_value[state.owner]
-        if bool(better.any()):
-            rows = state.owner[better]
-            best_value[rows] = rewards[better]
-            best_x0[rows.to(best_x0.device)] = state.x0[better.to(state.x0.device)]
+        forest.keep_best(state.owner, rewards, state.x0)
         return values
 
     def expand(self, problem: Problem, forest: Forest, sel: _Selection, steps: list, Z) -> dict:
@@ -261,7 +265,7 @@ class MCTS(Strategy):
             dev = forest.x.device
             t, p = trees[r].to(dev), parents[r].to(dev)
             state = State(x=forest.x[t, p], x0=forest.x0[t, p], step=j, cond=problem.cond_rows(trees[r]), owner=trees[r],
-                          x0_at_x=self._x0_at_x[j])
+                          x0_at_x=forest.x0_at_x[j])
             groups.setdefault(j, []).append((state, new[r], store_at[r], noise))
         return groups
 
@@ -278,7 +282,7 @@ class MCTS(Strategy):
             hit = store == j
             if bool(hit.any()):
                 forest.store(state.owner[hit], nodes[hit], state.x[hit.to(state.x.device)], state.x0[hit.to(state.x.device)])
-                self._x0_at_x[j] = state.x0_at_x
+                forest.x0_at_x[j] = state.x0_at_x
             if j >= s.num_steps:
                 return state, nodes, store
             noise = None
