@@ -15,10 +15,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from noisesearch.budget import Budget  # noqa: E402
-from noisesearch.noise import NoiseSource  # noqa: E402
 from noisesearch.errors import NoiseSearchError  # noqa: E402
 from noisesearch.models import cond_index, cond_repeat, load_model  # noqa: E402
 from noisesearch.models.diffusers import DiffusersDenoiser  # noqa: E402
+from noisesearch.noise import NoiseSource  # noqa: E402
 from noisesearch.sampling.samplers import EulerAncestral  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red dog"]

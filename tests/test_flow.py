@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 from noisesearch import api  # noqa: E402
 from noisesearch.budget import Budget  # noqa: E402
 from noisesearch.errors import NoiseSearchError  # noqa: E402
-from noisesearch.models import load_model  # noqa: E402
 from noisesearch.flops import count_flops  # noqa: E402
+from noisesearch.models import load_model  # noqa: E402
 from noisesearch.sampling.samplers import Euler, EulerAncestral, HeunChurn  # noqa: E402
 
 PROMPTS = ["a red bicycle", "a cat"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from noisesearch import api
+from noisesearch.budget import largest_affordable
 from noisesearch.errors import BudgetError, NoiseSearchError
 from noisesearch.pools.generate import generate_pool
-from noisesearch.budget import largest_affordable
 from noisesearch.pruning import PruneSchedule, keep_count, pruned_run_counts, realised_cost, starts_for_budget
 from noisesearch.simulate.engine import Replay
 from noisesearch.train.noise_aware import TrainConfig, train_noise_aware

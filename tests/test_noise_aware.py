@@ -1,7 +1,6 @@
 """Noise-aware rewards: curriculum training (full and LoRA), resume, loading, step awareness, errors."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pools import load_pool
-from noisesearch.pools import generate as gen
 from noisesearch.noise import CandidateNoise
+from noisesearch.pools import generate as gen
+from noisesearch.pools import load_pool
 from noisesearch.pools.generate import generate_pool, load_pool_images, step_layout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -201,8 +201,8 @@ def test_pad_mode_geometry():
 
 
 def test_generate_eval_reward_writes_the_extra_scores(tmp_path, capsys):
-    from noisesearch.rewards.base import split_specs
     from noisesearch.cli import main
+    from noisesearch.rewards.base import split_specs
 
     hps, pick = f"hps@{FIXTURES / 'hps'}", f"pickscore@{FIXTURES / 'pickscore'}"
     assert split_specs(f"{hps},ranksum(digit,brightness), {pick}") == [hps, "ranksum(digit,brightness)", pick]

@@ -1,5 +1,4 @@
 """Pruning rules, cost models, the Monte Carlo engine, metrics and ``noisesearch simulate``."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from noisesearch.pruning import (
 from noisesearch.simulate import (
     BestOfNPolicy,
     CostSpec,
-    PrunePlan,
     FixedPolicy,
+    PrunePlan,
     Replay,
     auc_gain,
     draw_subsets,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from noisesearch.cli import main
-from noisesearch.simulate import CostSpec, Replay
 from noisesearch.pruning import BudgetAwarePolicy, PrunePlan
+from noisesearch.simulate import CostSpec, Replay
 from noisesearch.simulate.synthetic import make_synthetic_pool
 from noisesearch.simulate.tuning import TuneConfig, budget_aware_from, tune
 

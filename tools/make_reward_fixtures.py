@@ -151,7 +151,6 @@ def stub_packages(package: str, subpackages=()):
 
 def make_hps(root: Path):
     stub_packages("hpsv2", ["hpsv2.src"])
-    import importlib.util
     import shutil
 
     # the hpsv2 wheel lacks the default BPE file its tokenizer module loads at import: open_clip's is the same
@@ -160,7 +159,8 @@ def make_hps(root: Path):
         import open_clip
 
         shutil.copy(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz", oc)
-    from hpsv2.src.open_clip import factory, tokenizer as oc_tok
+    from hpsv2.src.open_clip import factory
+    from hpsv2.src.open_clip import tokenizer as oc_tok
     from hpsv2.src.open_clip.tokenizer import SimpleTokenizer
 
     d = root / "hps"

@@ -9,6 +9,6 @@ reward-call / FLOP accounting), ``strategy`` (how candidates are proposed and se
 
 __version__ = "0.1.0"
 
-from noisesearch.errors import NoiseSearchError, BudgetError
+from noisesearch.errors import BudgetError, NoiseSearchError
 
 __all__ = ["NoiseSearchError", "BudgetError", "__version__"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,9 +231,8 @@ def merge_runs(runs: Sequence[Run]) -> Run:
 
 def evaluate_digits(report: dict, images: torch.Tensor) -> None:
     """Add the independent judge's verdict (never optimised) to a digits report, in place."""
-    from noisesearch.rewards.digit import load_judge
-
     from noisesearch.models.digits import parse_digits
+    from noisesearch.rewards.digit import load_judge
 
     judge = load_judge("cpu")
     classes, probs = judge.predict(images)

@@ -45,10 +45,8 @@ GRID_STEPS_EARLY = [(0,), (2,), (4,), (6,), (2, 6), (4, 8), (2, 8), (0, 6)]  # a
 def choose_schedules(pool, budgets, iters: int = 200, grid_steps=GRID_STEPS):
     """Best simulated schedule for TTSnap and for TTSp on ``pool`` (grid search), and the best TTSnap
     schedule whose checks all fall on steps the noise-aware reward covers (``na-steps``)."""
-    from noisesearch.pruning import PruneSchedule
-    from noisesearch.pruning import CostSpec
+    from noisesearch.pruning import CostSpec, FixedPolicy, PrunePlan, PruneSchedule
     from noisesearch.simulate.engine import Replay, simulate
-    from noisesearch.pruning import PrunePlan, FixedPolicy
 
     rep = Replay(pool, ["digit"])
     cost = CostSpec.from_pool(pool, ["digit"])
@@ -143,9 +141,8 @@ def main(argv=None, prog=None) -> int:
 
     import torch
 
-    from noisesearch.build import as_denoiser
+    from noisesearch.build import as_denoiser, as_reward
     from noisesearch.pools import load_pool
-    from noisesearch.build import as_reward
     from noisesearch.simulate.metrics import auc_gain_with_se
 
     torch.set_num_threads(1)

@@ -43,12 +43,9 @@ from pathlib import Path
 
 import torch
 
+from noisesearch.build import as_denoiser, as_reward, build_problem
 from noisesearch.errors import BudgetError
-from noisesearch.build import as_denoiser
 from noisesearch.models.digits import parse_digits
-from noisesearch.build import as_reward
-from noisesearch.rewards.base import score
-from noisesearch.build import build_problem
 from noisesearch.search import make_strategy
 
 TRAJ = 18  # NFEs of one 18-step Euler-ancestral trajectory on digits

@@ -26,11 +26,16 @@ import numpy as np
 REPO = Path.cwd()  # run from the repository: ../shared is found from here
 SHARED = REPO / ".." / "shared" / "data" / "ttsnap-flux"
 
-from noisesearch.pruning import keep_count, select_survivors  # noqa: E402
-from noisesearch.pruning import CostSpec  # noqa: E402
+from noisesearch.pruning import (  # noqa: E402  # noqa: E402
+    BestOfNPolicy,
+    CostSpec,  # noqa: E402
+    FixedPolicy,
+    PrunePlan,
+    keep_count,
+    select_survivors,
+)
 from noisesearch.simulate.engine import Replay, draw_subsets, simulate  # noqa: E402
 from noisesearch.simulate.metrics import auc_gain, expected_best_of_n  # noqa: E402
-from noisesearch.pruning import BestOfNPolicy, PrunePlan, FixedPolicy  # noqa: E402
 
 PUBLISHED = {"hps": 27.0, "imr": 31.0, "pic": 37.0, ("multi", "imr"): 13.0, ("multi", "pic"): 23.0, ("multi", "hps"): 26.0}
 SINGLE = PrunePlan.from_dict({"method": "ttsnap", "steps": [2, 6, 11], "keep": [0.4, 0.4, 0.5]})

@@ -14,8 +14,8 @@ import os
 import sys
 
 from noisesearch import __version__
-from noisesearch.errors import NoiseSearchError
 from noisesearch.cli.config import expand_config
+from noisesearch.errors import NoiseSearchError
 
 COMMANDS = ["generate", "simulate", "tune", "pool", "train_reward", "train_digits", "bench"]
 

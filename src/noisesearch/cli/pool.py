@@ -6,8 +6,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from noisesearch.cli.common import (add_pipeline_options, add_threads, apply_threads, pipeline_model_options, resolve_device,
-                                    write_run_config)
+from noisesearch.cli.common import (
+    add_pipeline_options,
+    add_threads,
+    apply_threads,
+    pipeline_model_options,
+    resolve_device,
+    write_run_config,
+)
 from noisesearch.errors import NoiseSearchError
 from noisesearch.validate import finite_float, int_in, nonneg_int, output_dir, positive_int
 

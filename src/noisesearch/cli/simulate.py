@@ -48,8 +48,7 @@ def add_parser(sub):
 
 def build_strategies(args, pool, rewards):
     """Strategy objects for ``--method``, plus warnings to report."""
-    from noisesearch.pruning import PruneSchedule
-    from noisesearch.pruning import BestOfNPolicy, BudgetAwarePolicy, PrunePlan, FixedPolicy, published_schedule
+    from noisesearch.pruning import BestOfNPolicy, BudgetAwarePolicy, FixedPolicy, PrunePlan, PruneSchedule, published_schedule
 
     names = [m.strip() for m in args.method.split(",") if m.strip()]
     if not names:
@@ -101,12 +100,9 @@ def build_strategies(args, pool, rewards):
 def run(args) -> int:
     from noisesearch.pools import atomic_write_json
     from noisesearch.pruning import CostSpec
-    from noisesearch.simulate.engine import Replay, simulate
-    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
+    from noisesearch.simulate.engine import Replay, check_budgets, simulate
+    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range, simulation_bytes
     from noisesearch.simulate.report import simulation_report
-
-    from noisesearch.simulate.engine import check_budgets
-    from noisesearch.simulate.options import simulation_bytes
     from noisesearch.validate import check_memory, output_file
 
     output_file(args.json, "--json", "simulate")

@@ -48,11 +48,9 @@ def run(args) -> int:
     from noisesearch.pools import atomic_write_json
     from noisesearch.pruning import CostSpec
     from noisesearch.simulate.engine import Replay, check_budgets
-    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range
+    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range, simulation_bytes
     from noisesearch.simulate.report import per_reward
     from noisesearch.simulate.tuning import TuneConfig, tune
-
-    from noisesearch.simulate.options import simulation_bytes
     from noisesearch.validate import check_memory, output_file
 
     output_file(args.json, "--json", "tune")

@@ -29,9 +29,8 @@ from typing import Sequence
 
 import torch
 
-from noisesearch.flops import count_flops
-
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 from noisesearch.models.wrappers import vp_denoiser
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")

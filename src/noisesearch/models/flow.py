@@ -55,9 +55,8 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
-from noisesearch.models.diffusers import PipelineDenoiser, meta_copy, to_meta, vae_decode, vae_decode_flops
+from noisesearch.models.diffusers import PipelineDenoiser, meta_copy, to_meta
 from noisesearch.models.wrappers import FlowDenoiser, flow_sigma_to_t, flow_t_to_sigma
-
 
 # ---- per-family adapters ---------------------------------------------------------------------------
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -51,8 +50,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from noisesearch.errors import NoiseSearchError
 from noisesearch.dist import dist_state
+from noisesearch.errors import NoiseSearchError
 from noisesearch.io import atomic_write_bytes
 from noisesearch.noise import CandidateNoise
 from noisesearch.rewards.base import at_step, is_noise_aware, score

@@ -23,9 +23,7 @@ comes last, so a folder with a manifest is always complete.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -51,6 +51,16 @@ Compute accounting (FLOPs per prompt), two models:
     ``n`` because every ``n_i`` is and checks only switch from skipped to active as ``n`` grows).
 """
 
+from noisesearch.pruning.costs import (
+    COST_MODELS,
+    CostSpec,
+    best_of_n_cost,
+    cost_per_start,
+    pruned_run_counts,
+    realised_cost,
+    starts_for_budget,
+)
+from noisesearch.pruning.policies import NO_PRUNING, BestOfNPolicy, BudgetAwarePolicy, FixedPolicy, Policy, PrunePlan
 from noisesearch.pruning.schedule import PruneSchedule, keep_count, published_schedule
 from noisesearch.pruning.select import (
     AGGREGATES,
@@ -62,16 +72,6 @@ from noisesearch.pruning.select import (
     select_top,
     zscore_sum,
 )
-from noisesearch.pruning.costs import (
-    COST_MODELS,
-    CostSpec,
-    best_of_n_cost,
-    cost_per_start,
-    pruned_run_counts,
-    realised_cost,
-    starts_for_budget,
-)
-from noisesearch.pruning.policies import NO_PRUNING, BestOfNPolicy, BudgetAwarePolicy, FixedPolicy, Policy, PrunePlan
 
 __all__ = [
     "PruneSchedule", "keep_count", "published_schedule", "AGGREGATES", "combine", "order_keys", "rank_sum",

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.rewards.preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess, TextCache, count_flops,
-                                            features)
+from noisesearch.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess, TextCache, count_flops, features
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 

@@ -29,11 +29,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-
-from noisesearch.flops import count_flops  # noqa: F401 (re-export)
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops  # noqa: F401 (re-export)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,5 +1,4 @@
 """Sigma schedules and stochastic samplers whose injected noise is an explicit argument."""
-from noisesearch.sampling.schedules import karras_sigmas
 from noisesearch.sampling.samplers import (
     SAMPLERS,
     EulerAncestral,
@@ -8,5 +7,6 @@ from noisesearch.sampling.samplers import (
     State,
     make_sampler,
 )
+from noisesearch.sampling.schedules import karras_sigmas
 
 __all__ = ["karras_sigmas", "Sampler", "State", "EulerAncestral", "HeunChurn", "SAMPLERS", "make_sampler"]

@@ -9,14 +9,15 @@ import dataclasses
 
 from noisesearch.errors import NoiseSearchError, unknown_name
 from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, topk_per_owner
-from noisesearch.search.best_of_n import BestOfN, Naive
 from noisesearch.search.beam import Beam
+from noisesearch.search.best_of_n import BestOfN, Naive
 from noisesearch.search.eps_greedy import EpsGreedy, ZeroOrder
 from noisesearch.search.mcts import MCTS
 from noisesearch.search.smc import SMC
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Naive, BestOfN, EpsGreedy, ZeroOrder, Beam, MCTS, SMC)}
 from noisesearch.search.prune import TTSnap, TTSp  # noqa: E402  (live pruning, issue 5)
+
 STRATEGIES.update({cls.name: cls for cls in (TTSnap, TTSp)})
 
 

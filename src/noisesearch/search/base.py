@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from noisesearch.budget import Budget, Cost
-from noisesearch.errors import NoiseSearchError
 from noisesearch.models.base import Cond, cond_index, cond_repeat
 from noisesearch.noise import NoiseSource
 from noisesearch.rewards.base import Reward, at_step, is_comparative, score

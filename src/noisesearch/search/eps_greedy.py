@@ -42,8 +42,8 @@ import torch
 from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
 from noisesearch.noise import NoiseSource
-from noisesearch.search.base import Problem, SearchResult, Strategy, advance, deterministic_nfe, noise_steps
 from noisesearch.sampling.samplers import Sampler, State
+from noisesearch.search.base import Problem, SearchResult, Strategy, advance, deterministic_nfe, noise_steps
 
 
 def bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,15 @@ import torch
 
 from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pruning import COST_MODELS, PruneSchedule, cost_per_start, keep_count, pruned_run_counts, published_schedule, select_top
+from noisesearch.pruning import (
+    COST_MODELS,
+    PruneSchedule,
+    cost_per_start,
+    keep_count,
+    pruned_run_counts,
+    published_schedule,
+    select_top,
+)
 from noisesearch.rewards.base import is_noise_aware
 from noisesearch.sampling.samplers import step_layout
 from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner

@@ -25,8 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pruning import keep_count, order_keys, zscore_sum
-from noisesearch.pruning import CostSpec
+from noisesearch.pruning import CostSpec, keep_count, order_keys, zscore_sum
 from noisesearch.simulate.metrics import auc_gain_with_se
 
 

@@ -9,8 +9,7 @@ import numpy as np
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.pools import Pool, load_pool
-from noisesearch.pruning import COST_MODELS
-from noisesearch.pruning import CostSpec
+from noisesearch.pruning import COST_MODELS, CostSpec
 from noisesearch.validate import nonneg_int
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 
 from noisesearch.io import atomic_save_figure
-
 from noisesearch.simulate.metrics import rescale
 
 

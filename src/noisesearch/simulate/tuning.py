@@ -41,11 +41,19 @@ import numpy as np
 from scipy.integrate import simpson
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pruning import PruneSchedule
-from noisesearch.pruning import CostSpec
+from noisesearch.pruning import (
+    NO_PRUNING,
+    BestOfNPolicy,
+    BudgetAwarePolicy,
+    CostSpec,
+    FixedPolicy,
+    Policy,
+    PrunePlan,
+    PruneSchedule,
+    published_schedule,
+)
 from noisesearch.simulate.engine import Replay, Simulation, draw_subsets, simulate
 from noisesearch.simulate.metrics import shifted_area
-from noisesearch.pruning import NO_PRUNING, BestOfNPolicy, BudgetAwarePolicy, PrunePlan, FixedPolicy, Policy, published_schedule
 
 
 @dataclass

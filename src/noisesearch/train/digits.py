@@ -380,7 +380,7 @@ def _train_all(out: Path, what, seed, epochs, classifier_epochs, progress, log) 
     out.mkdir(parents=True, exist_ok=True)
     split = make_split(seed)
     save_split(split, out / SPLIT_FILE, seed)
-    log(f"split: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()) + f" -> {out / SPLIT_FILE}")
+    log("split: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()) + f" -> {out / SPLIT_FILE}")
     result: dict = {"seconds": {}}
     xt, yt = split_data(split, "test")
     for name, part, config, fname, kind, blur in (
