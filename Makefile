@@ -1,4 +1,5 @@
-# make demo: set up .venv (CPU torch pinned by constraints.txt) and run the main demo.
+# make demo: set up .venv (CPU torch pinned by constraints.txt) and run the demo: strategies at equal NFEs on
+#   digits-uncond, one torch thread, about 15 s after the install (the long benchmark: noisesearch bench search).
 # make test: set up .venv and run the test suite.
 PY ?= python3
 VENV := .venv
@@ -14,7 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[diffusers,train,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[diffusers,train,dev,galaxy]"
+	# the pretrained galaxy models (galaxygrad:hsc32 ...): weights only; --no-deps keeps JAX out
+	$(BIN)/pip install -q --no-deps galaxygrad==0.1.9
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m noisesearch.demo --out runs/demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests tools
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -224,7 +224,7 @@ def test_pool_rerun_recomputes_a_corrupt_part(digits_pool, tmp_path, capsys):
     part.write_bytes(part.read_bytes()[:100])
     capsys.readouterr()
     code = main(["pool", "--model", "digits", "--guidance", "0", "--reward", "digit", "--prompts", "1,7", "--candidates", "6",
-                 "--steps", "4", "--save-images", "--threads", "1", "--out", str(copy), "--no-progress", "--quiet"])
+                 "--steps", "4", "--save-images", "--threads", "1", "--out", str(copy), "--no-progress"])
     assert code == 0 and "corrupt" in capsys.readouterr().err
     a, b = load_pool(digits_pool), load_pool(copy)
     assert np.array_equal(a.rewards["digit"], b.rewards["digit"])
@@ -357,3 +357,558 @@ def test_help_answers_the_first_questions(capsys):
     text = capsys.readouterr().out
     for flag in ("--other-budgets", "--other-seeds", "--other-strategies", "--max-batch", "--config", "--budgets"):
         assert len(entry(text, flag).split()) > 3, flag
+
+
+# ==== issue 20: bounded inputs, locked outputs, writes that cannot be lost, launchers ==========================
+BOMB = "".join(f"{k}: &{k} [{', '.join(['*' + p] * 10 if p else ['x'] * 10)}]\n"
+               for p, k in zip([None, "a", "b", "c", "d", "e", "f", "g"], "abcdefgh")) + "prompt: [" + ", ".join(["*h"] * 10) + "]\n"
+
+
+def _one_line_exit_2(capsys, argv, message, last_line_only=False):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert "Traceback" not in err, err
+    line = err.splitlines()[-1] if last_line_only else err
+    assert len(line.splitlines()) == 1, err
+    assert re.search(message, line), err
+    return line
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory):
+    r = tmp_path_factory.mktemp("bounded")
+    (r / "bomb.yaml").write_text(BOMB)
+    # the same bomb through a mapping's merge keys, and an alias that contains itself
+    (r / "bomb_map.yaml").write_text("".join(f"{k}: &{k} {{{', '.join(f'{k}{i}: *{p}' if p else f'{k}{i}: x' for i in range(10))}}}\n"
+                                             for p, k in zip([None, "a", "b", "c", "d", "e", "f", "g", "h"], "abcdefghi"))
+                                     + "prompt: [*i]\n")
+    (r / "recursive.yaml").write_text("prompt: &p [*p]\n")
+    (r / "latin1.yaml").write_bytes("prompt: ['café']\nbudget-nfe: 36\n".encode("latin-1"))
+    (r / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (r / "deep.yaml").write_text("prompt: " + "[" * 20000 + "]" * 20000 + "\n")
+    (r / "big.toml").write_text("# " + "x" * (2**20 + 10) + "\n")
+    (r / "latin1.txt").write_bytes("un café\nune crème\n".encode("latin-1"))
+    (r / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (r / "nul.txt").write_bytes(b"a cat\x00\na dog\n")
+    return r
+
+
+def test_bomb_is_small():
+    assert len(BOMB.encode()) < 2048
+
+
+CONFIG_CASES = [
+    ("alias-bomb", "bomb.yaml", "aliases expand to more than"),
+    ("alias-bomb-mapping", "bomb_map.yaml", "aliases expand to more than"),
+    ("alias-recursive", "recursive.yaml", "refers to itself"),
+    ("config-latin1", "latin1.yaml", "not UTF-8"),
+    ("config-binary", "binary.yaml", "not UTF-8"),
+    ("config-nested", "deep.yaml", "nested too deeply|does not parse"),
+    ("config-huge-toml", "big.toml", "larger than 1 MiB"),
+]
+
+
+@pytest.mark.parametrize("name, file, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_files_are_bounded(bounded, capsys, name, file, message):
+    import time
+
+    t0 = time.perf_counter()
+    for command in (["generate"], ["pool", "--prompts", "1"]):
+        _one_line_exit_2(capsys, command + ["--config", str(bounded / file), "--out", str(bounded / "c")], message)
+    assert time.perf_counter() - t0 < 10  # refused at once, not after expanding
+    assert not (bounded / "c").exists()
+
+
+def test_config_from_dev_zero_is_refused_by_size(capsys, tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    _one_line_exit_2(capsys, ["generate", "--config", "/dev/zero", "--out", str(tmp_path / "c")], "larger than 1 MiB")
+    _one_line_exit_2(capsys, ["generate", "--config", str(tmp_path), "--out", str(tmp_path / "c")], "folder")
+
+
+def test_config_loader_sits_below_validate():
+    from noisesearch.cli.config import load_config_file as via_cli
+    from noisesearch.config import load_config_file
+
+    assert via_cli is load_config_file
+    src = Path(__file__).parents[1] / "src" / "noisesearch" / "validate.py"
+    assert "from noisesearch.cli" not in src.read_text() and "import noisesearch.cli" not in src.read_text()
+
+
+PROMPT_FILE_CASES = [
+    ("prompts-latin1", "latin1.txt", "not UTF-8"),
+    ("prompts-binary", "binary.txt", "not UTF-8"),
+    ("prompts-nul", "nul.txt", "NUL bytes"),
+    ("prompts-folder", ".", "folder"),
+    ("prompts-missing", "nope.txt", "cannot read --prompts-file"),
+]
+
+
+@pytest.mark.parametrize("name, file, message", PROMPT_FILE_CASES, ids=[c[0] for c in PROMPT_FILE_CASES])
+def test_prompts_files_are_utf8_text(bounded, capsys, name, file, message):
+    path = str(bounded / file)
+    _one_line_exit_2(capsys, GEN + ["--budget-nfe", "36", "--prompts-file", path, "--out", str(bounded / "g")], message)
+    _one_line_exit_2(capsys, ["pool", "--prompts-file", path, "--out", str(bounded / "p"), "--no-progress"], message)
+    assert not (bounded / "g").exists() and not (bounded / "p").exists()
+
+
+def test_prompts_file_dev_zero_is_refused_by_size(capsys, tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    _one_line_exit_2(capsys, GEN + ["--budget-nfe", "36", "--prompts-file", "/dev/zero", "--out", str(tmp_path / "g")],
+                     "larger than 16 MiB")
+
+
+def test_prompts_file_utf8_with_bom_works(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeff3\n5\n".encode("utf-8"))
+    from noisesearch.io import read_text_limited
+
+    assert read_text_limited(f, "--prompts-file").splitlines() == ["3", "5"]
+
+
+# ---- launchers -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_CASES = [
+    ("world-size-stray", {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but no rank"),
+    ("pmi-size-stray", {"PMI_SIZE": "4"}, "PMI_SIZE=4 is set but no rank"),
+    ("world-size-rank-no-master", {"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not"),
+    ("world-size-text", {"WORLD_SIZE": "two"}, "not a whole number"),
+    ("world-size-zero", {"WORLD_SIZE": "0"}, "must be >= 1"),
+    ("sizes-disagree", {"WORLD_SIZE": "2", "PMI_SIZE": "3"}, "disagree"),
+    ("rank-out-of-range", {"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1"}, "out of range"),
+]
+
+
+@pytest.mark.parametrize("name, env, message", DIST_CASES, ids=[c[0] for c in DIST_CASES])
+def test_stray_launcher_variables(monkeypatch, capsys, tmp_path, name, env, message):
+    for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "RANK", "PMI_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _one_line_exit_2(capsys, GEN + ["--budget-nfe", "36", "--out", str(tmp_path / "g")], message)
+    _one_line_exit_2(capsys, ["pool", "--prompts", "1", "--out", str(tmp_path / "p"), "--no-progress"], message)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("port_var", [True, False], ids=["port-set", "default-port"])
+def test_rank_1_without_rank_0_says_so_and_gives_up(monkeypatch, capsys, tmp_path, port_var):
+    import time
+
+    for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    if port_var:
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    else:
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        from noisesearch import dist
+
+        monkeypatch.setattr(dist, "DEFAULT_PORT", _free_port())
+    monkeypatch.setenv("NOISESEARCH_DIST_TIMEOUT", "1.5")
+    t0 = time.perf_counter()
+    capsys.readouterr()
+    code = main(GEN + ["--budget-nfe", "36", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and time.perf_counter() - t0 < 30
+    assert "waiting up to 1.5 s for process 0" in err[0]  # a clear word while it waits
+    assert len(err) == 2 and "no process 0 answered" in err[1] and "accelerate launch" in err[1], err
+    monkeypatch.setenv("NOISESEARCH_DIST_TIMEOUT", "soon")
+    _one_line_exit_2(capsys, GEN + ["--budget-nfe", "36", "--out", str(tmp_path / "g")], "NOISESEARCH_DIST_TIMEOUT")
+
+
+def test_rank_1_goes_on_when_rank_0_listens():
+    import socket
+    import threading
+
+    from noisesearch.dist import wait_for_rank0
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def listen_later():
+        import time
+
+        time.sleep(0.5)
+        srv.listen(1)
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    try:
+        wait_for_rank0(1, 2, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, timeout=10)
+    finally:
+        srv.close()
+
+
+# ---- one run at a time in an output folder -----------------------------------------------------------------
+HOLD = """
+import sys, time
+from noisesearch.io import output_lock
+with output_lock(sys.argv[1], "noisesearch generate --out held"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A folder held by another process (a run in progress); yields (folder, pid)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "busy"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield folder, proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("argv", [
+    GEN + ["--budget-nfe", "36"],
+    ["pool", "--prompts", "1", "--candidates", "2", "--steps", "4", "--no-progress"],
+    ["train-reward", "--pool", "{pool}", "--reward", "r1", "--no-progress"],
+    ["train-digits", "--epochs", "1"],
+], ids=["generate", "pool", "train-reward", "train-digits"])
+def test_second_run_into_a_folder_in_use_is_refused(held, root, capsys, argv):
+    folder, pid = held
+    before = _snapshot(folder)
+    argv = [a.format(pool=root / "synpool") for a in argv] + ["--out", str(folder)]
+    line = _one_line_exit_2(capsys, argv, "in use by another run")
+    assert f"pid {pid}" in line and "noisesearch generate --out held" in line
+    assert _snapshot(folder) == before
+
+
+def test_lock_is_released_and_leaves_nothing(tmp_path, capsys):
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.io import output_lock
+
+    out = tmp_path / "a" / "b" / "run"
+    with output_lock(out, "first"):
+        assert out.is_dir()
+        with pytest.raises(NoiseSearchError, match=rf"in use by another run \(pid {os.getpid()} .*first"):
+            with output_lock(out, "second"):
+                pass
+    assert not (tmp_path / "a").exists()  # made for the lock, left empty: removed
+    g = tmp_path / "g"
+    assert main(GEN + ["--budget-nfe", "24", "--out", str(g)]) == 0
+    assert not [p.name for p in g.iterdir() if p.name.startswith(".")]  # no lock files left behind
+    assert main(GEN + ["--budget-nfe", "24", "--out", str(g)]) == 0  # a finished run's folder is free again
+
+
+def test_two_runs_started_together_never_lose_a_result(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "both"
+    cmd = [sys.executable, "-m", "noisesearch", *GEN, "--budget-nfe", "24", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd + ["--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for s in (1, 2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    ok = [r for r in results if r[0] == 0]
+    refused = [r for r in results if r[0] == 2]
+    assert len(ok) + len(refused) == 2, results
+    for _, _, err in refused:
+        assert "in use by another run" in err and len(err.strip().splitlines()) == 1
+    report = json.loads((out / "report.json").read_text())
+    if len(ok) == 1:  # the refused one said so; the folder holds the run that said "wrote"
+        seed = 1 if results[0][0] == 0 else 2
+        assert report["seed"] == seed
+    # (both exit 0 only when they did not overlap: the second replaced the first, as a rerun does)
+
+
+# ---- disk space and writes that fail ------------------------------------------------------------------------
+def test_check_disk_refuses_before_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.io import check_disk
+
+    check_disk(tmp_path / "new" / "run", 1000, "the run")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5 * 2**20, 5 * 2**20))
+    with pytest.raises(NoiseSearchError, match=r"the pool needs about 11\.0 MiB in .* only 5\.0 MiB is free"):
+        check_disk(tmp_path / "new" / "run", 10 * 2**20, "the pool")
+    check_disk(tmp_path, 2**20, "the pool")
+
+
+def _full_disk(monkeypatch, folder: Path):
+    """Make every file written under ``folder`` fail with ENOSPC at fsync (a full file system there)."""
+    import errno
+
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_failed_write_keeps_what_was_computed(tmp_path, monkeypatch):
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.io import atomic_write_json, atomic_write_text
+
+    full = tmp_path / "full"
+    atomic_write_text(full / "old.txt", "old\n")
+    _full_disk(monkeypatch, full)
+    with pytest.raises(NoiseSearchError) as e:
+        atomic_write_json(full / "result.json", {"a": 1})
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "No space left on device" in msg and "kept in" in msg
+    kept = Path(msg.split("kept in ")[1].split(" (")[0])
+    files = list(kept.rglob("result.json")) if kept.is_dir() else [kept]
+    assert json.loads(files[0].read_text()) == {"a": 1}
+    assert not (full / "result.json").exists() and (full / "old.txt").read_text() == "old\n"
+    assert not [p for p in full.iterdir() if p.name.endswith(".tmp")]  # no partial files
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_generate_on_a_full_disk_keeps_the_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _full_disk(monkeypatch, out)
+    line = _one_line_exit_2(capsys, GEN + ["--budget-nfe", "24", "--num-samples", "2", "--out", str(out)], "No space left")
+    kept = Path(line.split("kept in ")[1].split(" (")[0])
+    assert not (out / "report.json").exists()  # the folder is not completed by a later write
+    report = next(kept.rglob("report.json"))
+    images = np.load(next(kept.rglob("images.npy")))
+    assert json.loads(report.read_text())["num_samples"] == 2 and images.shape[0] == 2
+    import shutil
+
+    shutil.rmtree(kept)
+
+
+# ---- reward folders load strictly or not at all (issue 20) ----------------------------------------------
+REWARD_FIXTURES = Path(__file__).parent / "fixtures" / "rewards"
+
+
+def _edit_json(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_safetensors(path: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    fn(sd)
+    save_file(sd, str(path))
+
+
+def _edit_pt(path: Path, fn) -> None:
+    import torch
+
+    obj = torch.load(path, weights_only=True)
+    sd = obj["state_dict"] if "state_dict" in obj else obj
+    fn(sd)
+    torch.save(obj, path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo noisesearch-test-payload-ran",))
+
+
+def _pickle_payload(path: Path) -> None:
+    import torch
+
+    torch.save({"layers.0.weight": _Payload()}, path)
+
+
+def _zeros(*shape):
+    import torch
+
+    return torch.zeros(*shape)
+
+
+def _cfg(section, **kw):
+    return lambda d: _edit_json(d / "config.json", lambda c: c[section].update(kw))
+
+
+def _occ(section, **kw):
+    return lambda d: _edit_json(d / "open_clip_config.json", lambda c: c["model_cfg"][section].update(kw))
+
+
+def _unlink(*names):
+    return lambda d: [(d / n).unlink() for n in names]
+
+
+def _vocab_json(n):
+    """n more tokens than the text tower embeds (a tokenizer of another model: its ids index past the embeddings)."""
+    return lambda d: _edit_json(d / "vocab.json", lambda v: v.update({f"zz{i}</w>": len(v) + i for i in range(n)}))
+
+
+REWARD_CASES = [
+    # (id, fixture, reward kind, corruption, message)
+    ("clip-more-vision-layers", "pickscore", "clip", _cfg("vision_config", num_hidden_layers=4), r"tensors missing \(vision_model\.encoder\.layers\.2"),
+    ("clip-negative-layers", "pickscore", "clip", _cfg("vision_config", num_hidden_layers=-4), r"num_hidden_layers = -4 is out of range"),
+    ("pickscore-more-text-layers", "pickscore", "pickscore", _cfg("text_config", num_hidden_layers=3), "tensors missing"),
+    ("pickscore-fewer-layers", "pickscore", "pickscore", _cfg("vision_config", num_hidden_layers=1), "unexpected"),
+    ("clip-misshaped", "pickscore", "clip", _cfg("vision_config", intermediate_size=40), r"6 of another shape \(vision_model\.encoder\.layers\.0\.mlp\.fc1\.bias: \(37,\) in the file, \(40,\) by"),
+    ("clip-unexpected-tensor", "pickscore", "clip",
+     lambda d: _edit_safetensors(d / "model.safetensors", lambda sd: sd.update({"vision_model.extra.weight": _zeros(3)})),
+     r"1 unexpected \(vision_model\.extra\.weight\)"),
+    ("clip-no-tokenizer", "pickscore", "clip", _unlink("vocab.json", "merges.txt"), "lacks the tokenizer files"),
+    ("pickscore-no-tokenizer-config-either", "pickscore", "pickscore",
+     _unlink("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"), "lacks the tokenizer files"),
+    ("clip-other-tokenizer", "pickscore", "clip", _vocab_json(10), r"has 539 tokens but the text tower embeds 529"),
+    ("clip-eos-mismatch", "pickscore", "clip", _cfg("text_config", eos_token_id=5), "pools at token 5"),
+    ("clip-heads-do-not-divide", "pickscore", "clip", _cfg("vision_config", num_attention_heads=3), "does not divide"),
+    ("clip-zero-patch", "pickscore", "clip", _cfg("vision_config", patch_size=0), r"patch_size = 0 is out of range"),
+    ("clip-patch-larger-than-image", "pickscore", "clip", _cfg("vision_config", patch_size=64), "larger than"),
+    ("clip-size-text", "pickscore", "clip", _cfg("vision_config", hidden_size="big"), "not a whole number"),
+    ("clip-absurd-size", "pickscore", "pickscore", _cfg("vision_config", hidden_size=16384, intermediate_size=131072,
+                                                         num_hidden_layers=64, num_attention_heads=128), "parameters|GiB of memory"),
+    ("clip-config-not-json", "pickscore", "clip", lambda d: (d / "config.json").write_text("{nope"), "not valid JSON"),
+    ("clip-config-list", "pickscore", "clip", lambda d: (d / "config.json").write_text("[1]"), "must hold a JSON object"),
+    ("clip-config-latin1", "pickscore", "clip", lambda d: (d / "config.json").write_bytes(b'{"a": "caf\xe9"}'), "not UTF-8"),
+    ("clip-bad-std", "pickscore", "clip",
+     lambda d: _edit_json(d / "preprocessor_config.json", lambda c: c.update(image_std=[0, 0, 0])), "image_std"),
+    ("clip-bad-mean", "pickscore", "clip",
+     lambda d: _edit_json(d / "preprocessor_config.json", lambda c: c.update(image_mean="grey")), "image_mean"),
+    ("clip-truncated-weights", "pickscore", "clip",
+     lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), "cannot read the weights"),
+    ("aesthetic-more-vision-layers", "aesthetic", "aesthetic", _cfg("vision_config", num_hidden_layers=3), "tensors missing"),
+    ("aesthetic-head-extra-tensor", "aesthetic", "aesthetic",
+     lambda d: _edit_pt(d / "tiny-linearMSE.pth", lambda sd: sd.update({"layers.9.weight": _zeros(2, 2)})), "layers.9.weight"),
+    ("aesthetic-head-misshaped", "aesthetic", "aesthetic",
+     lambda d: _edit_pt(d / "tiny-linearMSE.pth", lambda sd: sd.update({"layers.0.bias": _zeros(5)})), r"layers\.0\.bias: \(5,\)"),
+    ("aesthetic-head-pickle", "aesthetic", "aesthetic", lambda d: _pickle_payload(d / "tiny-linearMSE.pth"), "never runs code"),
+    ("hps-more-vision-layers", "hps", "hps", _occ("vision_cfg", layers=4), "tensors missing"),
+    ("hps-negative-layers", "hps", "hps", _occ("vision_cfg", layers=-4), "layers = -4 is out of range"),
+    ("hps-head-width-0", "hps", "hps", _occ("vision_cfg", head_width=0), "head_width = 0 is out of range"),
+    ("hps-head-width-does-not-divide", "hps", "hps", _occ("vision_cfg", head_width=5), "does not divide"),
+    ("hps-text-heads-0", "hps", "hps", _occ("text_cfg", heads=0), "heads = 0 is out of range"),
+    ("hps-no-text-cfg", "hps", "hps", lambda d: _edit_json(d / "open_clip_config.json", lambda c: c["model_cfg"].pop("text_cfg")),
+     "lacks model_cfg.text_cfg"),
+    ("hps-mlp-ratio-text", "hps", "hps", _occ("vision_cfg", mlp_ratio="four"), "not a number"),
+    ("hps-absurd-size", "hps", "hps", _occ("vision_cfg", width=16384, layers=64, head_width=128), "parameters|GiB of memory"),
+    ("hps-no-tokenizer", "hps", "hps", _unlink("vocab.json"), "vocab.json and merges.txt"),
+    ("hps-other-tokenizer", "hps", "hps", _vocab_json(3), r"has 532 tokens but the text tower embeds 529"),
+    ("hps-bad-std", "hps", "hps", lambda d: _edit_json(d / "open_clip_config.json", lambda c: c["preprocess_cfg"].update(std=[1, 0, 1])),
+     "preprocess_cfg.std"),
+    ("hps-unexpected-tensor", "hps", "hps",
+     lambda d: _edit_pt(d / "HPS_tiny.pt", lambda sd: sd.update({"module.visual.extra": _zeros(3)})), "unsupported open_clip weight"),
+    ("hps-pickle", "hps", "hps", lambda d: _pickle_payload(d / "HPS_tiny.pt"), "never runs code"),
+    ("imagereward-more-vision-layers", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "vision_config.json", lambda c: c.update(layers=3)), "tensors missing"),
+    ("imagereward-negative-layers", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "med_config.json", lambda c: c.update(num_hidden_layers=-4)), "num_hidden_layers = -4 is out of range"),
+    ("imagereward-absurd-sizes", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "vision_config.json", lambda c: c.update(width=16384, layers=64, heads=128)), "parameters|GiB of memory"),
+    ("imagereward-absurd-text", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "med_config.json", lambda c: c.update(hidden_size=16384, intermediate_size=131072, num_hidden_layers=64,
+                                                                     num_attention_heads=128)), "parameters|GiB of memory"),
+    ("imagereward-heads-0", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "med_config.json", lambda c: c.update(num_attention_heads=0)), "num_attention_heads = 0 is out of range"),
+    ("imagereward-no-vocab-size", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "med_config.json", lambda c: c.pop("vocab_size")), "lacks vocab_size"),
+    ("imagereward-bad-activation", "imagereward", "imagereward",
+     lambda d: _edit_json(d / "med_config.json", lambda c: c.update(hidden_act="wiggle")), "hidden_act 'wiggle'"),
+    ("imagereward-vision-not-mapping", "imagereward", "imagereward", lambda d: (d / "vision_config.json").write_text("[3]"),
+     "must hold a JSON object"),
+    ("imagereward-other-vocab", "imagereward", "imagereward",
+     lambda d: (d / "vocab.txt").write_text((d / "vocab.txt").read_text() + "zebra\nhorse\n"), r"has 24 tokens but the text tower embeds 22"),
+    ("imagereward-unexpected-tensor", "imagereward", "imagereward",
+     lambda d: _edit_pt(d / "ImageReward.pt", lambda sd: sd.update({"blip.itm_head.weight": _zeros(2)})), "unexpected tensors"),
+    ("imagereward-misshaped-head", "imagereward", "imagereward",
+     lambda d: _edit_pt(d / "ImageReward.pt", lambda sd: sd.update({"mlp.layers.2.bias": _zeros(7)})), "official MLP head"),
+    ("imagereward-pickle", "imagereward", "imagereward", lambda d: _pickle_payload(d / "ImageReward.pt"), "never runs code"),
+]
+
+
+@pytest.mark.parametrize("name, fixture, kind, corrupt, message", REWARD_CASES, ids=[c[0] for c in REWARD_CASES])
+def test_reward_folder_that_does_not_match_is_refused(tmp_path, capsys, name, fixture, kind, corrupt, message):
+    import shutil
+    import time
+
+    pytest.importorskip("transformers")
+    d = tmp_path / fixture
+    shutil.copytree(REWARD_FIXTURES / fixture, d)
+    corrupt(d)
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    line = _one_line_exit_2(capsys, GEN + ["--budget-nfe", "36", "--reward", f"{kind}@{d}", "--out", str(out)], message)
+    assert time.perf_counter() - t0 < 30  # before any search, and absurd sizes before any allocation
+    assert "weights_only=False" not in line and "will likely succeed" not in line and len(line) < 1200
+    assert not out.exists()
+    # the same folder as an --eval-reward and through the Python API
+    _one_line_exit_2(capsys, GEN + ["--budget-nfe", "36", "--eval-reward", f"{kind}@{d}", "--out", str(out)], message)
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.rewards import make_reward
+
+    with pytest.raises(NoiseSearchError, match=message):
+        make_reward(f"{kind}@{d}")
+
+
+def test_blocked_pickle_never_ran(tmp_path, capfd):
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.io import load_torch_state_dict
+
+    _pickle_payload(tmp_path / "x.pt")
+    with pytest.raises(NoiseSearchError) as e:
+        load_torch_state_dict(tmp_path / "x.pt", "test")
+    assert "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert "payload-ran" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("fixture, kind", [("pickscore", "clip"), ("pickscore", "pickscore"), ("hps", "hps"),
+                                           ("imagereward", "imagereward"), ("aesthetic", "aesthetic")])
+def test_rewards_are_loaded_with_gradients_off(fixture, kind):
+    import torch
+
+    pytest.importorskip("transformers")
+    from noisesearch.rewards import make_reward
+
+    r = make_reward(f"{kind}@{REWARD_FIXTURES / fixture}")
+    assert not any(p.requires_grad for p in r.module.parameters())
+    with torch.enable_grad():
+        out = r(torch.rand(2, 3, 16, 16), ["a cat", "a dog"])
+    assert not out.requires_grad  # no autograd graph when scoring, even with gradients enabled
+    r.module.requires_grad_(True)  # to fine-tune (train-reward does this)
+    with torch.enable_grad():
+        assert r(torch.rand(2, 3, 16, 16), ["a cat", "a dog"]).requires_grad
+
+
+@pytest.mark.parametrize("source, message", [("/dev/zero", "larger than 64 MiB"), ("latin1.txt", "not UTF-8")], ids=["dev-zero", "latin1"])
+def test_other_json_inputs_are_bounded(root, bounded, capsys, source, message):
+    if source.startswith("/dev/") and not os.path.exists(source):
+        pytest.skip(f"no {source}")
+    path = source if source.startswith("/") else str(bounded / source)
+    _one_line_exit_2(capsys, ["simulate", "--pool", f"{root}/synpool", "--reward", "r1", "--method", "tuned", "--from", path,
+                              "--no-progress"], message)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_outputs_never_replace_special_files(root, tmp_path, capsys):
+    """An existing output path that is not a regular file (a FIFO here; a device such as /dev/zero
+    alike) is refused before any work, and the atomic writer never replaces one."""
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.io import atomic_write_text
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for flag in ("--json", "--plot"):
+        _one_line_exit_2(capsys, ["simulate", "--pool", f"{root}/synpool", "--reward", "r1", flag, str(fifo), "--no-progress"],
+                         "not a regular file")
+    with pytest.raises(NoiseSearchError, match="not a regular file"):
+        atomic_write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

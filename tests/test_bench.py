@@ -41,3 +41,35 @@ def test_every_benchmark_has_help(capsys):
     for name in BENCHMARKS:
         assert main(["bench", name, "--help"]) == 0, name
         assert f"noisesearch bench {name}" in capsys.readouterr().out
+
+
+def test_bench_search_config_file_and_labelled_samples(tmp_path):
+    # --config FILE is handled by the CLI (the benchmark never imports noisesearch.cli); the resolved
+    # options are written beside the results, and the samples grid is written with its labels
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("budgets: '18'\nseeds: 1\nstrategies: naive,best-of-n\nother-rewards: ''\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "search", "--config", str(cfg), "--no-paired-timing", "--out", str(out)]) == 0
+    res = json.loads((out / "search_results.json").read_text())
+    assert {(c["label"], c["budget"]) for c in res["cells"]} == {("naive", 18), ("best-of-n", 18)}
+    written = (out / "search_config.yaml").read_text()
+    assert "budgets: '18'" in written or "budgets: \"18\"" in written or "budgets: 18" in written
+    from PIL import Image
+
+    with Image.open(out / "search_samples.png") as pic:
+        assert pic.width > 10 * 64 and pic.height > 2 * 64
+
+
+def test_bench_train_args_become_a_train_config():
+    import pytest
+
+    from noisesearch.bench.noise_aware import train_config
+    from noisesearch.errors import NoiseSearchError
+
+    c = train_config("--iters 300 --lora-rank 8 --no-gate --steps 1,3 --lr 0.01", reward="digit")
+    assert (c.iters, c.lora_rank, c.gate, c.steps, c.lr, c.reward) == (300, 8, False, (1, 3), 0.01, "digit")
+    assert train_config("--step-conditioning", gate=False).step_conditioning is True
+    with pytest.raises(NoiseSearchError, match="unknown option"):
+        train_config("--nope 3")
+    with pytest.raises(NoiseSearchError, match="takes integers"):
+        train_config("--iters many")

@@ -87,5 +87,72 @@ def test_default_hub_model_offline_error():
 def test_bad_paths(tmp_path):
     with pytest.raises(NoiseSearchError, match="neither a local directory"):
         make_reward("clip@/no/such/dir")
-    with pytest.raises(NoiseSearchError, match="cannot load"):
+    with pytest.raises(NoiseSearchError, match="has no config.json"):
         make_reward(f"clip@{tmp_path}")
+
+
+# ---- strict loading (issue 20): nothing loads "mostly" -------------------------------------------------
+def _copy(tiny_clip_dir, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    d = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, d)
+    return Path(d)
+
+
+def _set(d, section, **kw):
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[section].update(kw)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("section, change, message", [
+    ("vision_config", {"num_hidden_layers": 3}, r"2 tensors missing|tensors missing \(vision_model\.encoder\.layers\.2"),
+    ("vision_config", {"num_hidden_layers": -4}, "num_hidden_layers = -4 is out of range"),
+    ("vision_config", {"num_hidden_layers": 1}, r"unexpected \(vision_model\.encoder\.layers\.1"),
+    ("text_config", {"hidden_size": 48}, "of another shape"),
+    ("text_config", {"vocab_size": 10**9}, "vocab_size = 1000000000 is out of range"),
+], ids=["more-layers", "negative-layers", "fewer-layers", "misshaped", "absurd-vocab"])
+def test_config_that_does_not_match_the_weights_is_refused(tiny_clip_dir, tmp_path, section, change, message):
+    d = _copy(tiny_clip_dir, tmp_path)
+    _set(d, section, **change)
+    with pytest.raises(NoiseSearchError, match=message) as e:
+        make_reward(f"clip@{d}")
+    assert len(str(e.value).splitlines()) == 1 and "config.json" in str(e.value)
+
+
+def test_missing_tokenizer_is_refused_not_a_two_token_one(tiny_clip_dir, tmp_path):
+    d = _copy(tiny_clip_dir, tmp_path)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # tokenizer_config.json stays: transformers alone
+        if (d / name).exists():                                    # would build a 2-token tokenizer from it
+            (d / name).unlink()
+    with pytest.raises(NoiseSearchError, match="lacks the tokenizer files"):
+        make_reward(f"clip@{d}")
+
+
+def test_loaded_for_scoring_without_gradients(reward):
+    assert not any(p.requires_grad for p in reward.model.parameters())
+    with torch.enable_grad():
+        assert not reward(images(2), ["a cat", "a dog"]).requires_grad
+
+
+@pytest.mark.parametrize("section, change, message", [
+    ("vision_config", {"num_hidden_layers": 3}, "do not match its config: .*missing"),
+    ("vision_config", {"num_hidden_layers": 1}, "do not match its config: .*unexpected"),
+    ("text_config", {"intermediate_size": 40}, "do not match its config"),
+], ids=["more-layers", "fewer-layers", "misshaped"])
+def test_pytorch_bin_folder_is_checked_by_the_loading_report(tiny_clip_dir, tmp_path, section, change, message):
+    """Without safetensors headers to read, transformers' loading report decides, with the same strictness."""
+    from safetensors.torch import load_file
+
+    d = _copy(tiny_clip_dir, tmp_path)
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    make_reward(f"clip@{d}")  # as saved: loads
+    _set(d, section, **change)
+    with pytest.raises(NoiseSearchError, match=message) as e:
+        make_reward(f"clip@{d}")
+    assert len(str(e.value).splitlines()) == 1 and "above report" not in str(e.value)

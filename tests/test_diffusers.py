@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from noisesearch.budget import Budget  # noqa: E402
 from noisesearch.errors import NoiseSearchError  # noqa: E402
 from noisesearch.models import cond_index, cond_repeat, load_model  # noqa: E402
-from noisesearch.models.diffusers import DiffusersDenoiser  # noqa: E402
+from noisesearch.models.sd import DiffusersDenoiser  # noqa: E402
 from noisesearch.noise import NoiseSource  # noqa: E402
 from noisesearch.sampling.samplers import EulerAncestral  # noqa: E402
 
@@ -223,8 +223,8 @@ def test_not_a_pipeline_directory(tmp_path):
 
 
 def test_unsupported_pipeline_class(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0"}))
-    with pytest.raises(NoiseSearchError, match="FluxPipeline.*supported"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "_diffusers_version": "0.30.0"}))
+    with pytest.raises(NoiseSearchError, match="KandinskyPipeline.*supported"):
         load_model(str(tmp_path))
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from noisesearch import api
+from noisesearch.api.pool import generate_pool
 from noisesearch.budget import largest_affordable
 from noisesearch.errors import BudgetError, NoiseSearchError
-from noisesearch.pools.generate import generate_pool
 from noisesearch.pruning import PruneSchedule, keep_count, pruned_run_counts, realised_cost, starts_for_budget
 from noisesearch.simulate.engine import Replay
 from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
@@ -137,10 +137,10 @@ def test_errors(tmp_path, na_dir, monkeypatch, capsys):
     with pytest.raises(NoiseSearchError, match="out of range"):
         api.generate(model="digits", prompts=["5"], reward="digit", strategy="ttsp", budget_nfe=100, steps=STEPS,
                      guidance=0, evaluate=False, strategy_options=dict(prune_steps=(7,), keep=(0.5,)))
-    monkeypatch.chdir(tmp_path)  # no rewards/digit-noise-aware here
-    with pytest.raises(NoiseSearchError, match="--prune-reward"):
-        api.generate(model="digits", prompts=["5"], reward="digit", strategy="ttsnap", budget_nfe=100, steps=STEPS,
-                     guidance=0, evaluate=False)
+    monkeypatch.chdir(tmp_path)  # the strategy reads no files: without --prune-reward it prunes with the reward
+    run = api.generate(model="digits", prompts=["5"], reward="digit", strategy="ttsnap", budget_nfe=100, steps=STEPS,
+                       guidance=0, evaluate=False, strategy_options=dict(prune_steps=(2,), keep=(0.5,)))
+    assert run.report["strategy_info"]["prune_reward_noise_aware"] is False
     from noisesearch.cli import main
 
     base = ["generate", "--model", "digits", "--guidance", "0", "--prompt", "3", "--reward", "digit", "--steps",

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from noisesearch.api.pool import generate_pool
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pools.generate import generate_pool
 from noisesearch.rewards import make_reward, score
 from noisesearch.rewards.noise_aware import NoiseAwareReward, load_noise_aware, load_stage
 from noisesearch.train.noise_aware import TrainConfig, spearman_per_prompt, topk_recall, train_noise_aware
@@ -183,3 +183,90 @@ def test_noise_aware_reward_in_generate_is_the_final_reward(trained):
     base = api.generate(model="digits", prompts=["4"], guidance=0, reward="digit", strategy="best-of-n",
                         budget_nfe=12, steps=6, seed=0, evaluate=False)
     assert run.report["reward_mean"] == pytest.approx(base.report["reward_mean"])
+
+
+# ---- identity, locks, gradients, streaming ---------------------------------------------------------------
+def _copy_dir(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_stage_file_copied_over_another_is_refused(trained, tmp_path, capsys):
+    from noisesearch.cli import main
+
+    out, _ = trained
+    bad = _copy_dir(out, tmp_path / "swapped")
+    (bad / "stage_03.safetensors").write_bytes((bad / "stage_01.safetensors").read_bytes())  # checksum is its own
+    with pytest.raises(NoiseSearchError, match="holds the weights of step 1.*not of step 3"):
+        load_noise_aware(str(bad))
+    capsys.readouterr()
+    code = main(["generate", "--model", "digits", "--guidance", "0", "--prompt", "3", "--reward", "digit", "--steps", "6",
+                 "--strategy", "ttsnap", "--prune-reward", f"noise-aware@{bad}", "--prune-steps", "1,3", "--keep", "0.5,0.5",
+                 "--budget-nfe", "60", "--out", str(tmp_path / "g"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not of step 3" in err and len(err.strip().splitlines()) == 1
+    # the rerun of the training refuses it too (instead of keeping it as a finished stage)
+    (bad / "noise_aware.json").unlink()
+    with pytest.raises(NoiseSearchError, match="not of step 3"):
+        train_noise_aware(_pool_of(trained), bad, TrainConfig(steps=(1, 3), **CFG), log=lambda *a: None)
+
+
+def _pool_of(trained):
+    import json
+
+    out, _ = trained
+    return json.loads((out / "noise_aware.json").read_text())["pool"]
+
+
+def test_a_stage_of_another_training_run_is_refused(pool_dir, trained, tmp_path):
+    out, _ = trained
+    other = tmp_path / "other"
+    train_noise_aware(pool_dir, other, TrainConfig(steps=(1, 3), **{**CFG, "seed": 5}), log=lambda *a: None)
+    bad = _copy_dir(out, tmp_path / "mixed")
+    (bad / "stage_03.safetensors").write_bytes((other / "stage_03.safetensors").read_bytes())
+    with pytest.raises(NoiseSearchError, match="another training run"):
+        load_noise_aware(str(bad))
+
+
+def test_two_trainings_into_one_folder_are_refused(pool_dir, tmp_path):
+    from noisesearch.io import output_lock
+
+    with output_lock(tmp_path / "r", "another run"):
+        with pytest.raises(NoiseSearchError, match="in use by another run"):
+            train_noise_aware(pool_dir, tmp_path / "r", TrainConfig(steps=(3,), **CFG), log=lambda *a: None)
+
+
+def test_training_turns_gradients_on_for_a_reward_loaded_without_them(pool_dir, tmp_path, monkeypatch):
+    import noisesearch.train.noise_aware as na
+
+    def frozen(spec, device="cpu"):
+        r = make_reward(spec, device=device)
+        r.module.requires_grad_(False)  # as the reward loaders hand rewards out for scoring
+        return r
+
+    monkeypatch.setattr(na, "make_reward", frozen)
+    m = train_noise_aware(pool_dir, tmp_path / "r", TrainConfig(steps=(3,), **{**CFG, "iters": 20, "lr": 2e-3}),
+                          log=lambda *a: None)
+    tensors = load_stage(tmp_path / "r" / "stage_03.safetensors")
+    base = make_reward("digit").module.state_dict()
+    assert any(not torch.equal(tensors[k], base[k]) for k in base)
+    assert m["stages"][0]["loss_last"] < m["stages"][0]["loss_first"]
+
+
+def test_training_data_is_read_from_the_stored_images(pool_dir):
+    from noisesearch.pools import PoolImages, load_pool, load_pool_images
+    from noisesearch.train.pool_data import EstimateDataset
+
+    pool = load_pool(pool_dir)
+    images = load_pool_images(pool_dir)
+    data = EstimateDataset(pool, PoolImages(pool_dir, pool, max_open=2), "digit", 0.25)
+    assert len(data) == int(np.prod(pool.shape))
+    x, y, prompt = data[int(np.ravel_multi_index((3, 5, 2), pool.shape))]
+    assert torch.equal(x, torch.from_numpy(images[3, 5, 2]).float() / 255)
+    assert y == pytest.approx(pool.rewards["digit"][3, 5, -1]) and prompt == pool.prompts[3]
+    rows_p, rows_c, steps = np.array([9, 0, 4]), np.array([1, 7, 2]), np.array([5, 0, 3])
+    xb, yb, prompts = data.batch(rows_p, rows_c, steps, "cpu")
+    assert torch.equal(xb, torch.from_numpy(images[rows_p, rows_c, steps]).float() / 255)
+    assert prompts == [pool.prompts[i] for i in rows_p]

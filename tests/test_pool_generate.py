@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from noisesearch.api import pool as gen
+from noisesearch.api.pool import generate_pool
 from noisesearch.errors import NoiseSearchError
 from noisesearch.noise import CandidateNoise
-from noisesearch.pools import generate as gen
 from noisesearch.pools import load_pool
-from noisesearch.pools.generate import generate_pool, load_pool_images, step_layout
+from noisesearch.pools.images import load_pool_images
+from noisesearch.sampling.samplers import step_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -211,3 +213,116 @@ def test_step_layout_of_heun_counts_uneven_nfes(digits):
     lay = step_layout(s)
     assert lay["state_steps"][-1] == 6 and lay["nfe_at_step"][-1] == s.nfe_per_trajectory
     assert all(b > a for a, b in zip(lay["nfe_at_step"], lay["nfe_at_step"][1:]))
+
+
+# ---- stored estimates: compressed, checked, streamed ----------------------------------------------------
+def _toy(size: int = 48):
+    """A two-point toy denoiser with RGB estimates of ``size`` x ``size`` (and the brightness reward)."""
+    from noisesearch.models.toy import PointMixtureDenoiser
+    from noisesearch.rewards.simple import Brightness
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 2, 2, generator=g), size=(size, size), mode="bilinear")
+    return PointMixtureDenoiser(smooth * 2 - 1), Brightness()
+
+
+@pytest.mark.parametrize("size", [4, 48])  # 3x4x4: one strip per candidate; 3x48x48: one member per estimate
+def test_saved_images_are_png_by_default_and_read_one_at_a_time(tmp_path, size):
+    import zipfile
+
+    from noisesearch.pools import PoolImages
+
+    den, reward = _toy(size)
+    pool = generate_pool(den, [reward], ["0", "1"], 3, tmp_path / "png", steps=4, save_images=True)
+    fmt = pool.extra["images_format"]
+    assert fmt["codec"] == "png" and fmt["shape"] == [3, size, size]
+    assert fmt["layout"] == ("strip" if size == 4 else "image")
+    assert not (tmp_path / "png" / "images.npz").exists()
+    with zipfile.ZipFile(tmp_path / "png" / "images" / "prompt_000001.zip") as z:
+        names = z.namelist()
+    assert "meta.json" in names and all(n.endswith(".png") for n in names if n != "meta.json")
+    images = load_pool_images(tmp_path / "png")
+    assert images.shape == (2, 3, 4, 3, size, size) and images.dtype == np.uint8
+    # lossless: the final estimates are the images the rewards scored, to the grey level
+    from noisesearch.rewards.base import score
+
+    finals = torch.from_numpy(images[:, :, -1]).float() / 255
+    np.testing.assert_allclose(score(reward, finals.flatten(0, 1), ["0"] * 6).view(2, 3).numpy(),
+                               pool.rewards[pool.reward_names[0]][:, :, -1], atol=1 / 255)
+    reader = PoolImages(tmp_path / "png", load_pool(tmp_path / "png"), max_open=1)
+    assert np.array_equal(reader.get(1, 2, 3), images[1, 2, 3])
+    assert np.array_equal(reader.batch([0, 1, 0], [2, 0, 1], [0, 3, 2]), images[[0, 1, 0], [2, 0, 1], [0, 3, 2]])
+    reader.close()
+    # lossy WebP: estimates within a few grey levels on 48x48 (chroma subsampling blurs the colours of
+    # tiny images more: use png for those)
+    generate_pool(den, [reward], ["0", "1"], 3, tmp_path / "webp", steps=4, save_images=True, image_format="webp")
+    lossy = load_pool_images(tmp_path / "webp")
+    assert lossy.shape == images.shape and np.abs(lossy.astype(int) - images.astype(int)).mean() < (4 if size > 8 else 16)
+    with pytest.raises(NoiseSearchError, match="webp"):
+        generate_pool(den, [reward], ["0"], 3, tmp_path / "bad", steps=4, save_images=True, image_format="jpeg")
+
+
+def test_pool_states_its_disk_estimate_and_refuses_when_short(tmp_path, capsys, monkeypatch):
+    from noisesearch import io
+    from noisesearch.cli import main
+
+    args = ["pool", "--model", "digits", "--guidance", "0", "--reward", "digit", "--prompts", "0,1",
+            "--candidates", "4", "--steps", "6", "--device", "cpu", "--no-progress", "--save-images"]
+    assert main(args + ["--out", str(tmp_path / "ok")]) == 0
+    err = capsys.readouterr().err
+    assert "pool: about" in err and "estimates x" in err and "free" in err  # said before the work
+    monkeypatch.setattr(io, "free_bytes", lambda folder: 1000)
+    assert main(args + ["--out", str(tmp_path / "short")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "needs about" in err[-1] and "free" in err[-1]
+    assert not list((tmp_path / "short").glob("parts/prompt_*.npz"))  # refused before any prompt
+
+
+def test_a_part_copied_over_another_prompts_part_is_refused(digits, tmp_path):
+    import shutil
+
+    den, reward = digits
+    out = tmp_path / "p"
+    kw = dict(steps=4, save_images=True)
+    assert generate_pool(den, [reward], PROMPTS, 3, out, max_prompts=2, **kw) is None
+    shutil.copy(out / "parts" / "prompt_000000.npz", out / "parts" / "prompt_000001.npz")
+    with pytest.raises(NoiseSearchError, match=r"holds prompt 0 \('3'\), not prompt 1 \('7'\)"):
+        generate_pool(den, [reward], PROMPTS, 3, out, **kw)
+    # the images of another prompt are refused too
+    (out / "parts" / "prompt_000001.npz").unlink()
+    assert generate_pool(den, [reward], PROMPTS, 3, out, max_prompts=1, **kw) is None
+    shutil.copy(out / "images" / "prompt_000000.zip", out / "images" / "prompt_000001.zip")
+    with pytest.raises(NoiseSearchError, match="images of prompt 0"):
+        generate_pool(den, [reward], PROMPTS, 3, out, **kw)
+
+
+def test_two_runs_into_one_pool_folder_are_refused(digits, tmp_path):
+    from noisesearch.io import output_lock
+
+    den, reward = digits
+    with output_lock(tmp_path / "p", "another run"):
+        with pytest.raises(NoiseSearchError, match="in use by another run"):
+            generate_pool(den, [reward], PROMPTS, 3, tmp_path / "p", steps=4)
+    assert generate_pool(den, [reward], PROMPTS, 3, tmp_path / "p", steps=4).shape == (3, 3, 4)
+
+
+def test_pools_with_the_old_single_array_of_images_still_train(digits, tmp_path):
+    """Pools written before the per-prompt image files hold one ``images.npz``: still read."""
+    import io
+    import shutil
+
+    from noisesearch.pools import PoolImages
+
+    den, reward = digits
+    out = tmp_path / "old"
+    generate_pool(den, [reward], PROMPTS, 3, out, steps=4, save_images=True)
+    images = load_pool_images(out)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images)
+    (out / "images.npz").write_bytes(buf.getvalue())
+    shutil.rmtree(out / "images")
+    m = json.loads((out / "pool.json").read_text())
+    m["extra"]["images"], m["extra"]["images_format"] = "images.npz", "uint8 [P, N, S, C, H, W]"
+    (out / "pool.json").write_text(json.dumps(m))
+    assert np.array_equal(load_pool_images(out), images)
+    assert np.array_equal(PoolImages(out, load_pool(out)).get(2, 1, 3), images[2, 1, 3])

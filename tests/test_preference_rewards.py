@@ -97,7 +97,7 @@ def test_hps_config_and_checkpoint_variants(rewards, tmp_path):
     # without open_clip_config.json the model is ViT-H-14: the tiny checkpoint does not fit
     (d / "HPS_v2_compressed.pt").unlink()
     (d / "open_clip_config.json").unlink()
-    with pytest.raises(NoiseSearchError, match="does not fit"):
+    with pytest.raises(NoiseSearchError, match="do not match ViT-H-14"):
         make_reward(f"hps@{d}")
 
 
@@ -123,6 +123,8 @@ def test_differentiable_through_module_only(rewards, name):
     import copy
 
     r = copy.deepcopy(rewards[name])
+    assert not any(p.requires_grad for p in r.module.parameters())  # loaded for scoring: gradients off
+    r.module.requires_grad_(True)  # as train-reward does to fine-tune
     x = torch.rand(2, 3, 20, 28, generator=torch.Generator().manual_seed(1))
     with torch.enable_grad():
         out = r(x, ["a cat", "a dog"])
@@ -213,13 +215,23 @@ def test_generate_eval_reward_writes_the_extra_scores(tmp_path, capsys):
     assert code == 0
     assert "eval[" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert set(report["eval_rewards"]) == {hps, pick, "brightness"}
+    assert set(report["eval_rewards"]) - {"judge"} == {hps, pick, "brightness"}  # the digits judge is an eval reward too
     images = torch.from_numpy(np.load(out / "images.npy"))
     prompts = [s["prompt"] for s in report["samples"]]
     for spec in (hps, pick):
         want = score(make_reward(spec), images, prompts)
         got = torch.tensor([s["eval_rewards"][spec] for s in report["samples"]])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert report["eval_rewards"][spec]["mean"] == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+        assert report["eval_rewards"][spec]["mean"] == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-5)
         assert report["eval_rewards"][spec]["flops_per_image"] > 0
     assert "judge_accuracy" in report  # the digits judge still runs
+
+
+def test_official_aesthetic_head_name_with_plus_signs(rewards, tmp_path):
+    """``aesthetic@DIR/sac+logos+ava1-l14-linearMSE.pth``: the path is taken literally (no '+' split)."""
+    d = tmp_path / "aesthetic"
+    shutil.copytree(FIXTURES / "aesthetic", d)
+    (d / "tiny-linearMSE.pth").rename(d / "sac+logos+ava1-l14-linearMSE.pth")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    for spec in (f"aesthetic@{d / 'sac+logos+ava1-l14-linearMSE.pth'}", f"aesthetic@{d}"):
+        torch.testing.assert_close(score(make_reward(spec), x, ["a", "b"]), score(rewards["aesthetic"], x, ["a", "b"]))

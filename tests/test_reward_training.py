@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from noisesearch.api.pool import generate_pool  # noqa: E402
 from noisesearch.pools import load_pool  # noqa: E402
-from noisesearch.pools.generate import generate_pool  # noqa: E402
 from noisesearch.rewards import make_reward, score  # noqa: E402
 from noisesearch.rewards.noise_aware import NoiseAwareReward, load_stage  # noqa: E402
 
@@ -63,8 +63,8 @@ def test_train_reward_end_to_end(tmp_path_factory, name, lora, capsys):
 def test_step_conditioning_is_the_identity_at_init_and_trains(tmp_path_factory):
     import copy
 
+    from noisesearch.rewards.step_conditioning import StepConditioned, set_condition
     from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
-    from noisesearch.train.step_conditioning import StepConditioned, set_condition
 
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     prompts = list("0123")
@@ -93,3 +93,26 @@ def test_step_conditioning_is_the_identity_at_init_and_trains(tmp_path_factory):
     ref.module.load_state_dict(load_stage(out / m["step_conditioning"]["final_file"]))
     set_condition(ref.module, m["sigmas"][1])
     torch.testing.assert_close(s1.cpu(), score(ref, x, prompts), rtol=1e-5, atol=1e-5)
+
+
+def test_train_reward_takes_the_spec_the_pool_was_made_with(tmp_path_factory, capsys):
+    """``--reward hps@DIR`` names the same reward in ``pool`` and ``train-reward`` (the pool's key
+    ``hps_...`` works too, and a relative spelling of the folder as well)."""
+    import os
+
+    from noisesearch.cli import main
+
+    pool, spec, key = _pool(tmp_path_factory, "hps")
+    assert key != spec
+    common = ["--pool", str(pool), "--steps", "2", "--iters", "2", "--batch-size", "8", "--holdout", "0.3",
+              "--no-gate", "--no-progress", "--threads", "1"]
+    outs = []
+    for i, name in enumerate([spec, f"hps@{os.path.relpath(FIXTURES / 'hps')}", key]):
+        out = tmp_path_factory.mktemp(f"na_spec{i}") / "reward"
+        assert main(["train-reward", "--reward", name, "--out", str(out)] + common) == 0, capsys.readouterr().err
+        outs.append(json.loads((out / "noise_aware.json").read_text()))
+    assert all(m["pool_reward"] == key and m["base_reward"] == spec for m in outs)
+    assert outs[0]["digest"] == outs[1]["digest"] == outs[2]["digest"]  # the same run, however it is named
+    capsys.readouterr()
+    assert main(["train-reward", "--reward", "hps@/nowhere", "--out", str(tmp_path_factory.mktemp("x") / "r")] + common) == 2
+    assert "no reward 'hps@/nowhere'" in capsys.readouterr().err

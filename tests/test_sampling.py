@@ -71,7 +71,7 @@ def test_deterministic_euler_ignores_noise_and_heun_costs_edm_2n_minus_1():
     h = HeunChurn(d, 10, s_churn=0.0)
     assert h.nfe_per_trajectory == 2 * 10 - 1  # EDM: the start call is reused by the first step
     g = streams(32, d, seed=1)
-    st = h.rollout(h.start(d.encode(["0"] * 32), g.normal(torch.arange(32))), g)
+    h.rollout(h.start(d.encode(["0"] * 32), g.normal(torch.arange(32))), g)
     assert d.calls == 32 * h.nfe_per_trajectory
 
 
@@ -147,3 +147,23 @@ def test_sampler_charges_the_budget_before_calling_the_network():
     with pytest.raises(BudgetError):
         s.rollout(st, g)
     assert int(b.nfe.max()) <= 5 and d.calls == int(b.nfe.sum())
+
+
+def test_draws_do_not_depend_on_row_order():
+    # row r gets the next draw of its search's stream, whether the rows are grouped by search or not
+    keys = [(0, 0), (1, 0), (2, 0)]
+    grouped = NoiseSource(5, (2,), keys).normal(torch.tensor([0, 0, 1, 2, 2, 2]))
+    mixed = NoiseSource(5, (2,), keys).normal(torch.tensor([2, 0, 2, 1, 0, 2]))
+    # stream 0's two draws, stream 1's one, stream 2's three, in row order within each stream
+    assert torch.equal(mixed[[1, 4]], grouped[[0, 1]]) and torch.equal(mixed[3], grouped[2])
+    assert torch.equal(mixed[[0, 2, 5]], grouped[[3, 4, 5]])
+
+
+def test_noise_steps_follow_the_schedule():
+    from noisesearch.sampling.schedules import vp_sigmas
+
+    d = PointMixtureDenoiser(torch.zeros(2, 1, 2, 2))
+    s = EulerAncestral(d, 8)
+    assert s.noise_steps() == [i for i in range(8) if s.uses_noise(i)] == list(range(7))
+    s.sigmas = vp_sigmas(8, float(s.sigmas[0]))  # another schedule: worked out again
+    assert s.noise_steps() == [i for i in range(8) if s.uses_noise(i)]

@@ -40,6 +40,12 @@ CASES = [
     ("smc", {"potential": "max", "resampling": "multinomial"}),
     ("ttsp", {}),
     ("ttsnap", {"prune_reward": "toy-mode"}),
+    ("evo", {}),
+    ("rbf", {}),
+    ("rbf", {"interpolant": "vp"}),
+    ("dts", {}),
+    ("dts", {"selection": "greedy"}),
+    ("auto", {}),  # the name stands for a PruneModeReward object (see `run`)
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in CASES]
 
@@ -88,11 +94,19 @@ def make_problem(nfe=None, flops=None, seed=0, sampler="euler-ancestral", n=P, t
                          steps=STEPS, sampler=sampler, seed=seed, max_batch=max_batch)
 
 
+def strategy(name, opts):
+    """``make_strategy`` with the prune reward named ``toy-mode`` passed as the object it names
+    (strategies take Reward objects; names are resolved in build.py)."""
+    if opts.get("prune_reward") == "toy-mode":
+        opts = {**opts, "prune_reward": PruneModeReward(toy_denoiser())}
+    return make_strategy(name, **opts)
+
+
 def run(name, opts, **kw):
     """A problem (see ``make_problem``) and the result of strategy ``name`` on it."""
     problem = make_problem(**kw)
     with torch.no_grad():
-        result = make_strategy(name, **opts).search(problem)
+        result = strategy(name, opts).search(problem)
     return problem, result
 
 
@@ -110,7 +124,7 @@ def test_plan_equals_spend(name, opts, decode, kind):
     problem, result = run(name, opts, n=6, decode=decode, **limits)
     b, plan = problem.budget, result.info["planned_per_sample"]
     spent = {"nfe": b.nfe.tolist(), "calls": b.reward_calls.tolist(), "flops": b.flops.tolist()}
-    if name == "mcts":
+    if name in ("mcts", "dts"):  # their plan is a bound (a rollout from a deeper node costs less)
         assert max(spent["nfe"]) <= plan["nfe"] and max(spent["calls"]) <= plan["reward_calls"]
     else:
         assert spent["nfe"] == [plan["nfe"]] * 6 and spent["calls"] == [plan["reward_calls"]] * 6
@@ -182,13 +196,16 @@ def test_improves_over_naive_on_known_answer(name, opts):
 def test_budget_below_one_trajectory_raises(name, opts):
     problem = make_problem(nfe=STEPS - 1)
     with pytest.raises(BudgetError) as err:
-        make_strategy(name, **opts).search(problem)
+        strategy(name, opts).search(problem)
     assert isinstance(err.value, NoiseSearchError) and "budget" in str(err.value)
     assert int(problem.budget.nfe.max()) == 0  # refused before spending anything
 
 
-@pytest.mark.parametrize("name,opts", [("eps-greedy", {"iterations": 5}), ("beam", {"beams": 4}), ("mcts", {"simulations": 3}), ("smc", {"particles": 20})])
+@pytest.mark.parametrize("name,opts", [("eps-greedy", {"iterations": 5, "n_candidates": 4, "score_every": 1}),
+                                       ("beam", {"beams": 4, "n_candidates": 4, "score_every": 1}),
+                                       ("mcts", {"simulations": 3, "score_every": 1}), ("smc", {"particles": 20})])
 def test_explicit_size_over_budget_raises_before_spending(name, opts):
+    # every knob fixed by the user: nothing left for the sizer to shrink
     problem = make_problem(nfe=150)
     with pytest.raises(BudgetError, match="budget too small"):
         make_strategy(name, **opts).search(problem)
@@ -225,7 +242,7 @@ def test_eps_greedy_elitist_never_worse_than_first_iteration():
 
 def test_eps_greedy_options_validated():
     problem = make_problem(nfe=100)
-    for opts in ({"eps": 1.5}, {"n_candidates": 0}, {"sigma_window": (1.0,)}, {"radius": -1.0}):
+    for opts in ({"eps": 1.5}, {"n_candidates": -1}, {"score_every": -1}, {"sigma_window": (1.0,)}, {"radius": -1.0}):
         with pytest.raises(NoiseSearchError):
             make_strategy("eps-greedy", **opts).search(problem)
     with pytest.raises(NoiseSearchError):
@@ -243,7 +260,7 @@ def test_comparative_reward_does_not_depend_on_max_batch(name, opts):
         problem = make_problem(nfe=200, n=10, max_batch=max_batch)
         problem.reward = RankSum([problem.reward, PruneModeReward(problem.denoiser)])
         problem.budget.cost = problem.budget.cost.__class__(10.0, problem.reward.flops_per_image, 0.0)
-        res = make_strategy(name, **opts).search(problem)
+        res = strategy(name, opts).search(problem)
         chosen.append(res)
     for other in chosen[1:]:
         assert torch.allclose(other.x0, chosen[0].x0, atol=1e-5)
@@ -262,13 +279,13 @@ def test_no_reward_calls_without_a_choice(name, opts):
     # one candidate per decision: nothing to choose, so only the final images are scored, and the
     # result is exactly the run that scores everything (same noise draws)
     problem = make_problem(nfe=100, n=8)
-    result = make_strategy(name, **opts).search(problem)
+    result = strategy(name, opts).search(problem)
     keep = opts.get("beams", 1)
     assert problem.budget.reward_calls.tolist() == [keep] * 8
     assert problem.budget.nfe.tolist() == [STEPS * keep] * 8
     # with FLOPs budgets the saved reward calls buy nothing here, but are not charged either
     problem2 = make_problem(flops=float(STEPS * keep * 10 + keep * 3), n=8)
-    result2 = make_strategy(name, **opts).search(problem2)
+    result2 = strategy(name, opts).search(problem2)
     assert torch.equal(result.x0, result2.x0)
     assert float(problem2.budget.flops.max()) == STEPS * keep * 10 + keep * 3
 
@@ -296,7 +313,8 @@ def test_api_records_params_and_info(tmp_path):
     api.save_run(run_, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["params"]["radius"] == 0.3 and report["params"]["elitist"] is True
-    assert report["params"]["eps"] == 0.4 and report["params"]["n_candidates"] == 4
+    assert report["params"]["eps"] == 0.4 and report["params"]["n_candidates"] == 0  # 0: chosen with the size
+    assert report["strategy_info"]["configuration"] == {"n_candidates": 4, "score_every": 1}
     assert report["strategy_info"]["iterations_total"] == 2 * 11 + 2 and report["nfe_max"] <= 100
 
 

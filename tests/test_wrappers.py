@@ -161,3 +161,203 @@ def test_wrappers_keep_float32():
     assert d(x, torch.tensor([1.0, 2.0])).dtype == torch.float32
     f = FlowDenoiser(lambda x_t, t, c: torch.zeros_like(x_t))
     assert f(x, torch.tensor([1.0, 2.0])).dtype == torch.float32
+
+
+# ---- network_denoiser: every declared parametrisation maps to the same exact x0 -------------------
+
+from noisesearch.errors import NoiseSearchError  # noqa: E402
+from noisesearch.models.wrappers import (  # noqa: E402
+    EDM,
+    VE,
+    VPSDE,
+    DiscreteVP,
+    NetworkDenoiser,
+    RectifiedFlow,
+    network_denoiser,
+)
+
+LINEAR = dict(beta_min=0.1, beta_max=20.0)
+
+
+def frame_of(process_kind, t_in):
+    """(alpha, std) of the network's frame x_t = alpha x0 + std eps from its time input, written out
+    independently of the wrappers."""
+    t = t_in.double().view(-1, 1, 1, 1)
+    if process_kind == "discrete":
+        assert torch.allclose(t, t.round(), atol=1e-6), t
+        a = ALPHAS_CUMPROD[t.round().long().flatten()].view(-1, 1, 1, 1)
+        return a.sqrt(), (1 - a).sqrt()
+    if process_kind in ("vpsde", "vpsde-t"):
+        tt = t / 999 if process_kind == "vpsde" else t
+        big_b = 0.1 * tt + 0.5 * 19.9 * tt**2 if process_kind == "vpsde" else tt
+        return (-big_b / 2).exp(), (1 - (-big_b).exp()).sqrt()
+    if process_kind == "ve":
+        return torch.ones_like(t), t
+    if process_kind == "edm":
+        sigma = (4 * t).exp()
+        alpha = 1 / (sigma**2 + 0.25).sqrt()
+        return alpha, alpha * sigma
+    tt = t / 1000  # rectified flow with time_scale 1000
+    return 1 - tt, tt
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact prediction of type ``kind`` for x0 ~ N(MU, S^2) in the frame of ``process_kind``."""
+
+    def __init__(self, process_kind, kind):
+        super().__init__()
+        self.process_kind, self.kind = process_kind, kind
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))  # float64 placement
+
+    def forward(self, x_t, t_in):
+        alpha, std = frame_of(self.process_kind, t_in)
+        var = alpha**2 * S**2 + std**2
+        resid = x_t - alpha * MU
+        x0, eps = MU + alpha * S**2 * resid / var, std * resid / var
+        if self.kind == "eps":
+            return eps
+        if self.kind == "x0":
+            return x0
+        if self.kind == "score":
+            return -resid / var
+        if self.kind == "v":  # VP frames only: alpha^2 + std^2 = 1
+            return alpha * eps - std * x0
+        if self.kind == "velocity":
+            return eps - x0
+        sigma, sd = std / alpha, 0.5  # EDM's F = (x0 - c_skip x) / c_out
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        return (x0 - c_skip * x_t / alpha) / c_out
+
+
+PROCESSES = {
+    "discrete": lambda: DiscreteVP(ALPHAS_CUMPROD),
+    "vpsde": lambda: VPSDE(**LINEAR, time_scale=999),
+    "vpsde-t": lambda: VPSDE(int_beta=lambda t: t, t_min=1e-3, t_max=10.0),
+    "ve": lambda: VE(0.01, 100.0),
+    "edm": lambda: EDM(sigma_data=0.5),
+    "flow": lambda: RectifiedFlow(time_scale=1000.0),
+}
+CASES = [("discrete", k) for k in ("eps", "v", "x0", "score")] + [("vpsde", k) for k in ("eps", "v", "x0", "score")] + [
+    ("vpsde-t", "score"), ("vpsde-t", "eps"), ("ve", "eps"), ("ve", "x0"), ("ve", "score"), ("edm", "edm"),
+    ("edm", "eps"), ("edm", "score"), ("flow", "velocity"), ("flow", "eps"), ("flow", "x0")]
+
+
+@pytest.mark.parametrize("process_kind,kind", CASES)
+def test_network_denoiser_every_parametrisation_gives_the_exact_x0(process_kind, kind):
+    process = PROCESSES[process_kind]()
+    d = network_denoiser(GaussianOracle(process_kind, kind), kind, process, (2, 3, 3), flops_per_call=1.0)
+    if process_kind == "discrete":
+        sigma = process.schedule.sigmas[torch.tensor([0, 17, 250, 999])]
+    else:
+        sigma = torch.tensor([0.02, 0.4, 3.0, 60.0], dtype=torch.float64)
+    x = MU + S * torch.randn(4, 2, 3, 3, dtype=torch.float64) + sigma.view(-1, 1, 1, 1) * torch.randn(4, 2, 3, 3,
+                                                                                                     dtype=torch.float64)
+    torch.testing.assert_close(d(x, sigma, None), exact_x0(x, sigma), rtol=1e-8, atol=1e-8)
+
+
+def test_vpsde_time_maps_round_trip_and_bisection_matches_closed_form():
+    linear, custom = VPSDE(**LINEAR), VPSDE(int_beta=lambda t: 0.1 * t + 9.95 * t**2)
+    t = torch.tensor([1e-3, 0.01, 0.3, 0.77, 1.0, 1.5], dtype=torch.float64)  # 1.5: above t_max
+    sigma = linear.t_to_sigma(t)
+    torch.testing.assert_close(linear.sigma_to_t(sigma), t)
+    torch.testing.assert_close(custom.sigma_to_t(sigma), t, rtol=1e-10, atol=1e-12)
+    assert linear.sigma_max == pytest.approx(math.sqrt(math.exp(0.1 + 9.95) - 1))
+    galaxy = VPSDE(int_beta=lambda t: t, inverse_int_beta=lambda b: b, t_max=10.0)
+    assert galaxy.sigma_max == pytest.approx(math.sqrt(math.exp(10) - 1))  # about 148
+    assert float(galaxy.time(torch.tensor([galaxy.sigma_max]))) == pytest.approx(10.0)
+
+
+def test_score_adapter_is_the_galaxygrad_formula():
+    """x0 = x + (s^2 / a) score(a x, t), a = exp(-t/2), s^2 = 1 - exp(-t), for int_beta(t) = t."""
+    seen = {}
+
+    def net(x_t, t):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.full_like(x_t, 0.5)
+
+    d = network_denoiser(net, "score", VPSDE(int_beta=lambda t: t, t_max=10.0), (1, 2, 2), flops_per_call=1.0)
+    t = 2.0
+    sigma = torch.tensor([math.sqrt(math.exp(t) - 1)])
+    x = torch.full((1, 1, 2, 2), 3.0)
+    x0 = d(x, sigma, None)
+    a, s2 = math.exp(-t / 2), 1 - math.exp(-t)
+    torch.testing.assert_close(seen["x_t"], a * x)
+    assert float(seen["t"]) == pytest.approx(t, rel=1e-6)
+    torch.testing.assert_close(x0, x + s2 / a * 0.5)
+
+
+def test_network_denoiser_is_a_full_denoiser():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 8), torch.nn.Unflatten(1, (2, 2, 2))).eval()
+    d = NetworkDenoiser(lambda_net(net), "eps", EDM(), (2, 2, 2), name="tiny")
+    assert d.flops_per_call == 2 * 8 * 8  # counted: one 8x8 matmul per sample
+    assert d.name == "tiny" and not d.conditional and d.flops_per_decode == 0.0
+    assert d.sigma_min == 0.002 and d.sigma_max == 80.0 and d.parametrisation.startswith("eps / edm")
+    cond = d.encode(["anything", ""])
+    assert cond.shape[0] == 2
+    x0 = d(torch.randn(2, 2, 2, 2), torch.tensor([1.0, 2.0]), cond)
+    assert x0.shape == (2, 2, 2, 2) and x0.dtype == torch.float32
+    img = d.decode(torch.tensor([[[[-3.0, -1.0], [0.0, 1.0]]] * 2]))
+    assert float(img.min()) == 0.0 and float(img.max()) == 1.0
+
+
+def lambda_net(net):
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = net
+
+        def forward(self, x_t, t):
+            return self.inner(x_t)
+
+    return Wrapped()
+
+
+def test_network_denoiser_refuses_bad_declarations():
+    net = lambda_net(torch.nn.Identity())
+    with pytest.raises(NoiseSearchError, match="unknown prediction"):
+        network_denoiser(net, "noise-ish", EDM(), (1,), flops_per_call=1.0)
+    with pytest.raises(NoiseSearchError, match="RectifiedFlow"):
+        network_denoiser(net, "velocity", VPSDE(), (1,), flops_per_call=1.0)
+    with pytest.raises(NoiseSearchError, match="encode"):
+        network_denoiser(net, "eps", EDM(), (1,), conditional=True, flops_per_call=1.0)
+    with pytest.raises(NoiseSearchError, match="noise process"):
+        network_denoiser(net, "eps", "vp", (1,), flops_per_call=1.0)
+    with pytest.raises(NoiseSearchError, match="t_min"):
+        VPSDE(t_min=2.0, t_max=1.0)
+
+
+def test_conditional_network_gets_its_condition():
+    def net(x_t, t, cond):
+        return cond.view(-1, 1, 1) * torch.ones_like(x_t)
+
+    d = network_denoiser(net, "x0", VE(0.01, 10.0), (1, 2), conditional=True, flops_per_call=1.0,
+                         encode=lambda prompts: torch.tensor([float(p) for p in prompts]))
+    x0 = d(torch.zeros(2, 1, 2), torch.tensor([1.0, 1.0]), d.encode(["3", "5"]))
+    assert x0[:, 0, 0].tolist() == [3.0, 5.0]
+
+
+def test_network_denoiser_runs_a_search():
+    from noisesearch.api import generate
+
+    d = network_denoiser(GaussianOracle("vpsde", "eps"), "eps", VPSDE(**LINEAR, time_scale=999), (2, 3, 3),
+                         flops_per_call=1.0)
+    run = generate(model=d, prompts=["a"], reward="brightness", strategy="best-of-n", budget_nfe=40, steps=10,
+                   num_samples=2, seed=0, evaluate=False)
+    assert run.images.shape == (2, 2, 3, 3)
+    assert run.report["samples"][0]["nfe"] <= 40
+
+
+def test_byo_doc_snippets_run_in_order(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    doc = Path(__file__).resolve().parents[1] / "docs" / "byo.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)
+    assert namespace["galaxy_like"].sigma_max == pytest.approx(math.sqrt(math.exp(10) - 1))
+    assert namespace["run"].report["reward"] == "redness"
+    assert namespace["cond"].conditional and namespace["cond"].flops_per_call > 0

@@ -314,3 +314,16 @@ def tiny_lumina2_pipeline(directory: str | Path, seed: int = 0):
                            vae=_tiny_flow_vae(0.3611, 0.1159, blocks=4), text_encoder=gemma, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_ddpm_pipeline(seed: int = 0):
+    """A random unconditional DDPMPipeline on 3x16x16 images (UNet2DModel with two levels)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

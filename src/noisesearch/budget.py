@@ -16,11 +16,17 @@ Plans: a strategy states what a size costs (a :class:`Cost` per search); :meth:`
 largest affordable size (the one sizing function of the package, also used by the simulator through
 :func:`largest_affordable`), and :meth:`Budget.check_spent` verifies after the run that each search
 spent what was planned.
+
+A strategy with several knobs (candidates per decision, which steps are scored) offers several
+configurations (:class:`SizeOption`, each with its own cost function); :meth:`Budget.fit_options`
+picks one by a stated rule: among the configurations whose smallest size is affordable, the one whose
+smallest size uses the largest share of the budget (the nearest to the strategy's own configuration,
+which is the most expensive: it is listed first, and wins ties), then the largest affordable size of it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -69,6 +75,17 @@ class CostModel:
         """``n`` reward calls (of the problem's reward, or of one costing ``flops_per_image``), decode included."""
         r = self.flops_per_reward if flops_per_image is None else float(flops_per_image)
         return Cost(reward_calls=int(n), flops=n * (r + self.flops_per_decode))
+
+
+@dataclass(frozen=True)
+class SizeOption:
+    """One configuration the sizer may choose: what a size costs, the smallest meaningful size, a size
+    the user fixed (None: fit it), and a cap on the fitted size (None: the budget alone decides)."""
+
+    cost_of: Callable[[int], Cost]
+    start: int = 1
+    fixed: int | None = None
+    cap: int | None = None
 
 
 def within(value: float, limit: float | None, nfe: bool = False) -> bool:
@@ -139,6 +156,34 @@ class Budget:
         if self.nfe_limit is None and first.flops <= 0:
             raise BudgetError("cannot size the search: the budget does not constrain any cost it incurs")
         return largest_affordable(lambda n: self.affords(cost_of(n)), start)
+
+    def share(self, cost: Cost) -> float:
+        """The largest fraction of a limit that spending ``cost`` on top of what is spent would use."""
+        used = self.spent_max()
+        parts = []
+        if self.nfe_limit is not None:
+            parts.append((used.nfe + cost.nfe) / self.nfe_limit)
+        if self.flops_limit is not None:
+            parts.append((used.flops + cost.flops) / self.flops_limit)
+        return max(parts)
+
+    def fit_options(self, options: Sequence[SizeOption], what: Callable[[int, int], str] | None = None) -> tuple[int, int]:
+        """(index, size) of the chosen configuration: among the options whose smallest size (``fixed``
+        or ``start``) is affordable, the one whose smallest size uses the largest share of the budget
+        (ties: the first listed), at its fixed size or its largest affordable size (at most ``cap``).
+        A clear BudgetError naming the cheapest option when none is affordable."""
+        smallest = [o.fixed or o.start for o in options]
+        costs = [o.cost_of(n) for o, n in zip(options, smallest)]
+        affordable = [i for i, c in enumerate(costs) if self.affords(c)]
+        if not affordable:
+            cheapest = min(range(len(options)), key=lambda i: (self.share(costs[i]), i))
+            self.require(costs[cheapest], what(cheapest, smallest[cheapest]) if what else f"size {smallest[cheapest]}")
+        best = max(affordable, key=lambda i: (self.share(costs[i]), -i))
+        option = options[best]
+        if option.fixed:
+            return best, option.fixed
+        size = self.fit(option.cost_of, option.start, (lambda n: what(best, n)) if what else None)
+        return best, size if option.cap is None else max(1, min(size, option.cap))
 
     def require(self, cost: Cost, what: str) -> None:
         """Raise a clear BudgetError if one search cannot afford ``cost``."""

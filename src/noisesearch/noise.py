@@ -73,10 +73,12 @@ def _by_stream(owner: torch.Tensor, streams: Sequence[Stream], dtype=torch.float
     owner = owner.detach().cpu().long()
     if owner.numel() == 0:
         raise ValueError("no rows to draw for")
-    order = torch.argsort(owner, stable=True)
-    ids, counts = torch.unique_consecutive(owner[order], return_counts=True)
-    z = torch.cat([streams[o].take(c) for o, c in zip(ids.tolist(), counts.tolist())]).to(dtype)
-    if bool((order[1:] > order[:-1]).all()):  # already grouped by stream
+    grouped = owner.numel() == 1 or bool((owner[1:] >= owner[:-1]).all())
+    order = None if grouped else torch.argsort(owner, stable=True)
+    ids, counts = torch.unique_consecutive(owner if grouped else owner[order], return_counts=True)
+    parts = [streams[o].take(c) for o, c in zip(ids.tolist(), counts.tolist())]
+    z = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)
+    if grouped:
         return z
     out = torch.empty_like(z)
     out[order] = z

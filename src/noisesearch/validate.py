@@ -21,7 +21,9 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from noisesearch.config import load_config_file
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import read_text_limited
 
 # the largest budget in network evaluations per sample accepted anywhere (a FLUX sample at 50 steps is
 # 50 NFEs; ten million is far past any useful search and keeps plans and arrays bounded)
@@ -142,8 +144,6 @@ def output_dir(path, command: str, markers: Iterable[str] = (), flag: str = "--o
     cfg = path / "config.yaml"
     if cfg.is_file():
         try:
-            from noisesearch.cli.config import load_config_file
-
             owner = load_config_file(cfg).get("command")
         except NoiseSearchError:
             owner = None
@@ -166,13 +166,15 @@ def output_file(path, flag: str, command: str | None = None) -> Path | None:
     if path.is_dir() or str(path).endswith(os.sep):
         raise NoiseSearchError(f"{flag} {path} is a folder; give a file name, e.g. {Path(path) / 'out.json'}")
     _check_parent(path, flag)
+    if path.exists() and not path.is_file():  # a device (/dev/zero), FIFO or socket: never replaced
+        raise NoiseSearchError(f"{flag} {path} exists and is not a regular file; give a file name")
     if path.exists():
         if not os.access(path, os.W_OK):
             raise NoiseSearchError(f"{flag} {path}: the file is not writable; choose another path")
         if command and path.suffix == ".json":
             try:
-                old = json.loads(path.read_text())
-            except (OSError, ValueError, UnicodeDecodeError):
+                old = json.loads(read_text_limited(path, flag, max_bytes=64 * 2**20))  # bounded: not /dev/zero
+            except (NoiseSearchError, ValueError):
                 old = None
             if not (isinstance(old, dict) and old.get("command") == command):
                 raise NoiseSearchError(f"{flag} {path} exists and is not a '{command}' result; choose another file")

@@ -1,19 +1,30 @@
 """The high-level Python API: ``generate(...)`` runs one search end to end and ``save_run`` writes it.
 
-    from noisesearch import api
-    run = api.generate(model="digits", prompts=["3"], guidance=0, reward="digit",
-                       strategy="best-of-n", budget_nfe=360, num_samples=16, seed=0)
-    print(run.report["reward_mean"]); api.save_run(run, "runs/demo")
+    import noisesearch
+    run = noisesearch.generate(model="digits", prompts=["3"], guidance=0, reward="digit",
+                               strategy="best-of-n", budget_nfe=360, num_samples=16, seed=0)
+    print(run.report["reward_mean"]); noisesearch.save_run(run, "runs/demo")
 
 Everything is built from names (``model``, ``reward``, ``strategy``, ``sampler``) or from objects
-(a Denoiser, a Reward, a Strategy), so the same call works for the built-in digits model and for a
-diffusers pipeline. Randomness flows from ``seed`` through one noise source with a stream per
-search (``noisesearch.noise``): adding a prompt does not change the samples of the others.
+(a loaded diffusers pipeline, a Denoiser, a Reward, a plain function ``f(images, prompts) -> [B]``,
+a Strategy) in one place (:mod:`noisesearch.build`), so the same call works for the built-in digits
+model and for a pipeline already in memory. Randomness flows from ``seed`` through one noise source
+with a stream per search (``noisesearch.noise``): adding a prompt does not change the samples of the
+others.
+
+The steps of :func:`generate` are named functions over one :class:`GenerateConfig`:
+:func:`load_parts` (model, rewards, strategy), :func:`make_problem`, :func:`probe` (every reward scores
+a few decoded images before the search; the output folder's disk space is checked),
+:func:`run_search`, :func:`make_report` (with :func:`evaluate_rewards`) and :func:`save_run`.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 import platform
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +34,475 @@ import torch
 
 from noisesearch import __version__
 from noisesearch.budget import Budget
-from noisesearch.build import as_denoiser, as_reward, build_problem, expand_prompts  # noqa: F401 (re-export)
-from noisesearch.io import atomic_write_bytes, atomic_write_json, image_grid, save_png, to_pil
-from noisesearch.models.base import Denoiser
-from noisesearch.rewards.base import Reward, split_specs
-from noisesearch.search import Strategy, make_strategy
+from noisesearch.build import (  # noqa: F401 (as_denoiser, as_reward, expand_prompts: re-exported)
+    as_denoiser,
+    as_eval_rewards,
+    as_reward,
+    as_strategy,
+    build_problem,
+    expand_prompts,
+    probe_rewards,
+    resolve_prompts,
+)
+from noisesearch.errors import NoiseSearchError
+from noisesearch.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_disk, output_lock, save_png, to_pil
+from noisesearch.models.base import Denoiser, describe_denoiser
+from noisesearch.rewards.base import Reward, is_noise_aware, score
+from noisesearch.search import Strategy
+from noisesearch.validate import output_dir
 
 
 @dataclass
 class Run:
-    """A finished search: chosen images per sample and the report (what ``report.json`` holds)."""
+    """A finished search: chosen images per sample and the report (what ``report.json`` holds).
+    ``config``: the options of the run keyed as the CLI's flags (written as ``config.yaml``)."""
 
     images: torch.Tensor  # [P, C, H, W] in [0, 1]
     x0: torch.Tensor  # [P, *sample_shape] (latents for latent models)
     report: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+
+@dataclass
+class GenerateConfig:
+    """Everything :func:`generate` takes (its keyword arguments, with the same names and defaults).
+
+    ``model``: a name (``digits``, ``galaxygrad:hsc32``), a diffusers folder or hub name, a loaded
+    diffusers pipeline object or a Denoiser; ``model_options`` (``height``, ``width``, ``dtype``,
+    ``negative_prompt``, ``variant``, ``default_steps``, ``decode_batch``; for flow pipelines also
+    ``embedded_guidance``, ``offload``, ``vae_tiling``, ``negtome``) apply to names and objects alike.
+    ``guidance``/``device`` None: 1 and the CPU for names, an object's own for objects.
+    ``prompts``: optional for unconditional models (one empty prompt).
+    ``reward``: a spec, a Reward or a function; ``reward_flops`` declares or overrides its price per
+    image (an unpriced function costs 0 FLOPs: a FLOP budget then buys only network evaluations and
+    decodes). ``eval_rewards``: rewards not optimised that score the chosen samples after the search,
+    outside the budget (specs, a comma-separated string, Reward objects or functions); with
+    ``evaluate`` the model's own evaluation rewards (``denoiser.eval_rewards``, the digits judge) too.
+    ``strategy``: a name with ``strategy_options`` (``prune_reward`` by name, folder or function) or
+    a Strategy. ``max_batch`` rows per denoiser call, ``score_batch`` (default ``max_batch``) rows per
+    decode + reward call. ``shard=(rank, world)``: only the searches ``i % world == rank`` (see
+    :func:`merge_runs`). ``trace``: record the scored candidates for ``search.png``. ``out``: the run
+    folder: its disk space is checked before the search and, with ``save``, it is held
+    (``io.output_lock``) for the whole call and written by :func:`save_run`."""
+
+    model: Any = "digits"
+    prompts: Sequence[str] | str | None = None
+    reward: Any = "digit"
+    strategy: Any = "best-of-n"
+    budget_nfe: float | None = None
+    budget_flops: float | None = None
+    num_samples: int = 1
+    guidance: float | None = None
+    steps: int | None = None
+    sampler: str = "euler-ancestral"
+    seed: int = 0
+    device: str | None = None
+    max_batch: int = 512
+    strategy_options: dict[str, Any] | None = None
+    progress: bool = False
+    evaluate: bool = True
+    model_options: dict[str, Any] | None = None
+    shard: tuple[int, int] | None = None
+    score_batch: int | None = None
+    eval_rewards: Sequence[Any] | str = ()
+    trace: bool = False
+    reward_flops: float | None = None
+    out: str | Path | None = None
+    save: bool = True
+
+
+def generate(model: Any = "digits", prompts: Sequence[str] | str | None = None, reward: Any = "digit",
+             strategy: str | Strategy = "best-of-n", budget_nfe: float | None = None, budget_flops: float | None = None,
+             num_samples: int = 1, guidance: float | None = None, steps: int | None = None,
+             sampler: str = "euler-ancestral", seed: int = 0, device: str | None = None, max_batch: int = 512,
+             strategy_options: dict[str, Any] | None = None, progress: bool = False, evaluate: bool = True,
+             model_options: dict[str, Any] | None = None, shard: tuple[int, int] | None = None,
+             score_batch: int | None = None, eval_rewards: Sequence[Any] | str = (), trace: bool = False,
+             reward_flops: float | None = None, out: str | Path | None = None, save: bool = True) -> Run:
+    """Run one search (see the module docstring; every argument is described on
+    :class:`GenerateConfig`). Raises ``NoiseSearchError`` (one line) on bad input, before any search."""
+    return run_generate(GenerateConfig(**locals()))
+
+
+def run_generate(cfg: GenerateConfig) -> Run:
+    """:func:`generate` from a :class:`GenerateConfig`: the named steps in order."""
+    _check_shard(cfg)
+    hold = cfg.out is not None and cfg.save
+    if hold:  # new, empty or an earlier run's folder (checked before it is locked, which adds the lock files)
+        output_dir(Path(cfg.out), "generate", ["report.json"])
+    with output_lock(cfg.out, "noisesearch generate") if hold else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        parts = load_parts(cfg)
+        problem = make_problem(cfg, parts)
+        probe(cfg, parts, problem)
+        load_seconds = time.perf_counter() - t0
+        result, wall = run_search(parts.strategy, problem, cfg.progress)
+        run = make_run(cfg, parts, problem, result, wall, load_seconds)
+        if hold:
+            save_run(run, cfg.out)
+    return run
+
+
+def _check_shard(cfg: GenerateConfig) -> None:
+    if cfg.shard is None:
+        return
+    rank, world = (int(v) for v in cfg.shard)
+    if world < 1 or not 0 <= rank < world:
+        raise NoiseSearchError(f"shard=(rank, world) needs 0 <= rank < world, got {tuple(cfg.shard)}")
+
+
+@dataclass
+class Parts:
+    """What a run is made of, resolved from the config: objects only."""
+
+    strategy: Strategy
+    denoiser: Denoiser
+    reward: Reward
+    eval_rewards: list[tuple[str, Reward]]
+    prompts: list[str]
+
+
+def load_parts(cfg: GenerateConfig) -> Parts:
+    """The strategy (first: unknown names and options are refused before anything loads), the
+    denoiser, the rewards and the prompts."""
+    device = cfg.device
+    strat = as_strategy(cfg.strategy, cfg.strategy_options, device or "cpu")
+    denoiser = as_denoiser(cfg.model, device=device, guidance=cfg.guidance, options=cfg.model_options)
+    rdevice = device or str(getattr(denoiser, "device", "cpu") or "cpu")
+    prompts = resolve_prompts(cfg.prompts, denoiser)
+    reward = as_reward(cfg.reward, device=rdevice, flops_per_image=cfg.reward_flops)
+    specs = list(as_eval_rewards(cfg.eval_rewards, rdevice))
+    if cfg.evaluate:
+        specs += [(s, r) for s, r in as_eval_rewards(list(getattr(denoiser, "eval_rewards", ()) or ()), rdevice)
+                  if s not in dict(specs)]
+    return Parts(strat, denoiser, reward, specs, prompts)
+
+
+def make_problem(cfg: GenerateConfig, parts: Parts):
+    """The problem (budget, sampler, noise, prompts) of the searches this process runs; a run with
+    more processes than searches is refused."""
+    searches = shard_searches(cfg, len(parts.prompts))
+    problem = build_problem(parts.denoiser, parts.reward, parts.prompts, num_samples=cfg.num_samples,
+                            budget_nfe=cfg.budget_nfe, budget_flops=cfg.budget_flops, steps=cfg.steps,
+                            sampler=cfg.sampler, seed=cfg.seed, max_batch=cfg.max_batch, searches=searches,
+                            score_batch=cfg.score_batch)
+    if cfg.trace:
+        from noisesearch.search.trace import SearchTrace
+
+        problem.trace = SearchTrace(owners=set(range(0, len(problem.prompts), cfg.num_samples)))
+    return problem
+
+
+def shard_searches(cfg: GenerateConfig, num_prompts: int) -> list[int] | None:
+    """The global indices of the searches this process runs (None: all of them)."""
+    if cfg.shard is None:
+        return None
+    total = num_prompts * cfg.num_samples
+    rank, world = (int(v) for v in cfg.shard)
+    searches = list(range(rank, total, world))
+    if not searches:
+        raise NoiseSearchError(f"{world} processes for {total} searches: launch at most {total} processes")
+    return searches
+
+
+def probe(cfg: GenerateConfig, parts: Parts, problem) -> None:
+    """Before the search: the reward and every evaluation reward score a few decoded images (a NaN,
+    a failure or a wrong shape is refused now, not after the search), and the output folder has the
+    disk space the run will write."""
+    checks = [("--reward " + parts.reward.name, parts.reward)] if not is_noise_aware(parts.reward) else []
+    checks += [(f"--eval-reward {spec}", r) for spec, r in parts.eval_rewards]
+    images = probe_rewards(problem, checks)
+    if cfg.out is not None:
+        check_disk(cfg.out, run_bytes(images.shape[1:], problem.num_searches, cfg.trace), "the run's images and report")
+
+
+def run_bytes(image_shape: Sequence[int], num_images: int, trace: bool = False) -> float:
+    """About the bytes a run folder takes (an upper estimate): ``images.npy`` (float32), one PNG per
+    sample and the grids (at most raw size, upscaled to 64 px for tiny images), the report."""
+    raw = math.prod(image_shape)
+    cell = max(raw, 64 * 64 * 3)
+    grids = 2 if trace else 1
+    return num_images * (4 * raw + raw + grids * cell + 2048) + 2**20
+
+
+def run_search(strategy: Strategy, problem, progress: bool) -> tuple[Any, float]:
+    """The search itself (gradients off), with a progress display over the budget; (result, seconds)."""
+    bar = _Progress(problem.budget, progress, desc=f"{strategy.name}")
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            result = strategy.search(problem)
+    finally:
+        bar.close()
+    return result, time.perf_counter() - t0
+
+
+def make_run(cfg: GenerateConfig, parts: Parts, problem, result, wall: float, load_seconds: float) -> Run:
+    """Decode the chosen samples, write the report (evaluations included) and the config."""
+    images = parts.denoiser.decode(result.x0).float().cpu()
+    report = make_report(cfg, parts, problem, result, wall, load_seconds)
+    if parts.eval_rewards:
+        evaluate_rewards(report, images, problem.prompts, parts.eval_rewards)
+    extra = {"info": result.info}
+    if problem.trace is not None:
+        extra["trace"] = problem.trace
+    return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra=extra, config=run_config_dict(cfg, parts))
+
+
+def _samples(problem, result, searches: list[int] | None) -> list[dict]:
+    budget = problem.budget
+    return [{"index": i if searches is None else searches[i], "prompt": p, "reward": float(result.rewards[i]),
+             "nfe": int(budget.nfe[i]), "reward_calls": int(budget.reward_calls[i]), "flops": float(budget.flops[i])}
+            for i, p in enumerate(problem.prompts)]
+
+
+def _plain(value):
+    """A value for the report: rewards and other objects by name."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return getattr(value, "name", None) or type(value).__name__
+
+
+def strategy_params(strategy: Strategy) -> dict[str, Any]:
+    """The strategy's options as plain values (a prune reward by its name)."""
+    if not dataclasses.is_dataclass(strategy):
+        return {}
+    return {f.name: _plain(getattr(strategy, f.name)) for f in dataclasses.fields(strategy)}
+
+
+def make_report(cfg: GenerateConfig, parts: Parts, problem, result, wall: float, load_seconds: float) -> dict[str, Any]:
+    """``report.json``: what ran (the denoiser as described by ``describe_denoiser``, not the
+    arguments), what it spent and what it scored."""
+    d = describe_denoiser(parts.denoiser)
+    samples = _samples(problem, result, shard_searches(cfg, len(parts.prompts)))
+    samp = problem.sampler
+    report: dict[str, Any] = {
+        "noisesearch_version": __version__,
+        "model": d.get("name") or d["class"],
+        "denoiser": d,
+        "guidance": d.get("guidance"),
+        "dtype": d.get("dtype"),
+        "model_options": {k: str(v) for k, v in (cfg.model_options or {}).items()},
+        "reward": parts.reward.name,
+        "reward_flops_per_image": float(parts.reward.flops_per_image),
+        "strategy": parts.strategy.name,
+        "params": strategy_params(parts.strategy),
+        "sampler": samp.name, "steps": samp.num_steps, "nfe_per_trajectory": samp.nfe_per_trajectory,
+        "seed": cfg.seed, "num_samples": cfg.num_samples, "prompts": list(parts.prompts), "samples": samples,
+        "reward_mean": float(result.rewards.mean()),
+        "reward_std": float(result.rewards.std()) if len(samples) > 1 else 0.0,
+        **problem.budget.summary(),
+        "wall_seconds": wall, "load_seconds": load_seconds,
+        "device": d.get("device") or str(cfg.device or "cpu"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "strategy_info": {k: v for k, v in result.info.items() if k != "all_rewards"},
+    }
+    if hasattr(parts.denoiser, "encode_cost"):  # equal for every strategy: reported, not charged
+        report["prompt_encoding"] = parts.denoiser.encode_cost()
+    return report
+
+
+def evaluate_rewards(report: dict, images: torch.Tensor, prompts: Sequence[str], rewards) -> None:
+    """Score the chosen samples with rewards that were not optimised, in place: each sample gets
+    ``"eval_rewards": {key: value}`` (and ``"<key>_<detail>"`` for a reward with ``details``, e.g.
+    the judge's ``judge_class`` and ``judge_prob``), the report ``"eval_rewards": {key: {mean, std,
+    name, flops_per_image}}`` and, where the judge is among them, ``judge_accuracy`` (the mean of
+    ``judge``). Not charged to the search budget: a reward the search hacked scores high on its own
+    reward, not on these."""
+    meta = {}
+    for key, fn in rewards:
+        values = score(fn, images, list(prompts))
+        for s, v in zip(report["samples"], values.tolist()):
+            s.setdefault("eval_rewards", {})[key] = float(v)
+        details = getattr(fn, "details", None)
+        if callable(details):
+            with torch.no_grad():
+                for name, vals in details(images, list(prompts)).items():
+                    for s, v in zip(report["samples"], list(vals)):
+                        s[f"{key}_{name}"] = v
+        meta[key] = {"name": fn.name, "flops_per_image": float(fn.flops_per_image)}
+    report["eval_rewards"] = meta
+    summarize_eval(report)
+
+
+def summarize_eval(report: dict) -> None:
+    """The evaluation rewards' means and spreads from the samples' values (also after merging
+    shards), and ``judge_accuracy``: the mean of ``judge`` among them."""
+    for key, meta in report.get("eval_rewards", {}).items():
+        values = [s["eval_rewards"][key] for s in report["samples"]]
+        meta.update(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0)
+    if "judge" in report.get("eval_rewards", {}):
+        report["judge_accuracy"] = report["eval_rewards"]["judge"]["mean"]
+
+
+def merge_runs(runs: Sequence[Run]) -> Run:
+    """One run from the runs of the shards of a multi-process ``generate`` (see ``shard``): samples
+    in global order, aggregates recomputed from the per-sample figures, wall time the slowest shard's."""
+    if len(runs) == 1:
+        return runs[0]
+    pairs = sorted(((s["index"], r, j) for r in runs for j, s in enumerate(r.report["samples"])), key=lambda t: t[0])
+    samples = [r.report["samples"][j] for _, r, j in pairs]
+    if [s["index"] for s in samples] != list(range(len(samples))):
+        raise NoiseSearchError("the shards of this run do not cover every search exactly once")
+    first = runs[0].report
+    report = dict(first, eval_rewards={k: dict(v) for k, v in first.get("eval_rewards", {}).items()})
+    rewards, nfe, flops = ([s[k] for s in samples] for k in ("reward", "nfe", "flops"))
+    report.update(
+        samples=samples,
+        reward_mean=statistics.fmean(rewards),
+        reward_std=statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
+        nfe_max=max(nfe), nfe_mean=statistics.fmean(nfe), nfe_total=sum(nfe),
+        reward_calls=sum(s["reward_calls"] for s in samples), flops=sum(flops), flops_per_sample_max=max(flops),
+        wall_seconds=max(r.report["wall_seconds"] for r in runs),
+        load_seconds=max(r.report["load_seconds"] for r in runs),
+        processes=len(runs),
+        strategy_info={**first["strategy_info"], "note": "strategy_info of the first process's searches"},
+    )
+    summarize_eval(report)
+    images = torch.stack([r.images[j] for _, r, j in pairs])
+    x0 = torch.stack([r.x0[j] for _, r, j in pairs])
+    return Run(images=images, x0=x0, report=report, extra={"info": [r.extra.get("info") for r in runs]},
+               config=runs[0].config)
+
+
+# ---- the run's configuration (config.yaml) ---------------------------------------------------------------
+def _given_as(value, parts_value=None):
+    """How an argument is written in config.yaml: names as given, objects by their name."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_given_as(v) for v in value]
+    return getattr(parts_value, "name", None) or getattr(value, "name", None) or getattr(value, "__name__", None) \
+        or f"<{type(value).__name__} object>"
+
+
+def run_config_dict(cfg: GenerateConfig, parts: Parts) -> dict[str, Any]:
+    """The run's options keyed as the CLI's flags (``noisesearch generate --config config.yaml``
+    repeats a run whose model, rewards and strategy were given by name; objects are recorded by name)."""
+    guidance = getattr(parts.denoiser, "guidance", None)
+    out: dict[str, Any] = {"command": "generate", "model": _given_as(cfg.model, parts.denoiser),
+                           "prompt": list(parts.prompts), "guidance": cfg.guidance if guidance is None else float(guidance),
+                           "steps": cfg.steps, "sampler": cfg.sampler, "device": cfg.device or "auto",
+                           "max-batch": cfg.max_batch, "score-batch": cfg.score_batch,
+                           "reward": _given_as(cfg.reward, parts.reward), "reward-flops": cfg.reward_flops,
+                           "eval-reward": [k for k, _ in parts.eval_rewards], "strategy": parts.strategy.name,
+                           "budget-nfe": cfg.budget_nfe, "budget-flops": cfg.budget_flops,
+                           "num-samples": cfg.num_samples, "seed": cfg.seed}
+    out.update({k.replace("_", "-"): _given_as(v) for k, v in (cfg.model_options or {}).items()
+                if isinstance(v, (str, int, float, bool))})
+    out.update({k.replace("_", "-"): _given_as(v) for k, v in (cfg.strategy_options or {}).items()})
+    return out
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    import yaml  # deferred: only runs that are written need it
+
+    head = ("# noisesearch generate: the options of this run; repeat it with\n"
+            "#   noisesearch generate --config THIS_FILE [--out OTHER_FOLDER]\n"
+            "# (models, rewards and strategies given as Python objects are recorded by name)\n")
+    return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+# ---- the run folder ------------------------------------------------------------------------------------
+def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:
+    """Write the run folder, the same from every entry point (CLI, API, demo): ``samples.png`` (a
+    labelled grid: a row per prompt, a column per sample), ``samples/NNNN.png``, ``images.npy``,
+    ``search.png`` (with ``trace``), ``config.yaml`` and ``report.json``.
+
+    ``report.json`` is written last and atomically: a folder whose report.json exists is complete.
+    A stale report.json from an earlier run in the same folder is removed first. A write that fails
+    (a full disk) keeps what was computed elsewhere and says where (``io.keep_failed_writes``)."""
+    from noisesearch.io import keep_failed_writes
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "report.json"
+    if report_path.exists():
+        report_path.unlink()
+    with keep_failed_writes():
+        save_samples_grid(run, out / "samples.png", ncol)
+        _save_samples(run, out)
+        _save_search_plot(run, out)
+        atomic_write_text(out / "config.yaml", _config_text(run.config or _config_from_report(run.report)))
+        atomic_write_json(report_path, run.report)
+    return out
+
+
+def _config_from_report(report: dict) -> dict[str, Any]:
+    """For a run made without a config (an old pickled Run): what the report says."""
+    keys = {"model": "model", "prompts": "prompt", "reward": "reward", "strategy": "strategy", "seed": "seed",
+            "num_samples": "num-samples", "sampler": "sampler", "guidance": "guidance"}
+    return {"command": "generate", **{flag: report.get(k) for k, flag in keys.items() if k in report}}
+
+
+def save_samples_grid(run: Run, path: Path, ncol: int | None = None, max_rows: int = 32, max_side: int = 256) -> Path:
+    """``samples.png``: the chosen samples with a row per prompt (labelled with the prompt, its mean
+    reward and judge accuracy) and a column per sample (at most ``ncol``, default 16, and ``max_rows``
+    prompts shown; images larger than ``max_side`` pixels shrunk to it)."""
+    from noisesearch.figures import save_labelled_grid
+
+    r = run.report
+    samples = r["samples"]
+    n = max(1, int(r.get("num_samples", 1)))
+    n = n if len(samples) % n == 0 else 1  # prompt-major: sample i of prompt p is row p * n + i
+    num_rows, k = min(len(samples) // n, max_rows), min(n, ncol or 16)
+    images = run.images[[p * n + j for p in range(num_rows) for j in range(k)]]
+    if max(images.shape[-2:]) > max_side:  # a sheet to look at: samples/NNNN.png keep the native resolution
+        scale = max_side / max(images.shape[-2:])
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="area")
+    row_labels = [_row_label(samples[p * n:(p + 1) * n]) for p in range(num_rows)]
+    shown = "" if num_rows * n == len(samples) and k == n else f" (shown: {num_rows} prompts x {k} samples)"
+    title = (f"{r.get('strategy')}: {r.get('nfe_max')} NFEs, {r.get('flops_per_sample_max', 0):.3g} FLOPs per sample (max)\n"
+             f"reward {r.get('reward')}: mean {r.get('reward_mean', float('nan')):.4g}"
+             + (f"; judge accuracy {r['judge_accuracy']:.3f}" if "judge_accuracy" in r else "") + shown)
+    return save_labelled_grid(path, images, num_rows, row_labels, [f"sample {j}" for j in range(k)], title)
+
+
+def _row_label(row: list[dict]) -> str:
+    """A prompt's row: the prompt, its mean reward and, with the judge, its judge accuracy."""
+    label = f"{_short(row[0]['prompt'])}\nreward {statistics.fmean(s['reward'] for s in row):.3g}"
+    judged = [s["eval_rewards"]["judge"] for s in row if "judge" in s.get("eval_rewards", {})]
+    return label + (f"\njudge {statistics.fmean(judged):.2f}" if judged else "")
+
+
+def _short(text: str, n: int = 28) -> str:
+    text = str(text) or "(no prompt)"
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _save_samples(run: Run, out: Path) -> None:
+    import io
+
+    import numpy as np
+
+    sample_dir = out / "samples"
+    if sample_dir.exists():
+        shutil.rmtree(sample_dir)
+    sample_dir.mkdir()
+    for s, img in zip(run.report["samples"], run.images):
+        name = f"{s['index']:04d}.png"
+        save_png(sample_dir / name, to_pil(img))
+        s["file"] = f"samples/{name}"
+    buf = io.BytesIO()
+    np.save(buf, run.images.numpy().astype("float32"))
+    atomic_write_bytes(out / "images.npy", buf.getvalue())
+
+
+def _save_search_plot(run: Run, out: Path) -> None:
+    if run.extra.get("trace") is None:
+        return
+    from noisesearch.search.trace import plot_search
+
+    n = run.report.get("num_samples", 1)
+    prompts = [s["prompt"] for s in run.report["samples"]]
+    plot_search(out / "search.png", run.extra["trace"], run.images, prompts, list(range(0, len(prompts), n)),
+                run.report["strategy"], "survivors" in run.extra.get("info", {}))
+    run.report["search_plot"] = "search.png"
 
 
 class _Progress:
@@ -69,237 +534,6 @@ class _Progress:
             self.bar.close(complete=False)
 
 
-def generate(
-    model: str | Denoiser = "digits",
-    prompts: Sequence[str] = ("3",),
-    reward: str | Reward = "digit",
-    strategy: str | Strategy = "best-of-n",
-    budget_nfe: float | None = None,
-    budget_flops: float | None = None,
-    num_samples: int = 1,
-    guidance: float = 1.0,
-    steps: int | None = None,
-    sampler: str = "euler-ancestral",
-    seed: int = 0,
-    device: str = "cpu",
-    max_batch: int = 512,
-    strategy_options: dict[str, Any] | None = None,
-    progress: bool = False,
-    evaluate: bool = True,
-    model_options: dict[str, Any] | None = None,
-    shard: tuple[int, int] | None = None,
-    score_batch: int | None = None,
-    eval_rewards: Sequence[str | Reward] | str = (),
-    trace: bool = False,
-) -> Run:
-    """Run one search (see module docstring). Raises ``NoiseSearchError`` on bad input.
-
-    ``model_options`` go to ``load_model`` when ``model`` is a name: for diffusers pipelines
-    ``height``, ``width``, ``dtype``, ``negative_prompt``, ``variant``, ``default_steps``,
-    ``decode_batch``; for flow pipelines (FLUX, SD3, Lumina2) also ``embedded_guidance``,
-    ``offload``, ``vae_tiling``, ``negtome`` (see ``models.flow``).
-
-    ``max_batch`` rows go through the denoiser per call, ``score_batch`` (default ``max_batch``)
-    rows through decode + reward per call.
-
-    ``shard=(rank, world)`` runs only the searches ``i`` with ``i % world == rank`` (each with the
-    noise stream it has in the whole run); :func:`merge_runs` joins the shards' runs into the run
-    of one process (``accelerate launch -m noisesearch generate`` does both).
-
-    ``eval_rewards``: rewards that were not optimised (specs, a comma-separated string, or Reward
-    objects) scoring the chosen samples afterwards, outside the budget: ``report["eval_rewards"]``
-    and each sample's ``"eval_rewards"`` (see :func:`evaluate_rewards`).
-
-    ``trace``: record every scored candidate of the first sample of each prompt, so that ``save_run``
-    draws ``search.png`` (see ``noisesearch.search.trace``)."""
-    t_load = time.perf_counter()
-    strat = make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
-    denoiser = as_denoiser(model, device=device, guidance=guidance, options=model_options)
-    reward_fn = as_reward(reward, device=device)
-    eval_fns = [(r, as_reward(r, device=device)) if isinstance(r, str) else (r.name, r)
-                for r in (split_specs(eval_rewards) if isinstance(eval_rewards, str) else eval_rewards)]
-    total = len(prompts) * num_samples
-    searches = None if shard is None else list(range(shard[0], total, shard[1]))
-    if searches == []:
-        raise NoiseSearchError(f"{shard[1]} processes for {total} searches: launch at most {total} processes")
-    problem = build_problem(denoiser, reward_fn, [str(p) for p in prompts], num_samples=num_samples,
-                            budget_nfe=budget_nfe, budget_flops=budget_flops, steps=steps, sampler=sampler,
-                            seed=seed, max_batch=max_batch, searches=searches, score_batch=score_batch)
-    budget, samp, all_prompts = problem.budget, problem.sampler, problem.prompts
-    if trace:
-        from noisesearch.search.trace import SearchTrace
-
-        problem.trace = SearchTrace(owners=set(range(0, len(all_prompts), num_samples)))
-    load_seconds = time.perf_counter() - t_load
-
-    bar = _Progress(budget, progress, desc=f"{strat.name}")
-    t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            result = strat.search(problem)
-    finally:
-        bar.close()
-    wall = time.perf_counter() - t0
-    images = denoiser.decode(result.x0).float().cpu()
-
-    summary = budget.summary()
-    samples = []
-    for i, p in enumerate(all_prompts):
-        samples.append(
-            {
-                "index": i if searches is None else searches[i],
-                "prompt": p,
-                "reward": float(result.rewards[i]),
-                "nfe": int(budget.nfe[i]),
-                "reward_calls": int(budget.reward_calls[i]),
-                "flops": float(budget.flops[i]),
-            }
-        )
-    report: dict[str, Any] = {
-        "noisesearch_version": __version__,
-        "model": getattr(denoiser, "name", str(model)),
-        "guidance": guidance,
-        "model_options": {k: str(v) for k, v in (model_options or {}).items()},
-        "reward": reward_fn.name,
-        "strategy": strat.name,
-        "params": strat.params(),
-        "sampler": samp.name,
-        "steps": samp.num_steps,
-        "nfe_per_trajectory": samp.nfe_per_trajectory,
-        "seed": seed,
-        "num_samples": num_samples,
-        "prompts": [str(p) for p in prompts],
-        "samples": samples,
-        "reward_mean": float(result.rewards.mean()),
-        "reward_std": float(result.rewards.std()) if len(samples) > 1 else 0.0,
-        **summary,
-        "wall_seconds": wall,
-        "load_seconds": load_seconds,
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "strategy_info": {k: v for k, v in result.info.items() if k != "all_rewards"},
-    }
-    if hasattr(denoiser, "encode_cost"):  # equal for every strategy: reported, not charged
-        report["prompt_encoding"] = denoiser.encode_cost()
-    if evaluate and report["model"] == "digits":
-        evaluate_digits(report, images)
-    if eval_fns:
-        evaluate_rewards(report, images, all_prompts, eval_fns)
-    extra = {"info": result.info}
-    if problem.trace is not None:
-        extra["trace"] = problem.trace
-    return Run(images=images, x0=result.x0.detach().cpu(), report=report, extra=extra)
-
-
-def merge_runs(runs: Sequence[Run]) -> Run:
-    """One run from the runs of the shards of a multi-process ``generate`` (see ``shard``): samples
-    in global order, aggregates recomputed from the per-sample figures, wall time the slowest shard's."""
-    import statistics
-
-    if len(runs) == 1:
-        return runs[0]
-    pairs = sorted(((s["index"], r, j) for r in runs for j, s in enumerate(r.report["samples"])), key=lambda t: t[0])
-    samples = [r.report["samples"][j] for _, r, j in pairs]
-    if [s["index"] for s in samples] != list(range(len(samples))):
-        raise NoiseSearchError("the shards of this run do not cover every search exactly once")
-    first = runs[0].report
-    report = dict(first)
-    rewards = [s["reward"] for s in samples]
-    nfe = [s["nfe"] for s in samples]
-    flops = [s["flops"] for s in samples]
-    report.update(
-        samples=samples,
-        reward_mean=statistics.fmean(rewards),
-        reward_std=statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
-        nfe_max=max(nfe), nfe_mean=statistics.fmean(nfe), nfe_total=sum(nfe),
-        reward_calls=sum(s["reward_calls"] for s in samples), flops=sum(flops), flops_per_sample_max=max(flops),
-        wall_seconds=max(r.report["wall_seconds"] for r in runs),
-        load_seconds=max(r.report["load_seconds"] for r in runs),
-        processes=len(runs),
-        strategy_info={**first["strategy_info"], "note": "strategy_info of the first process's searches"},
-    )
-    if "judge_accuracy" in first:
-        from noisesearch.models.digits import parse_digits
-
-        targets = parse_digits([s["prompt"] for s in samples], "the digits judge").tolist()
-        report["judge_accuracy"] = statistics.fmean(float(s["judge_class"] == t) for s, t in zip(samples, targets))
-    images = torch.stack([r.images[j] for _, r, j in pairs])
-    x0 = torch.stack([r.x0[j] for _, r, j in pairs])
-    return Run(images=images, x0=x0, report=report, extra={"info": [r.extra.get("info") for r in runs]})
-
-
-def evaluate_digits(report: dict, images: torch.Tensor) -> None:
-    """Add the independent judge's verdict (never optimised) to a digits report, in place."""
-    from noisesearch.models.digits import parse_digits
-    from noisesearch.rewards.digit import load_judge
-
-    judge = load_judge("cpu")
-    classes, probs = judge.predict(images)
-    targets = parse_digits([s["prompt"] for s in report["samples"]], "the digits judge").tolist()
-    hits = 0
-    for s, c, p, t in zip(report["samples"], classes.tolist(), probs.tolist(), targets):
-        s["judge_class"], s["judge_prob"] = int(c), float(p)
-        hits += int(int(c) == t)
-    report["judge_accuracy"] = hits / max(1, len(report["samples"]))
-
-
-def evaluate_rewards(report: dict, images: torch.Tensor, prompts: Sequence[str], rewards) -> None:
-    """Score the chosen samples with rewards that were not optimised, in place: each sample gets
-    ``"eval_rewards": {spec: value}`` and the report ``"eval_rewards": {spec: {mean, std, name,
-    flops_per_image}}``. Not charged to the search budget (an evaluation, like the digits judge: a
-    reward the search hacked scores high on its own reward, not on these)."""
-    from noisesearch.rewards.base import score
-
-    summary = {}
-    for spec, fn in rewards:
-        values = score(fn, images, list(prompts))
-        for s, v in zip(report["samples"], values.tolist()):
-            s.setdefault("eval_rewards", {})[spec] = float(v)
-        summary[spec] = {
-            "name": fn.name,
-            "mean": float(values.mean()),
-            "std": float(values.std()) if len(values) > 1 else 0.0,
-            "flops_per_image": float(fn.flops_per_image),
-        }
-    report["eval_rewards"] = summary
-
-
-def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:
-    """Write ``samples.png`` (grid), ``samples/NNNN.png``, ``images.npy`` and ``report.json``.
-
-    ``report.json`` is written last and atomically: a folder whose report.json exists is complete.
-    A stale report.json from an earlier run in the same folder is removed first.
-    """
-    import io
-
-    import numpy as np
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report_path = out / "report.json"
-    if report_path.exists():
-        report_path.unlink()
-    per_prompt = run.report.get("num_samples", 1)
-    save_png(out / "samples.png", image_grid(run.images, ncol=ncol or min(per_prompt, 16)))
-    sample_dir = out / "samples"
-    if sample_dir.exists():
-        shutil.rmtree(sample_dir)
-    sample_dir.mkdir()
-    for s, img in zip(run.report["samples"], run.images):
-        name = f"{s['index']:04d}.png"
-        save_png(sample_dir / name, to_pil(img))
-        s["file"] = f"samples/{name}"
-    buf = io.BytesIO()
-    np.save(buf, run.images.numpy().astype("float32"))
-    atomic_write_bytes(out / "images.npy", buf.getvalue())
-    if run.extra.get("trace") is not None:
-        from noisesearch.search.trace import plot_search
-
-        n = run.report.get("num_samples", 1)
-        prompts = [s["prompt"] for s in run.report["samples"]]
-        plot_search(out / "search.png", run.extra["trace"], run.images, prompts, list(range(0, len(prompts), n)),
-                    run.report["strategy"], "survivors" in run.extra.get("info", {}))
-        run.report["search_plot"] = "search.png"
-    atomic_write_json(report_path, run.report)
-    return out
+__all__ = ["Run", "GenerateConfig", "generate", "run_generate", "load_parts", "make_problem", "probe", "run_search",
+           "make_run", "make_report", "evaluate_rewards", "summarize_eval", "merge_runs", "save_run", "save_samples_grid",
+           "run_bytes"]

@@ -128,7 +128,7 @@ def plot(budget_units, curves: dict, sim: dict, gains: dict, path: Path, sampler
     plt.close(fig)
 
 
-def main(argv=None, prog=None) -> int:
+def _parser(prog) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--seeds", type=int, default=4, help="held-out seeds (1000, 1001, ...)")
@@ -137,23 +137,16 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--sampler", default="euler-ancestral", choices=["euler-ancestral", "euler"],
                     help="sampler (euler: the pools and checkpoint of noisesearch bench noise_aware --sampler euler)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv=None, prog=None) -> int:
+    args = _parser(prog).parse_args(argv)
     import torch
-
-    from noisesearch.build import as_denoiser, as_reward
-    from noisesearch.pools import load_pool
-    from noisesearch.simulate.metrics import auc_gain_with_se
 
     torch.set_num_threads(1)
     suffix = "" if args.sampler == "euler-ancestral" else f"-{args.sampler}"
-    reward_dir = args.root / f"rewards/digit-noise-aware{suffix}"
-    pool = load_pool(args.root / f"pools/digits{suffix}-eval")
-    if pool.extra.get("sampler", "euler-ancestral") != args.sampler:
-        raise SystemExit(f"the evaluation pool was sampled with {pool.extra.get('sampler')}, not {args.sampler}")
-    den, rew = as_denoiser("digits", guidance=0), as_reward("digit")
-    T = 18 * den.flops_per_call + rew.flops_per_image
-    assert abs(T - (pool.num_steps * pool.flops_per_step + pool.flops_per_reward["digit"])) < 1e-6 * T
+    pool, T = _eval_pool(args.root / f"pools/digits{suffix}-eval", args.sampler)
     units = np.array([float(u) for u in args.units.split(",")])
     budgets = units * T
     t0 = time.perf_counter()
@@ -162,58 +155,11 @@ def main(argv=None, prog=None) -> int:
     for m in sim:
         if m != "best-of-n":
             print(f"  {m}: {sim[m]['schedule']}  simulated AUC gain {sim[m]['gain']:+.1f}% ± {sim[m]['se']:.1f}")
-    opts = {"best-of-n": ("best-of-n", {})}
-    for key in ("ttsp", "ttsnap", "ttsp@na-steps", "ttsnap@na-steps"):
-        if key in sim:
-            sched = sim[key]["schedule"]
-            o = {"prune_steps": sched.steps, "keep": sched.keep}
-            if key.startswith("ttsnap"):
-                o["prune_reward"] = str(reward_dir)
-            opts[key] = (key.split("@")[0], o)
+    opts = _methods(sim, args.root / f"rewards/digit-noise-aware{suffix}")
     seeds = [1000 + i for i in range(args.seeds)]
-    per = {m: np.zeros((len(seeds), len(budgets))) for m in opts}
-    judge = {m: np.zeros((len(seeds), len(budgets))) for m in opts}
-    starts = {m: [None] * len(budgets) for m in opts}
-    for bi, B in enumerate(budgets):
-        for m, (strategy, o) in opts.items():
-            for si, seed in enumerate(seeds):
-                r = live(strategy, B, seed, args.samples, o, args.sampler)
-                per[m][si, bi] = r["reward_mean"]
-                judge[m][si, bi] = r["judge_accuracy"]
-                starts[m][bi] = r["candidates"]
-        print(f"budget {units[bi]:>4g} x best-of-N: " + "  ".join(
-            f"{m} {per[m][:, bi].mean():.3f} (n={starts[m][bi]})" for m in opts) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    curves = {m: {"mean": per[m].mean(0).tolist(),
-                  "se": (per[m].std(0, ddof=1) / np.sqrt(len(seeds))).tolist() if len(seeds) > 1 else [0.0] * len(budgets),
-                  "judge_accuracy": judge[m].mean(0).tolist(), "starts": starts[m]} for m in opts}
-    gains = {}
-    for m in opts:
-        if m != "best-of-n":
-            g, se = auc_gain_with_se(budgets, per[m], per["best-of-n"])
-            gains[m] = {"gain": g, "se": se}
-    paired = None
-    if "ttsnap@na-steps" in per:  # same candidates (same seeds and noise streams), only the prune scores differ
-        diff = per["ttsnap@na-steps"] - per["ttsp@na-steps"]
-        paired = {"mean_reward_diff_per_budget": diff.mean(0).tolist(),
-                  "mean_reward_diff": float(diff.mean()),
-                  "se": float(diff.mean(1).std(ddof=1) / np.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")}
-    print()
-    w = max(len(m) for m in opts) + 2
-    print(f"{'budget':>6} " + " ".join(f"{m:>{w + 10}}" for m in opts))
-    for bi in range(len(budgets)):
-        print(f"{units[bi]:>6g} " + " ".join(
-            f"{curves[m]['mean'][bi]:>{w}.3f} ± {curves[m]['se'][bi]:.3f}" for m in opts))
-    print("(mean final reward over searches ± s.e. over seeds)")
-    for m, g in gains.items():
-        simg = sim[m]
-        print(f"live relative AUC gain over best-of-N, {m} [{simg['schedule']}]: {g['gain']:+.1f}% ± {g['se']:.1f} "
-              f"(simulated on the eval pool: {simg['gain']:+.1f}% ± {simg['se']:.1f})")
-    if paired is not None:
-        print(f"ttsnap - ttsp, same schedule and candidates: mean final reward {paired['mean_reward_diff']:+.3f} ± {paired['se']:.3f}")
-    d = args.docs
-    d.mkdir(parents=True, exist_ok=True)
-    stem = "live_prune" + suffix.replace("-", "_")
-    plot(units, curves, sim, gains, d / f"{stem}.png", args.sampler)
+    per, judge, starts = _live_runs(opts, units, budgets, seeds, args, t0)
+    curves, gains, paired = _summaries(opts, budgets, per, judge, starts)
+    _print_results(opts, units, curves, gains, sim, paired)
     out = {
         "sampler": args.sampler,
         "budgets_in_best_of_n_candidates": units.tolist(),
@@ -229,9 +175,99 @@ def main(argv=None, prog=None) -> int:
         "live_gain": gains,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (d / f"{stem}_results.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {d / f'{stem}.png'} and {d / f'{stem}_results.json'}")
+    _write(args.docs, "live_prune" + suffix.replace("-", "_"), out, units, curves, sim, gains, args.sampler)
     return 0
+
+
+def _eval_pool(path: Path, sampler: str):
+    """The evaluation pool, checked against the sampler and the live cost of one best-of-N candidate (returned)."""
+    from noisesearch.build import as_denoiser, as_reward
+    from noisesearch.pools import load_pool
+
+    pool = load_pool(path)
+    if pool.extra.get("sampler", "euler-ancestral") != sampler:
+        raise SystemExit(f"the evaluation pool was sampled with {pool.extra.get('sampler')}, not {sampler}")
+    den, rew = as_denoiser("digits", guidance=0), as_reward("digit")
+    T = 18 * den.flops_per_call + rew.flops_per_image
+    assert abs(T - (pool.num_steps * pool.flops_per_step + pool.flops_per_reward["digit"])) < 1e-6 * T
+    return pool, T
+
+
+def _methods(sim: dict, reward_dir: Path) -> dict:
+    """method key -> (strategy name, options) for best-of-N and every chosen schedule."""
+    opts = {"best-of-n": ("best-of-n", {})}
+    for key in ("ttsp", "ttsnap", "ttsp@na-steps", "ttsnap@na-steps"):
+        if key in sim:
+            sched = sim[key]["schedule"]
+            o = {"prune_steps": sched.steps, "keep": sched.keep}
+            if key.startswith("ttsnap"):
+                o["prune_reward"] = str(reward_dir)
+            opts[key] = (key.split("@")[0], o)
+    return opts
+
+
+def _live_runs(opts: dict, units, budgets, seeds: list[int], args, t0: float):
+    """Every method at every budget and seed: mean final reward, judge accuracy [seeds, budgets], starts."""
+    per = {m: np.zeros((len(seeds), len(budgets))) for m in opts}
+    judge = {m: np.zeros((len(seeds), len(budgets))) for m in opts}
+    starts = {m: [None] * len(budgets) for m in opts}
+    for bi, B in enumerate(budgets):
+        for m, (strategy, o) in opts.items():
+            for si, seed in enumerate(seeds):
+                r = live(strategy, B, seed, args.samples, o, args.sampler)
+                per[m][si, bi] = r["reward_mean"]
+                judge[m][si, bi] = r["judge_accuracy"]
+                starts[m][bi] = r["candidates"]
+        print(f"budget {units[bi]:>4g} x best-of-N: " + "  ".join(
+            f"{m} {per[m][:, bi].mean():.3f} (n={starts[m][bi]})" for m in opts) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    return per, judge, starts
+
+
+def _summaries(opts: dict, budgets, per: dict, judge: dict, starts: dict):
+    """Curves (mean ± s.e. over seeds), AUC gains over best-of-N, and TTSnap - TTSp on the same schedule."""
+    from noisesearch.simulate.metrics import auc_gain_with_se
+
+    n = next(iter(per.values())).shape[0]
+    curves = {m: {"mean": per[m].mean(0).tolist(),
+                  "se": (per[m].std(0, ddof=1) / np.sqrt(n)).tolist() if n > 1 else [0.0] * len(budgets),
+                  "judge_accuracy": judge[m].mean(0).tolist(), "starts": starts[m]} for m in opts}
+    gains = {}
+    for m in opts:
+        if m != "best-of-n":
+            g, se = auc_gain_with_se(budgets, per[m], per["best-of-n"])
+            gains[m] = {"gain": g, "se": se}
+    paired = None
+    if "ttsnap@na-steps" in per:  # same candidates (same seeds and noise streams), only the prune scores differ
+        diff = per["ttsnap@na-steps"] - per["ttsp@na-steps"]
+        paired = {"mean_reward_diff_per_budget": diff.mean(0).tolist(),
+                  "mean_reward_diff": float(diff.mean()),
+                  "se": float(diff.mean(1).std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
+    return curves, gains, paired
+
+
+def _print_results(opts: dict, units, curves: dict, gains: dict, sim: dict, paired: dict | None) -> None:
+    print()
+    w = max(len(m) for m in opts) + 2
+    print(f"{'budget':>6} " + " ".join(f"{m:>{w + 10}}" for m in opts))
+    for bi in range(len(units)):
+        print(f"{units[bi]:>6g} " + " ".join(
+            f"{curves[m]['mean'][bi]:>{w}.3f} ± {curves[m]['se'][bi]:.3f}" for m in opts))
+    print("(mean final reward over searches ± s.e. over seeds)")
+    for m, g in gains.items():
+        simg = sim[m]
+        print(f"live relative AUC gain over best-of-N, {m} [{simg['schedule']}]: {g['gain']:+.1f}% ± {g['se']:.1f} "
+              f"(simulated on the eval pool: {simg['gain']:+.1f}% ± {simg['se']:.1f})")
+    if paired is not None:
+        print(f"ttsnap - ttsp, same schedule and candidates: mean final reward {paired['mean_reward_diff']:+.3f} ± {paired['se']:.3f}")
+
+
+def _write(d: Path, stem: str, out: dict, units, curves, sim, gains, sampler: str) -> None:
+    from noisesearch.io import atomic_write_text
+
+    d.mkdir(parents=True, exist_ok=True)
+    plot(units, curves, sim, gains, d / f"{stem}.png", sampler)
+    atomic_write_text(d / f"{stem}_results.json", json.dumps(out, indent=1) + "\n")
+    print(f"wrote {d / f'{stem}.png'} and {d / f'{stem}_results.json'}")
 
 
 if __name__ == "__main__":

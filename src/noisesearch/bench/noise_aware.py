@@ -39,15 +39,67 @@ ROOT = Path.cwd()  # run from the repository: docs/ and ../shared are found from
 PROMPTS = "0,1,2,3,4,5,6,7,8,9"
 
 
-def cli(argv: list[str]) -> None:
-    from noisesearch.cli import main
+def make_pool(out: Path, rewards: list[str], candidates: int, seed: int, sampler: str = "euler-ancestral",
+              save_images: bool = False) -> None:
+    """A digits-uncond pool over the 10 targets (``noisesearch.api.pool.generate_pool``; a complete
+    pool in ``out`` is reused, a partial one continued)."""
+    from noisesearch.api.pool import generate_pool
 
-    print("$ noisesearch " + shlex.join(argv), flush=True)
+    command = (f"noisesearch pool --model digits --guidance 0 --reward {','.join(rewards)} --prompts {PROMPTS} "
+               f"--sampler {sampler} --candidates {candidates} --seed {seed}"
+               + (" --save-images" if save_images else "") + f" --out {out}")
+    print(f"$ {command}", flush=True)
     t0 = time.perf_counter()
-    code = main(argv)
-    if code != 0:
-        raise SystemExit(f"command failed with exit code {code}")
+    generate_pool("digits", rewards, PROMPTS.split(","), candidates, out, guidance=0.0, sampler=sampler, seed=seed,
+                  device="cpu", save_images=save_images, command=command)
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def train_config(train_args: str, **fields_):
+    """A ``TrainConfig`` from ``fields_`` and the train-reward flags in ``train_args``
+    (``"--iters 300 --lora-rank 8 --no-gate --step-conditioning"``; each flag names a field)."""
+    from dataclasses import fields
+
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.train.noise_aware import TrainConfig
+
+    known = {f.name: f for f in fields(TrainConfig)}
+    defaults = TrainConfig()
+    tokens, values = shlex.split(train_args), dict(fields_)
+    while tokens:
+        flag = tokens.pop(0)
+        name = flag.removeprefix("--").replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in known
+        name = name[3:] if negated else name
+        if not flag.startswith("--") or name not in known:
+            raise NoiseSearchError(f"--train-args: unknown option {flag!r}; use --NAME VALUE with NAME among "
+                                   f"{', '.join(n.replace('_', '-') for n in known)}")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            values[name] = not negated
+        elif not tokens:
+            raise NoiseSearchError(f"--train-args: {flag} needs a value")
+        else:
+            text = tokens.pop(0)
+            try:
+                values[name] = tuple(int(x) for x in text.split(",") if x.strip()) if isinstance(default, tuple) \
+                    else type(default)(text)
+            except ValueError:
+                raise NoiseSearchError(f"--train-args: {flag} takes {'integers' if isinstance(default, (int, tuple)) else 'a number'}, got {text!r}") from None
+    config = TrainConfig(**values)
+    config.check()
+    return config
+
+
+def train_reward(pool: Path, out: Path, config) -> dict:
+    """``noisesearch.train.noise_aware.train_noise_aware`` (a finished reward in ``out`` is reused)."""
+    from noisesearch.train.noise_aware import train_noise_aware
+
+    print(f"$ train noise-aware reward {out} from {pool} ({config})", flush=True)
+    t0 = time.perf_counter()
+    manifest = train_noise_aware(pool, out, config, device="cpu", log=lambda msg: print(msg, file=sys.stderr))
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return manifest
 
 
 def per_step_metrics(pool, name: str = "digit", top: float = 0.1) -> dict:
@@ -124,7 +176,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     return files
 
 
-def main(argv=None, prog=None) -> int:
+def _parser(prog) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("."), help="where pools/ and rewards/ go (default: .)")
     ap.add_argument("--train-candidates", type=int, default=2000)
@@ -135,40 +187,43 @@ def main(argv=None, prog=None) -> int:
                     help="sampler of the pools (default euler-ancestral: the search benchmark's digits-uncond)")
     ap.add_argument("--fresh", action="store_true", help="remove existing pools and checkpoint first")
     ap.add_argument("--retrain", action="store_true", help="remove the checkpoint (and the evaluation pool) first")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv=None, prog=None) -> int:
+    args = _parser(prog).parse_args(argv)
     from noisesearch.pools import load_pool
 
-    root = args.root
     suffix = "" if args.sampler == "euler-ancestral" else f"-{args.sampler}"
-    train_pool, eval_pool = root / f"pools/digits{suffix}", root / f"pools/digits{suffix}-eval"
-    reward_dir = root / f"rewards/digit-noise-aware{suffix}"
+    train_pool, eval_pool = args.root / f"pools/digits{suffix}", args.root / f"pools/digits{suffix}-eval"
+    reward_dir = args.root / f"rewards/digit-noise-aware{suffix}"
+    config = train_config(args.train_args, reward="digit")  # bad --train-args: refused before any work
     if args.fresh or args.retrain:
         for d in ((train_pool,) if args.fresh else ()) + (eval_pool, reward_dir):
             shutil.rmtree(d, ignore_errors=True)
-    common = ["--model", "digits", "--guidance", "0", "--prompts", PROMPTS, "--sampler", args.sampler, "--device", "cpu",
-              "--no-progress"]
     t0 = time.perf_counter()
-    cli(["pool", *common, "--reward", "digit", "--candidates", str(args.train_candidates), "--save-images",
-         "--seed", "0", "--out", str(train_pool)])
+    make_pool(train_pool, ["digit"], args.train_candidates, 0, args.sampler, save_images=True)
     t_train = time.perf_counter()
-    cli(["train-reward", "--pool", str(train_pool), "--reward", "digit", "--out", str(reward_dir), "--device", "cpu",
-         "--no-progress", *shlex.split(args.train_args)])
+    train_reward(train_pool, reward_dir, config)
     t_train = time.perf_counter() - t_train
     if (eval_pool / "pool.json").exists() and \
             (reward_dir / "noise_aware.json").stat().st_mtime > (eval_pool / "pool.json").stat().st_mtime:
         shutil.rmtree(eval_pool)  # the reward was retrained since: rescore the evaluation pool
-    cli(["pool", *common, "--reward", f"digit,noise-aware@{reward_dir}", "--candidates", str(args.eval_candidates),
-         "--seed", "1", "--out", str(eval_pool)])
-
-    pool = load_pool(eval_pool)
-    res = per_step_metrics(pool)
+    make_pool(eval_pool, ["digit", f"noise-aware@{reward_dir}"], args.eval_candidates, 1, args.sampler)
+    res = per_step_metrics(load_pool(eval_pool))
     res["sampler"], res["suffix"] = args.sampler, suffix.replace("-", "_")
     manifest = json.loads((reward_dir / "noise_aware.json").read_text())
     res["train"] = {"config": manifest["config"], "seconds_total": sum(s["seconds"] for s in manifest["stages"]),
                     "stages": manifest["stages"], "train_candidates": manifest["train_candidates"]}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["train_seconds_this_run"] = round(t_train, 1)
+    _report(res, len(manifest["stages"]))
+    _write(res, args.docs)
+    return 0
+
+
+def _report(res: dict, stages: int) -> None:
+    """Print the per-step table; record which steps the noise-aware reward improves (``res["target"]``)."""
     print()
     print(f"held-out: {res['shape'][0]} prompts x {res['shape'][1]} candidates (seed 1); top-k recall with k = {res['k']}")
     print(f"{'step':>4} {'sigma':>8} {'spearman base':>14} {'noise-aware':>12} {'diff ± se':>16} {'prompts +':>9} "
@@ -182,15 +237,19 @@ def main(argv=None, prog=None) -> int:
     met = [r["step"] for r in below if r["spearman_noise_aware"] > r["spearman_base"]]
     print(f"\nsteps with base Spearman < 0.9: {[r['step'] for r in below]}; noise-aware higher at {met} "
           f"({len(met)}/{len(below)})")
-    print(f"training: {res['train']['seconds_total']:.0f} s over {len(manifest['stages'])} stages")
+    print(f"training: {res['train']['seconds_total']:.0f} s over {stages} stages")
     res["target"] = {"steps_below_0.9": [r["step"] for r in below], "noise_aware_higher_at": met}
-    args.docs.mkdir(parents=True, exist_ok=True)
-    for f in plot(res, args.docs):
+
+
+def _write(res: dict, docs: Path) -> None:
+    from noisesearch.io import atomic_write_text
+
+    docs.mkdir(parents=True, exist_ok=True)
+    for f in plot(res, docs):
         print(f"wrote {f}")
-    out = args.docs / f"noise_aware{res['suffix']}_results.json"
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = docs / f"noise_aware{res['suffix']}_results.json"
+    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

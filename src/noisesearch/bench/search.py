@@ -23,8 +23,10 @@ Everything else (reward calls, candidate bookkeeping, Python) counts as overhead
     noisesearch bench search --budgets 72,360 --seeds 2 --strategies eps-greedy,best-of-n --out /tmp/b
     .venv/bin/noisesearch bench search --out docs                       # the same, writing the tables in docs/
 
-Outputs in ``--out``: ``search_results.json`` (every cell), ``search_results.md`` (tables) and
-``search_reward_vs_nfe.png`` (plus ``search_other_rewards.png`` for brightness / compressibility);
+Outputs in ``--out``: ``search_results.json`` (every cell), ``search_results.md`` (tables),
+``search_reward_vs_nfe.png`` (plus ``search_other_rewards.png`` for brightness / compressibility),
+``search_samples.png`` (the first search per target of every configuration at the largest budget,
+each row labelled with what it spent and its judge accuracy) and ``search_config.yaml``;
 with ``--budget-kind flops`` (budgets in FLOPs, network and reward together, given in
 NFE-equivalents) the prefix is ``search_flops``. Overheads are measured in CPU time (see ``CLOCK``).
 """
@@ -39,12 +41,16 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from noisesearch.build import as_denoiser, as_reward, build_problem
 from noisesearch.errors import BudgetError
+from noisesearch.figures import save_labelled_grid
+from noisesearch.io import atomic_save_figure, atomic_write_text
 from noisesearch.models.digits import parse_digits
 from noisesearch.search import make_strategy
 
@@ -203,25 +209,18 @@ class TimedReward:
 
 # ---- one cell ----------------------------------------------------------------------------------------
 def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, seeds: int, seed: int, max_batch: int, kind: str = "nfe",
-             paired: bool = True) -> dict:
+             paired: bool = True, samples: dict | None = None) -> dict:
     """One strategy at one budget. ``kind="flops"``: the budget is ``budget`` NFE-equivalents of
-    FLOPs (``budget * flops_per_call``), network and reward FLOPs together."""
+    FLOPs (``budget * flops_per_call``), network and reward FLOPs together. ``samples``: a dict that
+    receives the first search's image per target under ``(label, budget)``."""
     strategy_name, options = CONFIGS[label]
-    size_budget = budget
-    if kind == "flops":  # size the candidates by the NFEs the budget buys when every NFE is scored
-        size_budget = int(budget * den.flops_per_call / (den.flops_per_call + reward.flops_per_image))
-    try:
-        opts = options(size_budget, reward=reward.name)
-    except TypeError:
-        opts = options(size_budget)
-    tden = TimedDenoiser(den, paired=paired)
-    timed = TimedReward(reward)
+    opts = _options(options, den, reward, budget, kind)
+    tden, timed = TimedDenoiser(den, paired=paired), TimedReward(reward)
     limits = {"budget_flops": budget * den.flops_per_call} if kind == "flops" else {"budget_nfe": budget}
     problem = build_problem(tden, timed, [str(d) for d in range(10)], num_samples=seeds, steps=TRAJ,
                             sampler="euler-ancestral", seed=seed, max_batch=max_batch, **limits)
-    b, sampler, prompts = problem.budget, problem.sampler, problem.prompts
     calls: list[int] = []
-    sampler.on_call = calls.append
+    problem.sampler.on_call = calls.append
     strat = make_strategy(strategy_name, **opts)
     cell = {"label": label, "strategy": strategy_name, "budget": budget, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}}
     t0, c0 = time.perf_counter(), CLOCK()
@@ -234,6 +233,32 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
     wall, cpu = time.perf_counter() - t0, CLOCK() - c0
     wall, cpu = wall - tden.shadow_seconds, cpu - tden.shadow_seconds  # the paired calls are not the strategy's
     images = den.decode(result.x0).float().cpu()
+    if samples is not None:
+        samples[(label, budget)] = images.view(10, seeds, *images.shape[1:])[:, 0]
+    info = {k: v for k, v in result.info.items() if k != "all_rewards"}
+    cell.update(status="ok", fitted=fitted(strategy_name, info, strat.params()),
+                reward_mean=float(result.rewards.mean()),
+                reward_sem=float(result.rewards.std() / math.sqrt(len(problem.prompts))),
+                **_quality(images, problem.prompts, classifier, judge),
+                **_overheads(wall, cpu, timed.seconds, tden, timer.expected(calls, max_batch), paired),
+                **_spend(problem.budget, den.flops_per_call, calls, len(problem.prompts)),
+                info=info, params=strat.params())
+    return cell
+
+
+def _options(options, den, reward, budget: int, kind: str) -> dict:
+    """The strategy's options at this budget (sized by the NFEs it buys when every NFE is scored, for FLOP budgets)."""
+    size_budget = budget
+    if kind == "flops":
+        size_budget = int(budget * den.flops_per_call / (den.flops_per_call + reward.flops_per_image))
+    try:
+        return options(size_budget, reward=reward.name)
+    except TypeError:
+        return options(size_budget)
+
+
+def _quality(images: torch.Tensor, prompts, classifier, judge) -> dict:
+    """Accuracy by the optimised classifier and the independent judge; diversity within a target."""
     targets = parse_digits(prompts)
     with torch.no_grad():
         cls, _ = classifier.predict(images)
@@ -243,39 +268,44 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
         flat = images[targets == d].flatten(1)
         if flat.shape[0] > 1:
             div.append(float(torch.pdist(flat).mean()))
-    expected = timer.expected(calls, max_batch)
+    return {"classifier_accuracy": float((cls == targets).float().mean()),
+            "judge_accuracy": float((jcls == targets).float().mean()),
+            "diversity": sum(div) / len(div) if div else float("nan")}
+
+
+def _ratio(a: float, b: float | None) -> float:
+    return a / b if b else float("nan")
+
+
+def _overheads(wall: float, cpu: float, reward_seconds: float, tden: TimedDenoiser, expected: float, paired: bool) -> dict:
+    """CPU and wall time of the search against its denoiser time, measured the three ways."""
+    return {
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "reward_cpu_seconds": reward_seconds,
+        "denoiser_cpu_seconds_expected": expected,
+        "overhead_ratio": _ratio(cpu, expected if expected > 0 else None),
+        "overhead_ratio_wall": _ratio(wall, expected if expected > 0 else None),
+        "denoiser_cpu_seconds_in_run": tden.seconds,
+        "overhead_ratio_in_run": _ratio(cpu, tden.seconds if tden.seconds > 0 else None),
+        "overhead_ratio_without_reward": _ratio(cpu - reward_seconds, tden.seconds if tden.seconds > 0 else None),
+        "denoiser_cpu_seconds_paired": tden.paired_seconds if paired else None,
+        "overhead_ratio_paired": _ratio(cpu, tden.paired_seconds if paired and tden.paired_seconds > 0 else None),
+    }
+
+
+def _spend(b, flops_per_call: float, calls: list[int], num_prompts: int) -> dict:
+    """What the search spent (from its budget's meters) and how it batched its calls."""
     nfe = int(b.nfe.sum())
-    info = {k: v for k, v in result.info.items() if k != "all_rewards"}
-    cell.update(
-        status="ok",
-        fitted=fitted(strategy_name, info, strat.params()),
-        reward_mean=float(result.rewards.mean()),
-        reward_sem=float(result.rewards.std() / math.sqrt(len(prompts))),
-        classifier_accuracy=float((cls == targets).float().mean()),
-        judge_accuracy=float((jcls == targets).float().mean()),
-        diversity=sum(div) / len(div) if div else float("nan"),
-        wall_seconds=wall,
-        cpu_seconds=cpu,
-        reward_cpu_seconds=timed.seconds,
-        denoiser_cpu_seconds_expected=expected,
-        overhead_ratio=cpu / expected if expected > 0 else float("nan"),
-        overhead_ratio_wall=wall / expected if expected > 0 else float("nan"),
-        denoiser_cpu_seconds_in_run=tden.seconds,
-        overhead_ratio_in_run=cpu / tden.seconds if tden.seconds > 0 else float("nan"),
-        overhead_ratio_without_reward=(cpu - timed.seconds) / tden.seconds if tden.seconds > 0 else float("nan"),
-        denoiser_cpu_seconds_paired=tden.paired_seconds if paired else None,
-        overhead_ratio_paired=cpu / tden.paired_seconds if paired and tden.paired_seconds > 0 else float("nan"),
-        nfe_max=int(b.nfe.max()),
-        flops_max=float(b.flops.max()),
-        flops_mean_in_nfe=float(b.flops.mean()) / den.flops_per_call,
-        nfe_mean=nfe / len(prompts),
-        reward_calls_mean=float(b.reward_calls.double().mean()),
-        calls=len(calls),
-        rows_per_call=nfe / max(1, len(calls)),
-        info=info,
-        params=strat.params(),
-    )
-    return cell
+    return {
+        "nfe_max": int(b.nfe.max()),
+        "flops_max": float(b.flops.max()),
+        "flops_mean_in_nfe": float(b.flops.mean()) / flops_per_call,
+        "nfe_mean": nfe / num_prompts,
+        "reward_calls_mean": float(b.reward_calls.double().mean()),
+        "calls": len(calls),
+        "rows_per_call": nfe / max(1, len(calls)),
+    }
 
 
 # ---- outputs -----------------------------------------------------------------------------------------
@@ -347,14 +377,15 @@ def plot(groups: dict[str, list[dict]], path: Path, keys: list[tuple[str, str]],
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(path, fig, dpi=100)
     plt.close(fig)
 
 
-def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
-    """search_results.json / .md and the plots from the collected cells."""
+def write_outputs(data: dict, out: Path, prefix: str = "search", samples: dict | None = None) -> None:
+    """search_results.json / .md and the plots from the collected cells; with ``samples`` (reward ->
+    {(label, budget): first image per target}) also the labelled image grid PREFIX_samples.png."""
     meta, main_cells, other = data["meta"], data["cells"], data["other_rewards"]
-    (out / f"{prefix}_results.json").write_text(json.dumps(data, indent=1))
+    atomic_write_text(out / f"{prefix}_results.json", json.dumps(data, indent=1))
     budgets = sorted({c["budget"] for c in main_cells})
     labels = list(dict.fromkeys(c["label"] for c in main_cells))
     reward = main_cells[0]["reward"]
@@ -380,7 +411,7 @@ def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
                   + "\n\nDiversity:\n\n" + pivot(cells, "diversity", ".2f", ob, ol)
                   + "\n\nOverhead ratio (paired timing):\n\n" + pivot(cells, "overhead_ratio_paired", ".2f", ob, ol)
                   + "\n\nOverhead ratio (in-run denoiser time):\n\n" + pivot(cells, "overhead_ratio_in_run", ".2f", ob, ol))
-    (out / f"{prefix}_results.md").write_text("\n\n".join(md) + "\n")
+    atomic_write_text(out / f"{prefix}_results.md", "\n\n".join(md) + "\n")
     plot({reward: main_cells}, out / f"{prefix}_reward_vs_nfe.png",
          [("reward_mean", "mean reward"), ("judge_accuracy", "judge accuracy"), ("classifier_accuracy", "classifier accuracy"),
           ("diversity", "diversity (pairwise L2, same target)"), ("overhead_ratio_paired", "overhead (CPU, paired timing)"),
@@ -388,18 +419,33 @@ def write_outputs(data: dict, out: Path, prefix: str = "search") -> None:
          ncols=4)
     if other:
         plot(other, out / f"{prefix}_other_rewards.png", [("reward_mean", "mean reward"), ("diversity", "diversity")], ncols=2)
+    if samples and samples.get(reward):
+        sample_grid(out / f"{prefix}_samples.png", main_cells, samples[reward], meta.get("budget_kind", "nfe"))
 
 
-def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = Path("runs/bench-search")) -> int:
-    from noisesearch.cli import OneLineParser
-    from noisesearch.cli.config import expand_config, write_config
-    from noisesearch.errors import NoiseSearchError
-    from noisesearch.validate import check_memory, int_in, int_list, output_dir, positive_int
+def sample_grid(path: Path, cells: list[dict], samples: dict, kind: str = "nfe") -> None:
+    """The first search's image per target of every configuration at the largest budget: one row per
+    configuration (label, what it spent, judge accuracy), one column per target digit."""
+    budget = max(b for _, b in samples)
+    rows = [c for c in cells if c["status"] == "ok" and c["budget"] == budget and (c["label"], budget) in samples]
+    if not rows:
+        return
+    spent = (lambda c: f"{c['flops_mean_in_nfe']:.0f} NFE-eq. FLOPs") if kind == "flops" else (lambda c: f"{c['nfe_max']} NFEs")
+    labels = [f"{c['label']}\n{spent(c)}\njudge acc {c['judge_accuracy']:.2f}" for c in rows]
+    unit = "NFE-equivalents of FLOPs" if kind == "flops" else "NFEs"
+    save_labelled_grid(path, torch.cat([samples[(c["label"], budget)] for c in rows]), len(rows), labels,
+                       [f"target {d}" for d in range(10)],
+                       title=f"{rows[0]['reward']}, budget {budget} {unit} per sample: the first search of each target")
 
-    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                      epilog="Every option is optional: with none, the full benchmark runs (about 9 min on one thread). "
-                      "A budget below one trajectory (18 NFEs) is refused. Not resumable: a rerun recomputes every cell.")
-    p.add_argument("--config", metavar="FILE", default=None, help="read options from a YAML/TOML file (keys named as the flags); flags override it")
+
+def build_parser(prog: str = "noisesearch bench search", parser_class=argparse.ArgumentParser,
+                 default_out: Path = Path("runs/bench-search")) -> argparse.ArgumentParser:
+    """The benchmark's options (``noisesearch bench search`` adds ``--config FILE`` and one-line errors)."""
+    from noisesearch.validate import int_in, positive_int
+
+    p = parser_class(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Every option is optional: with none, the full benchmark runs (about 9 min on one thread). "
+                     "A budget below one trajectory (18 NFEs) is refused. Not resumable: a rerun recomputes every cell.")
     p.add_argument("--budgets", default="18,72,144,360,720,1440", help="budgets per output sample, comma separated: NFEs, or "
                    "NFE-equivalents of FLOPs with --budget-kind flops; each at least 18 (one trajectory) (default: %(default)s)")
     p.add_argument("--seeds", type=int_in(1, 10000), default=8, help="independent searches per target digit (default 8: 80 searches per cell)")
@@ -420,87 +466,148 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
                    help="skip the paired timing of every denoiser call (halves the denoiser time of the benchmark)")
     p.add_argument("--replot", action="store_true", help="only rewrite the tables and plots from OUT/PREFIX_results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress display (on a terminal a bar, otherwise a line every few seconds)")
+    return p
+
+
+def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = Path("runs/bench-search")) -> int:
+    """``python -m noisesearch.bench.search [OPTIONS]`` (``noisesearch bench search`` also takes ``--config FILE``)."""
+    from noisesearch.errors import NoiseSearchError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(expand_config(p, argv, "bench search"))
+    args = build_parser(prog, default_out=default_out).parse_args(argv)
+    try:
+        return run(args, f"{prog} {shlex.join(argv)}".strip())
+    except NoiseSearchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, command: str, save_config: Callable[[Path], object] | None = None) -> int:
+    """Run the sweeps of ``args`` (from :func:`build_parser`); ``command`` is recorded in the results and
+    ``save_config(path)``, when given, writes the resolved options next to them."""
+    from noisesearch.progress import Progress
+    from noisesearch.validate import output_dir
+
     prefix = args.prefix or ("search_flops" if args.budget_kind == "flops" else "search")
     if args.replot:
-        src = args.out / f"{prefix}_results.json"
-        try:
-            data = json.loads(src.read_text())
-        except (OSError, ValueError) as e:
-            raise NoiseSearchError(f"--replot: cannot read {src} ({getattr(e, 'strerror', None) or e})") from None
-        write_outputs(data, args.out, prefix)
-        print(f"rewrote {args.out}/{prefix}_results.md and the plots")
-        return 0
-
-    budgets = int_list(args.budgets, "--budgets", TRAJ, 10**6)
-    other_budgets = int_list(args.other_budgets, "--other-budgets", TRAJ, 10**6)
-    labels = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    if not labels:
-        raise NoiseSearchError("--strategies: give at least one configuration")
-    for label in labels + [x.strip() for x in args.other_strategies.split(",") if x.strip()]:
-        if label not in CONFIGS:
-            raise NoiseSearchError(f"unknown strategy configuration {label!r}; choose among {', '.join(CONFIGS)}")
-    as_reward(args.reward)
-    for r in [x.strip() for x in args.other_rewards.split(",") if x.strip()]:
-        as_reward(r)
-    # memory: best-of-N holds every candidate of every search at once (8x8 digits: x, x0, noise and
-    # decoded images, float32, with headroom): 10 targets x seeds x budget / 18 rows
-    rows = max(10 * args.seeds * max(budgets), 10 * args.other_seeds * max(other_budgets)) / TRAJ
-    check_memory(rows * 64 * 4 * 8, f"bench search ({int(rows):,} candidates at the largest budget)", "--budgets or --seeds")
+        return _replot(args.out, prefix)
+    plan = _plan(args)
     output_dir(args.out, "bench search", [f"{prefix}_results.json"])
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    n_cells = len(plan.budgets) * len(plan.labels) + len(plan.others) * len(plan.other_budgets) * len(plan.other_labels)
+    sweep = Sweep(args, Progress(n_cells, desc="bench search", unit="cell", enabled=not args.no_progress))
+    main_cells = sweep.run(args.reward, plan.budgets, plan.labels, args.seeds)
+    other = {r: sweep.run(r, plan.other_budgets, plan.other_labels, args.other_seeds) for r in plan.others}
+    sweep.bar.close()
+    meta = _meta(args, command, sweep)
+    if save_config is not None:
+        save_config(args.out / f"{prefix}_config.yaml")
+    write_outputs({"meta": meta, "cells": main_cells, "other_rewards": other}, args.out, prefix, samples=sweep.samples)
+    print()
+    for key, fmt in (("reward_mean", ".3f"), ("judge_accuracy", ".3f"), ("overhead_ratio_paired", ".2f")):
+        print(pivot(main_cells, key, fmt, plan.budgets, plan.labels) + "\n")
+    print(f"wrote {args.out}/{prefix}_results.json, {prefix}_results.md, {prefix}_reward_vs_nfe.png, {prefix}_samples.png"
+          + (f", {prefix}_other_rewards.png" if other else ""))
+    return 0
 
-    from noisesearch.rewards.digit import load_classifier, load_judge
 
-    w = args.weights_dir
-    den = as_denoiser("digits", guidance=0, options={"weights": w / "digits_denoiser.safetensors"} if w else None)
-    classifier = load_classifier("cpu", w / "digit_classifier.safetensors" if w else None)
-    judge = load_judge("cpu", w / "digit_judge.safetensors" if w else None)
-    timer = CallTimer(den)
-    t_start = time.perf_counter()
+def _replot(out: Path, prefix: str) -> int:
+    from noisesearch.errors import NoiseSearchError
 
-    from noisesearch.progress import Progress
+    src = out / f"{prefix}_results.json"
+    try:
+        data = json.loads(src.read_text())
+    except (OSError, ValueError) as e:
+        raise NoiseSearchError(f"--replot: cannot read {src} ({getattr(e, 'strerror', None) or e})") from None
+    write_outputs(data, out, prefix)
+    print(f"rewrote {out}/{prefix}_results.md and the plots")
+    return 0
 
-    others = [x.strip() for x in args.other_rewards.split(",") if x.strip()]
-    n_cells = len(budgets) * len(labels) + len(others) * len(other_budgets) * len([x for x in args.other_strategies.split(",") if x.strip()])
-    bar = Progress(n_cells, desc="bench search", unit="cell", enabled=not args.no_progress)
 
-    def sweep(reward_name, budgets_, labels_, seeds):
-        reward = classifier if reward_name == "digit" and w else as_reward(reward_name)
-        cells = []
-        for label in labels_:
-            for b in budgets_:
-                if label == "naive" and b != budgets_[0]:  # naive ignores the budget: run once, repeat
-                    c = dict(cells[-1]) if cells and cells[-1]["label"] == "naive" else None
-                    if c is not None:
-                        c["budget"] = b
-                        cells.append(c)
-                        bar.update(1)
-                        continue
-                cell = run_cell(den, reward, classifier, judge, timer, label, b, seeds, args.seed, args.max_batch, args.budget_kind,
-                                paired=args.paired)
-                cell["reward"] = reward_name
-                cells.append(cell)
-                bar.update(1)
-                if cell["status"] == "ok":
-                    print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  reward {cell['reward_mean']:8.4f}  "
-                          f"judge {cell['judge_accuracy']:.3f}  div {cell['diversity']:.3f}  wall {cell['wall_seconds']:6.1f}s  "
-                          f"overhead {cell['overhead_ratio_paired']:.2f} (in-run {cell['overhead_ratio_in_run']:.2f})  {cell['fitted']}", flush=True)
+@dataclass
+class _Plan:
+    budgets: list[int]
+    labels: list[str]
+    others: list[str]  # rewards of the second sweep
+    other_budgets: list[int]
+    other_labels: list[str]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _plan(args) -> _Plan:
+    """The sweeps, checked before any work (budgets, configurations, rewards, memory)."""
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.validate import check_memory, int_list
+
+    plan = _Plan(int_list(args.budgets, "--budgets", TRAJ, 10**6), _names(args.strategies), _names(args.other_rewards),
+                 int_list(args.other_budgets, "--other-budgets", TRAJ, 10**6), _names(args.other_strategies))
+    if not plan.labels:
+        raise NoiseSearchError("--strategies: give at least one configuration")
+    for label in plan.labels + plan.other_labels:
+        if label not in CONFIGS:
+            raise NoiseSearchError(f"unknown strategy configuration {label!r}; choose among {', '.join(CONFIGS)}")
+    for r in [args.reward, *plan.others]:
+        as_reward(r)
+    # memory: best-of-N holds every candidate of every search at once (8x8 digits: x, x0, noise and
+    # decoded images, float32, with headroom): 10 targets x seeds x budget / 18 rows
+    rows = max(10 * args.seeds * max(plan.budgets), 10 * args.other_seeds * max(plan.other_budgets)) / TRAJ
+    check_memory(rows * 64 * 4 * 8, f"bench search ({int(rows):,} candidates at the largest budget)", "--budgets or --seeds")
+    return plan
+
+
+class Sweep:
+    """The models, the call timer and the progress shared by every cell of a run."""
+
+    def __init__(self, args, bar):
+        from noisesearch.rewards.digit import load_classifier, load_judge
+
+        w = self.weights = args.weights_dir
+        self.args, self.bar = args, bar
+        self.den = as_denoiser("digits", guidance=0, options={"weights": w / "digits_denoiser.safetensors"} if w else None)
+        self.classifier = load_classifier("cpu", w / "digit_classifier.safetensors" if w else None)
+        self.judge = load_judge("cpu", w / "digit_judge.safetensors" if w else None)
+        self.timer = CallTimer(self.den)
+        self.samples: dict[str, dict] = {}  # reward -> {(label, budget): first image per target}
+        self.t_start = time.perf_counter()
+
+    def run(self, reward_name: str, budgets: list[int], labels: list[str], seeds: int) -> list[dict]:
+        """Every configuration at every budget (naive ignores the budget: run once, repeated)."""
+        reward = self.classifier if reward_name == "digit" and self.weights else as_reward(reward_name)
+        samples = self.samples.setdefault(reward_name, {})
+        cells: list[dict] = []
+        for label in labels:
+            for b in budgets:
+                if label == "naive" and b != budgets[0] and cells and cells[-1]["label"] == "naive":
+                    cell = dict(cells[-1], budget=b)
+                    if (label, budgets[0]) in samples:
+                        samples[(label, b)] = samples[(label, budgets[0])]
                 else:
-                    print(f"[{time.perf_counter() - t_start:7.1f}s] {reward_name:15s} {label:20s} {b:5d}  n/a ({cell['reason'][:80]})", flush=True)
+                    a = self.args
+                    cell = run_cell(self.den, reward, self.classifier, self.judge, self.timer, label, b, seeds, a.seed,
+                                    a.max_batch, a.budget_kind, paired=a.paired, samples=samples)
+                    cell["reward"] = reward_name
+                    self._print(cell)
+                cells.append(cell)
+                self.bar.update(1)
         return cells
 
-    main_cells = sweep(args.reward, budgets, labels, args.seeds)
-    other = {}
-    for r in others:
-        other[r] = sweep(r, other_budgets, [x.strip() for x in args.other_strategies.split(",") if x.strip()], args.other_seeds)
-    bar.close()
+    def _print(self, cell: dict) -> None:
+        head = f"[{time.perf_counter() - self.t_start:7.1f}s] {cell['reward']:15s} {cell['label']:20s} {cell['budget']:5d}"
+        if cell["status"] != "ok":
+            print(f"{head}  n/a ({cell['reason'][:80]})", flush=True)
+            return
+        print(f"{head}  reward {cell['reward_mean']:8.4f}  judge {cell['judge_accuracy']:.3f}  div {cell['diversity']:.3f}  "
+              f"wall {cell['wall_seconds']:6.1f}s  overhead {cell['overhead_ratio_paired']:.2f} "
+              f"(in-run {cell['overhead_ratio_in_run']:.2f})  {cell['fitted']}", flush=True)
 
-    command = prog + " " + shlex.join(argv)
-    meta = {
-        "command": command.strip(),
+
+def _meta(args, command: str, sweep: Sweep) -> dict:
+    return {
+        "command": command,
         "model": "digits (guidance 0, unconditional), 18 Euler-ancestral steps",
         "budget_kind": args.budget_kind,
         "searches_per_cell": 10 * args.seeds,
@@ -511,19 +618,9 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "denoiser_call_seconds": {str(k): statistics.median(v) for k, v in sorted(timer.log.items())},
-        "total_seconds": time.perf_counter() - t_start,
+        "denoiser_call_seconds": {str(k): statistics.median(v) for k, v in sorted(sweep.timer.log.items())},
+        "total_seconds": time.perf_counter() - sweep.t_start,
     }
-    write_config(args.out / f"{prefix}_config.yaml", p, args, "bench search")
-    write_outputs({"meta": meta, "cells": main_cells, "other_rewards": other}, args.out, prefix)
-    print()
-    print(pivot(main_cells, "reward_mean", ".3f", budgets, labels))
-    print()
-    print(pivot(main_cells, "judge_accuracy", ".3f", budgets, labels))
-    print()
-    print(pivot(main_cells, "overhead_ratio_paired", ".2f", budgets, labels))
-    print(f"\nwrote {args.out}/{prefix}_results.json, {prefix}_results.md, {prefix}_reward_vs_nfe.png" + (f", {prefix}_other_rewards.png" if other else ""))
-    return 0
 
 
 if __name__ == "__main__":

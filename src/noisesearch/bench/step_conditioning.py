@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from noisesearch.bench.noise_aware import PROMPTS, cli, per_step_metrics
+from noisesearch.bench.noise_aware import make_pool, per_step_metrics, train_config, train_reward
 
 ROOT = Path.cwd()  # run from the repository: docs/ is found from here
 
@@ -43,22 +42,20 @@ def main(argv=None, prog=None) -> int:
     from noisesearch.pools import load_pool
 
     root = args.root
-    common = ["--model", "digits", "--guidance", "0", "--prompts", PROMPTS, "--device", "cpu", "--no-progress"]
     train_pool = root / "pools/digits-sc"
+    configs = {variant: train_config(args.train_args, gate=False, step_conditioning=conditioned)
+               for variant, conditioned in (("snapshots", False), ("conditioned", True))}
     t0 = time.perf_counter()
-    cli(["pool", *common, "--reward", "digit", "--candidates", str(args.train_candidates), "--save-images", "--seed", "0",
-         "--out", str(train_pool)])
+    make_pool(train_pool, ["digit"], args.train_candidates, 0, save_images=True)
     results = {"train_candidates": args.train_candidates, "eval_candidates": args.eval_candidates,
                "train_args": args.train_args, "variants": {}}
-    for variant, extra in (("snapshots", []), ("conditioned", ["--step-conditioning"])):
+    for variant, config in configs.items():
         rdir = root / f"rewards/digit-na-{variant}"
         t = time.perf_counter()
-        cli(["train-reward", "--pool", str(train_pool), "--reward", "digit", "--out", str(rdir), "--device", "cpu",
-             "--no-progress", "--no-gate", *shlex.split(args.train_args), *extra])
+        train_reward(train_pool, rdir, config)
         train_s = time.perf_counter() - t
         epool = root / f"pools/digits-sc-eval-{variant}"
-        cli(["pool", *common, "--reward", f"digit,noise-aware@{rdir}", "--candidates", str(args.eval_candidates),
-             "--seed", "1", "--out", str(epool)])
+        make_pool(epool, ["digit", f"noise-aware@{rdir}"], args.eval_candidates, 1)
         res = per_step_metrics(load_pool(epool))
         res["train_seconds"] = round(train_s, 1)
         results["variants"][variant] = res

@@ -56,6 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOCKED = {"generate", "pool", "train-reward", "train-digits"}  # commands whose --out is a run folder
+
+
+def held_output(args):
+    """``output_lock(args.out)`` for the commands that write a run folder, taken by the main process
+    only; a no-op where ``--out`` cannot be a folder (the command's own check says why)."""
+    import contextlib
+    from pathlib import Path
+
+    from noisesearch.dist import launch_info
+    from noisesearch.io import output_lock
+
+    out = getattr(args, "out", None)
+    if args.command not in LOCKED or out is None or (Path(out).exists() and not Path(out).is_dir()):
+        return contextlib.nullcontext()
+    try:
+        info = launch_info()
+    except NoiseSearchError:
+        info = None  # the command refuses the launcher's variables itself
+    if info is not None and info[0] != 0:
+        return contextlib.nullcontext()
+    return output_lock(out, "noisesearch " + " ".join(getattr(args, "argv", []) or [args.command]), quiet_mkdir=True)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
@@ -80,7 +104,8 @@ def main(argv=None) -> int:
         return 2
     args.cli_parser = sub.choices[args.command]
     try:
-        return int(args.func(args) or 0)
+        with held_output(args):  # one run at a time in an output folder (noisesearch.io.output_lock)
+            return int(args.func(args) or 0)
     except SystemExit as e:  # a benchmark's own argparse
         return e.code if isinstance(e.code, int) else 2
     except NoiseSearchError as e:

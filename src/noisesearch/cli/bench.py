@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 
 from noisesearch.bench import BENCHMARKS
 from noisesearch.errors import NoiseSearchError, unknown_name
@@ -30,4 +31,21 @@ def run(args) -> int:
     if args.name not in BENCHMARKS:
         raise unknown_name("benchmark", args.name, list(BENCHMARKS))
     module = importlib.import_module(f"noisesearch.bench.{args.name}")
-    return int(module.main(args.options, prog=f"noisesearch bench {args.name}") or 0)
+    prog = f"noisesearch bench {args.name}"
+    if not hasattr(module, "build_parser"):
+        return int(module.main(args.options, prog=prog) or 0)
+    return _run_with_config(module, prog, list(args.options))
+
+
+def _run_with_config(module, prog: str, argv: list[str]) -> int:
+    """A benchmark that exposes ``build_parser`` / ``run``: parsed here with one-line errors and
+    ``--config FILE``; its resolved options are written beside its results."""
+    from noisesearch.cli import OneLineParser, add_config_option
+    from noisesearch.cli.config import expand_config, write_config
+
+    command = prog.removeprefix("noisesearch ")
+    p = module.build_parser(prog, OneLineParser)
+    add_config_option(p)
+    ns = p.parse_args(expand_config(p, argv, command))
+    return int(module.run(ns, f"{prog} {shlex.join(argv)}".strip(),
+                          save_config=lambda path: write_config(path, p, ns, command)) or 0)

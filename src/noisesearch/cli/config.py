@@ -1,6 +1,7 @@
 """``--config FILE`` for every command, and the resolved ``config.yaml`` every run writes.
 
-A config file (YAML, or TOML when it ends in ``.toml``) maps option names to values; the keys are
+A config file (YAML, or TOML when it ends in ``.toml``; read within bounds by
+:func:`noisesearch.config.load_config_file`) maps option names to values; the keys are
 the flags without the leading dashes (``budget-nfe`` or ``budget_nfe``), plus an optional
 ``command`` that must name the command it is given to. Values become the flags they name, placed
 before the command line, so flags given on the command line override the file (for repeatable
@@ -17,35 +18,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from noisesearch.config import load_config_file
 from noisesearch.errors import NoiseSearchError
 
 _SKIP = {"help", "config", "version"}
-
-
-def load_config_file(path) -> dict[str, Any]:
-    """A config file as a dict (YAML or TOML); NoiseSearchError if unreadable or not a mapping."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise NoiseSearchError(f"cannot read --config {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NoiseSearchError(f"--config {path} does not parse: {first}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise NoiseSearchError(f"--config {path} must map option names to values (got a {type(data).__name__})")
-    return data
 
 
 def _long_name(action) -> str:

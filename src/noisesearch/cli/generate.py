@@ -14,10 +14,10 @@ from noisesearch.cli.common import (
     apply_threads,
     pipeline_model_options,
     resolve_device,
-    write_run_config,
 )
 from noisesearch.dist import dist_state
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import read_text_limited
 from noisesearch.validate import budget_flops, budget_nfe, finite_float, int_in, nonneg_int, output_dir, positive_int
 
 EPILOG = """examples:
@@ -75,6 +75,12 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+# what an option means on the command line where it differs from the strategy field's note (the
+# strategies take objects; the CLI resolves names through noisesearch.build)
+_CLI_NOTES = {"prune_reward": "reward scoring the checks: a reward spec, e.g. noise-aware@DIR (a train-reward checkpoint "
+                              "folder) or mypackage.rewards:function; default: the search's reward"}
+
+
 def strategy_option_fields():
     """{option name: (parse type, [(strategy, default), ...], kind, [what it does, ...])} over every
     registered strategy (descriptions from the comments of the strategies' dataclass fields)."""
@@ -82,7 +88,7 @@ def strategy_option_fields():
 
     opts: dict[str, tuple] = {}
     for sname, cls in STRATEGIES.items():
-        notes = _field_comments(cls)
+        notes = {**_field_comments(cls), **_CLI_NOTES}
         for f in dataclasses.fields(cls):
             tname = str(f.type).replace("typing.", "")
             typ = _TYPES.get(tname, str)
@@ -118,8 +124,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("model and prompts")
-    g.add_argument("--model", default="digits", help="'digits' (built in), a diffusers pipeline folder, or a hub name org/model (default: digits)")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); for digits a digit 0-9")
+    g.add_argument("--model", default="digits", help="'digits' (built in), galaxygrad:hsc32 (and hsc64, ztf32, ztf64), a diffusers pipeline folder, or a hub name org/model (default: digits)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); for digits a digit 0-9; optional for unconditional models")
     g.add_argument("--prompts-file", type=Path, help="file with one prompt per line (or a JSON list)")
     g.add_argument("--guidance", type=finite_float(0, 1e4), default=1.0, help="0 = unconditional, 1 = conditional, > 1 classifier-free guidance (default: 1)")
     g.add_argument("--steps", type=int_in(1, 10000), default=None, help="sampling steps (default: the model's, 18 for digits)")
@@ -135,7 +141,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_pipeline_options(g)
 
     g = p.add_argument_group("search")
-    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH, pickscore@DIR, hps@DIR, imagereward@DIR, aesthetic@DIR), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH, pickscore@DIR, hps@DIR, imagereward@DIR, aesthetic@DIR), a function by import path (mypackage.rewards:sharpness, f(images, prompts) -> [B]), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--reward-flops", type=finite_float(0, 1e30), default=None, metavar="F",
+                   help="declare or override the reward's price in FLOPs per image (a function by import path costs 0 "
+                   "unless declared: a FLOP budget then pays only for network evaluations and decodes)")
     g.add_argument("--eval-reward", action="append", default=[], metavar="SPECS",
                    help="rewards NOT optimised that score the chosen samples afterwards, comma-separated, repeatable "
                    "(e.g. hps@DIR,pickscore@DIR); written to report.json (eval_rewards), outside the budget")
@@ -166,12 +175,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def read_prompts(args) -> list[str]:
+    """``--prompt`` (repeatable) and ``--prompts-file`` (one per line, or a JSON list; UTF-8, bounded)."""
     prompts = list(args.prompt)
     if args.prompts_file:
-        try:
-            text = args.prompts_file.read_text()
-        except OSError as e:
-            raise NoiseSearchError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
+        text = read_text_limited(args.prompts_file, "--prompts-file")
         if text.lstrip().startswith("["):
             try:
                 prompts += [str(x) for x in json.loads(text)]
@@ -179,67 +186,76 @@ def read_prompts(args) -> list[str]:
                 raise NoiseSearchError(f"--prompts-file {args.prompts_file} looks like JSON but does not parse: {e}") from None
         else:
             prompts += [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise NoiseSearchError("give at least one prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
 
 
-def run(args) -> int:
-    from noisesearch import api
+def generate_kwargs(args, prompts: list[str], device: str, dist) -> dict:
+    """The keyword arguments of ``noisesearch.generate`` from the parsed options."""
     from noisesearch.rewards.base import split_specs
+
+    return dict(
+        model=args.model, prompts=prompts or None, reward=args.reward, reward_flops=args.reward_flops,
+        strategy=args.strategy, budget_nfe=args.budget_nfe, budget_flops=args.budget_flops,
+        num_samples=args.num_samples, guidance=args.guidance, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        device=device, max_batch=args.max_batch, score_batch=args.score_batch,
+        strategy_options={k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None},
+        progress=not (args.no_progress or args.quiet) and (dist is None or dist.is_main_process),
+        model_options=pipeline_model_options(args),
+        shard=None if dist is None else (dist.process_index, dist.num_processes),
+        eval_rewards=[spec for text in args.eval_reward for spec in split_specs(text)],
+        trace=dist is None,  # search.png is drawn for single-process runs only
+        out=args.out, save=False,  # out: its disk space is checked before the search; written here
+    )
+
+
+def run(args) -> int:
+    """Check the options, hold --out, search (each process its shard under ``accelerate launch``),
+    and write the run folder with ``save_run`` (the main process, once)."""
+    from noisesearch import api
 
     prompts = read_prompts(args)
     apply_threads(args)
     if args.budget_nfe is None and args.budget_flops is None:
         raise NoiseSearchError("give a budget: --budget-nfe N (network evaluations per sample) or --budget-flops F")
     output_dir(args.out, "generate", ["report.json"])
-    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    model_options = pipeline_model_options(args)
     device = resolve_device(args.device)
     dist = dist_state(device)  # several processes under `accelerate launch`: each runs a shard
     if dist is not None and device.startswith("cuda"):
         device = str(dist.device)
-    result = api.generate(
-        model=args.model,
-        prompts=prompts,
-        reward=args.reward,
-        strategy=args.strategy,
-        budget_nfe=args.budget_nfe,
-        budget_flops=args.budget_flops,
-        num_samples=args.num_samples,
-        guidance=args.guidance,
-        steps=args.steps,
-        sampler=args.sampler,
-        seed=args.seed,
-        device=device,
-        max_batch=args.max_batch,
-        score_batch=args.score_batch,
-        strategy_options=options,
-        progress=not (args.no_progress or args.quiet) and (dist is None or dist.is_main_process),
-        model_options=model_options,
-        shard=None if dist is None else (dist.process_index, dist.num_processes),
-        eval_rewards=[spec for text in args.eval_reward for spec in split_specs(text)],
-        trace=True,
-    )
+    # --out is held by the CLI's main (noisesearch.cli.held_output) for the whole command
+    result = api.generate(**generate_kwargs(args, prompts, device, dist))
     if dist is not None:  # the main process merges the shards and writes the one run
         from accelerate.utils import gather_object
 
-        result.extra.pop("trace", None)  # search.png is drawn for single-process runs only
         shards = gather_object([result])
         if not dist.is_main_process:
             return 0
         result = api.merge_runs(shards)
-    write_run_config(args, args.out)
+    result.config = run_config(args)
     result.report["command"] = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     out = api.save_run(result, args.out)
     if not args.quiet:
-        r = result.report
-        line = f"{r['strategy']}: reward_mean {r['reward_mean']:.4f}"
-        if "judge_accuracy" in r:
-            line += f"  judge_accuracy {r['judge_accuracy']:.3f}"
-        for spec, e in r.get("eval_rewards", {}).items():
-            line += f"  eval[{spec}] {e['mean']:.4f}"
-        line += f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
-        print(line)
-        print(f"wrote {out}/samples.png, {out}/samples/, {out}/images.npy, {out}/search.png, {out}/config.yaml, {out}/report.json")
+        print(summary_line(result.report))
+        names = ["samples.png", "samples/", "images.npy", "search.png", "config.yaml", "report.json"]
+        print("wrote " + ", ".join(f"{out}/{n}" for n in names if (out / n.rstrip("/")).exists()))
     return 0
+
+
+def run_config(args) -> dict | None:
+    """The run's fully resolved options (``config.yaml``), as the CLI parsed them."""
+    parser = getattr(args, "cli_parser", None)
+    if parser is None:
+        return None
+    from noisesearch.cli.config import resolved_config
+
+    return resolved_config(parser, args, args.command)
+
+
+def summary_line(r: dict) -> str:
+    line = f"{r['strategy']}: reward_mean {r['reward_mean']:.4f}"
+    if "judge_accuracy" in r:
+        line += f"  judge_accuracy {r['judge_accuracy']:.3f}"
+    for spec, e in r.get("eval_rewards", {}).items():
+        if spec != "judge":
+            line += f"  eval[{spec}] {e['mean']:.4f}"
+    return line + f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"

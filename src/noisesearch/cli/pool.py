@@ -27,7 +27,9 @@ EPILOG = """examples:
 A rerun with the same --out continues an interrupted run (finished prompts are kept in --out/parts;
 a part that does not load is recomputed). --out must be new, empty or a previous pool run.
 outputs in --out: pool.json (manifest, written last), <reward>.base.npy [prompt, candidate, step],
-<reward>.noise_aware.npy (for noise-aware rewards), prompts.json, images.npz (--save-images), config.yaml.
+<reward>.noise_aware.npy (for noise-aware rewards), prompts.json, images/prompt_NNNNNN.zip (--save-images:
+every estimate as PNG, or WebP with --image-format webp), config.yaml. The disk the pool needs is
+estimated (from the encoded size of a probe estimate) and checked before the work.
 """
 
 
@@ -60,7 +62,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "digit,noise-aware@DIR (a noise-aware reward is stored as the noise-aware variant of its base reward)")
     g.add_argument("--candidates", type=int_in(1, 10**6), default=200, help="candidates (starting noises) per prompt (default: 200)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the candidates' noise streams (default: 0)")
-    g.add_argument("--save-images", action="store_true", help="also store every estimate as uint8 (images.npz; needed by train-reward)")
+    g.add_argument("--save-images", action="store_true", help="also store every estimate (images/, one zip per prompt; "
+                   "needed by train-reward)")
+    g.add_argument("--image-format", choices=["png", "webp"], default="png", help="how --save-images stores the "
+                   "estimates: png (lossless, default) or webp (lossy, smaller; its effect on the reward: docs/noise_aware.md)")
+    g.add_argument("--webp-quality", type=int_in(1, 100), default=None, help="quality of --image-format webp (default: 90)")
     g.add_argument("--max-prompts", type=nonneg_int, default=None, help="compute at most N missing prompts (per process) and stop; rerun to continue")
     g.add_argument("--out", type=Path, required=True, help="output folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,45 +89,40 @@ def read_pool_prompts(args) -> list[str]:
 
 def run(args) -> int:
     apply_threads(args)
-    from noisesearch.pools.generate import generate_pool
+    from noisesearch.api.pool import PoolConfig, generate_pool
     from noisesearch.rewards.base import split_specs
 
     prompts = read_pool_prompts(args)
     rewards = [s for text in (args.reward or ["digit"]) for s in split_specs(text)]
     output_dir(args.out, "pool", ["pool.json", "parts"])
     command = "noisesearch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-    pool = generate_pool(
-        args.model,
-        rewards,
-        prompts,
-        args.candidates,
-        args.out,
-        guidance=args.guidance,
-        steps=args.steps,
-        sampler=args.sampler,
-        seed=args.seed,
-        device=resolve_device(args.device),
-        max_batch=args.max_batch,
-        save_images=args.save_images,
-        max_prompts=args.max_prompts,
-        progress=not (args.no_progress or args.quiet),
-        command=command,
-        model_options=pipeline_model_options(args),
+    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    config = PoolConfig(
+        guidance=args.guidance, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        device=resolve_device(args.device), max_batch=args.max_batch, save_images=args.save_images,
+        image_format=args.image_format, webp_quality=args.webp_quality, max_prompts=args.max_prompts,
+        progress=not (args.no_progress or args.quiet), command=command, model_options=pipeline_model_options(args),
+        log=say, lock=False,  # the CLI holds io.output_lock(--out) around the command
     )
+    pool = generate_pool(args.model, rewards, prompts, args.candidates, args.out, config)
     if pool is not None:
         write_run_config(args, args.out)
     if not args.quiet:
-        if pool is None:
-            from noisesearch.pools.generate import PARTS
-
-            done = len(list((args.out / PARTS).glob("prompt_*.npz")))
-            if done < len(prompts):
-                print(f"{done} of {len(prompts)} prompts done in {args.out}/{PARTS}; rerun the same command to continue")
-        else:
-            P, N, S = pool.shape
-            na = f", noise-aware: {', '.join(pool.noise_aware)}" if pool.noise_aware else ""
-            print(
-                f"pool {args.out}: {P} prompts x {N} candidates x {S} steps, rewards: {', '.join(pool.rewards)}{na}; "
-                f"{pool.flops_per_step:.4g} FLOPs/step, {pool.extra.get('seconds', 0):.1f} s"
-            )
+        _report(args, pool, prompts)
     return 0
+
+
+def _report(args, pool, prompts) -> None:
+    if pool is None:
+        from noisesearch.pools.parts import PARTS
+
+        done = len(list((args.out / PARTS).glob("prompt_*.npz")))
+        if done < len(prompts):
+            print(f"{done} of {len(prompts)} prompts done in {args.out}/{PARTS}; rerun the same command to continue")
+        return
+    P, N, S = pool.shape
+    na = f", noise-aware: {', '.join(pool.noise_aware)}" if pool.noise_aware else ""
+    print(
+        f"pool {args.out}: {P} prompts x {N} candidates x {S} steps, rewards: {', '.join(pool.rewards)}{na}; "
+        f"{pool.flops_per_step:.4g} FLOPs/step, {pool.extra.get('seconds', 0):.1f} s"
+    )

@@ -12,14 +12,51 @@ import json
 import sys
 
 from noisesearch.errors import NoiseSearchError, unknown_name
-from noisesearch.validate import int_in
+from noisesearch.io import read_text_limited
+from noisesearch.validate import int_in, nonneg_int
 
 METHODS = ("best-of-n", "ttsp", "ttsnap", "tuned", "budget-aware")
 
 
+def add_pool_arguments(p) -> None:
+    """The pool, reward, cost and budget flags shared by ``simulate`` and ``tune``."""
+    from noisesearch.pruning import COST_MODELS
+    from noisesearch.simulate.options import BUDGET_UNITS
+
+    p.add_argument("--pool", required=True, help="pool folder (noisesearch-pool format or <model>_<reward>_<base|naft>.npy layout)")
+    p.add_argument("--pool-model", default=None, help="model prefix to use when a shared-layout folder holds several")
+    p.add_argument("--reward", required=True,
+                   help="reward name, or several comma-separated (multi-reward: rank-sum selection), e.g. hps or imr,pic,hps")
+    p.add_argument("--cost-model", default="exact", choices=COST_MODELS,
+                   help="exact (default): every step and reward call paid; reference: the TTSnap authors' accounting")
+    p.add_argument("--budgets", default=None,
+                   help="budget grid per prompt: START:STOP:STEP (STOP included) or a comma list, in --budget-unit "
+                        "(default: 2..20 best-of-N candidates for one reward, 1..20 for several)")
+    p.add_argument("--budget-unit", default="tflops", choices=BUDGET_UNITS,
+                   help="unit of --budgets: TFLOPs per prompt (default) or multiples of one best-of-N candidate's cost")
+    p.add_argument("--flops-per-step", default=None, help="override the pool's FLOPs of one denoising step (e.g. 9.9e12 or 9.9T)")
+    p.add_argument("--flops-per-reward", default=None,
+                   help="override the FLOPs of one reward call: one value for all, or NAME=VALUE,... ")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the Monte Carlo subsets (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal a bar, otherwise a line every few seconds)")
+
+
+def load_pool_args(args):
+    """The pool and reward names from the pool flags (``simulate.options.load_pool_rewards``)."""
+    from noisesearch.simulate.options import load_pool_rewards
+
+    return load_pool_rewards(args.pool, args.reward, args.pool_model, args.flops_per_step, args.flops_per_reward)
+
+
+def budget_args(args, cost, num_rewards: int):
+    """Budgets in FLOPs per prompt from ``--budgets`` / ``--budget-unit``."""
+    from noisesearch.simulate.options import budget_grid
+
+    return budget_grid(args.budgets, args.budget_unit, cost, num_rewards)
+
+
 def add_parser(sub):
     from noisesearch.pruning import AGGREGATES
-    from noisesearch.simulate.options import add_pool_arguments
 
     p = sub.add_parser(
         "simulate",
@@ -79,10 +116,9 @@ def build_strategies(args, pool, rewards):
             if args.from_json is None:
                 raise NoiseSearchError(f"--method {name} needs --from TUNE.json (written by 'noisesearch tune')")
             if tuned is None:
-                try:
-                    with open(args.from_json) as f:
-                        tuned = json.load(f)
-                except (OSError, json.JSONDecodeError) as e:
+                try:  # bounded and UTF-8 (io.read_text_limited raises a one-line NoiseSearchError)
+                    tuned = json.loads(read_text_limited(args.from_json, "--from", max_bytes=64 * 2**20))
+                except json.JSONDecodeError as e:
                     raise NoiseSearchError(f"cannot read {args.from_json}: {e}")
             try:
                 entry = tuned["strategies"][name]
@@ -98,32 +134,54 @@ def build_strategies(args, pool, rewards):
 
 
 def run(args) -> int:
-    from noisesearch.pools import atomic_write_json
-    from noisesearch.pruning import CostSpec
-    from noisesearch.simulate.engine import Replay, check_budgets, simulate
-    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range, simulation_bytes
+    from noisesearch.simulate.engine import Replay, simulate
     from noisesearch.simulate.report import simulation_report
-    from noisesearch.validate import check_memory, output_file
+    from noisesearch.validate import output_file
 
     output_file(args.json, "--json", "simulate")
     output_file(args.plot, "--plot")
-    pool, rewards = load_for_cli(args)
-    sl = parse_range(args.prompts, pool.num_prompts, "prompts")
+    pool, rewards, sl, budgets, cost = _inputs(args)
     sub = pool.select_prompts(sl)
-    cost = CostSpec.from_pool(pool, rewards, args.cost_model)
-    budgets = check_budgets(budget_grid(args, cost, len(rewards)), cost)
     strategies, warnings = build_strategies(args, pool, rewards)
-    check_memory(simulation_bytes(args.iters, pool.num_candidates, sub.num_prompts, len(budgets), len(rewards),
-                                  len(strategies) + 1), f"simulate ({args.iters} iterations x {len(budgets)} budgets)",
-                 "--iters or the number of --budgets")
+    _check_memory(args, pool, sub, budgets, rewards, strategies)
     replay = Replay(sub, rewards)
     sim = simulate(replay, strategies, budgets, cost, iters=args.iters, seed=args.seed,
                    progress=not args.no_progress and sys.stderr.isatty())
-    report = simulation_report(sim, replay)
     capped = [n for n, m in sim.methods.items() if any(m.capped)]
     if capped:
         warnings.append(f"{', '.join(capped)}: the pool's {pool.num_candidates} candidates cap the starts at some budgets")
-    out = {
+    out = _result(args, pool, rewards, sl, sub, simulation_report(sim, replay), warnings)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    _print_summary(out, rewards)
+    _write(args, out, pool, sub, sim, rewards)
+    return 0
+
+
+def _inputs(args):
+    """Pool, reward names, prompt range, budgets (FLOPs) and cost model, checked."""
+    from noisesearch.pruning import CostSpec
+    from noisesearch.simulate.engine import check_budgets
+    from noisesearch.simulate.options import parse_range
+
+    pool, rewards = load_pool_args(args)
+    sl = parse_range(args.prompts, pool.num_prompts, "prompts")
+    cost = CostSpec.from_pool(pool, rewards, args.cost_model)
+    budgets = check_budgets(budget_args(args, cost, len(rewards)), cost)
+    return pool, rewards, sl, budgets, cost
+
+
+def _check_memory(args, pool, sub, budgets, rewards, strategies) -> None:
+    from noisesearch.simulate.options import simulation_bytes
+    from noisesearch.validate import check_memory
+
+    check_memory(simulation_bytes(args.iters, pool.num_candidates, sub.num_prompts, len(budgets), len(rewards),
+                                  len(strategies) + 1), f"simulate ({args.iters} iterations x {len(budgets)} budgets)",
+                 "--iters or the number of --budgets")
+
+
+def _result(args, pool, rewards, sl, sub, report, warnings) -> dict:
+    return {
         "command": "simulate",
         "pool": str(args.pool),
         "model": pool.model,
@@ -136,11 +194,13 @@ def run(args) -> int:
         **report,
         "warnings": warnings,
     }
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    _print_summary(out, rewards)
+
+
+def _write(args, out, pool, sub, sim, rewards) -> None:
+    """``--json`` (with its config beside) and ``--plot``."""
     if args.json:
         from noisesearch.cli.common import write_config_beside
+        from noisesearch.io import atomic_write_json
 
         write_config_beside(args, args.json)
         atomic_write_json(args.json, out)
@@ -154,7 +214,6 @@ def run(args) -> int:
         title = f"{pool.model}: {','.join(rewards)}, {args.cost_model} cost, {sub.num_prompts} prompts, {args.iters} iterations"
         plot_curves(args.plot, sim.budgets / 1e12, curves, rewards, stderr, gains, pool.extra.get("display"), title)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def _print_summary(out, rewards):

@@ -18,8 +18,10 @@ EPILOG = """examples:
 
 The result is the reward spec noise-aware@DIR (usable in generate and pool). A rerun of the same
 command continues an interrupted training after its last finished stage; every finished stage file is
-verified first, and one that does not load or fails its checksum is retrained (with the stages after it).
---out must be new, empty or a previous train-reward run; it also holds config.yaml.
+verified first: one that does not load or fails its checksum is retrained (with the stages after it);
+one that holds another step's or another run's weights (a file copied over) is refused.
+--out must be new, empty or a previous train-reward run; it also holds config.yaml. Training reads the
+pool's stored estimates one batch at a time: its memory does not grow with the pool.
 """
 
 
@@ -36,7 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pool", required=True, type=Path, help="pool folder made with `noisesearch pool ... --save-images`")
-    p.add_argument("--reward", required=True, help="the pool's reward to distil (teacher values), e.g. digit")
+    p.add_argument("--reward", required=True, help="the pool's reward to distil (teacher values): the spec the pool was "
+                   "made with (e.g. digit, hps@DIR) or its key in pool.json")
     p.add_argument("--reward-spec", default="", help="spec of the reward model to fine-tune if it differs from the pool's record")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (the reward spec noise-aware@OUT)")
     p.add_argument("--steps", default="", help="pool steps to train, comma-separated (default: all but the final image)")
@@ -100,7 +103,8 @@ def run(args) -> int:
     )
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     manifest = train_noise_aware(args.pool, args.out, config, device=resolve_device(args.device),
-                                 progress=not (args.no_progress or args.quiet), log=log)
+                                 progress=not (args.no_progress or args.quiet), log=log,
+                                 lock=False)  # the CLI holds io.output_lock(--out) around the command
     if manifest.get("format"):
         write_run_config(args, args.out)
     if not args.quiet and manifest.get("format"):

@@ -13,13 +13,15 @@ result with ``noisesearch simulate --method tuned,budget-aware --from out.json``
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.validate import int_in
 
 
 def add_parser(sub):
-    from noisesearch.simulate.options import add_pool_arguments
+    from noisesearch.cli.simulate import add_pool_arguments
 
     p = sub.add_parser(
         "tune",
@@ -43,40 +45,77 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from noisesearch.pools import atomic_write_json
-    from noisesearch.pruning import CostSpec
-    from noisesearch.simulate.engine import Replay, check_budgets
-    from noisesearch.simulate.options import budget_grid, load_for_cli, parse_range, simulation_bytes
-    from noisesearch.simulate.report import per_reward
     from noisesearch.simulate.tuning import TuneConfig, tune
-    from noisesearch.validate import check_memory, output_file
+    from noisesearch.validate import output_file
 
     output_file(args.json, "--json", "tune")
     output_file(args.plot, "--plot")
-    pool, rewards = load_for_cli(args)
+    inp = _inputs(args)
+    config = TuneConfig(explore=args.explore, iters_explore=args.iters_explore, iters_confirm=args.iters_confirm,
+                        iters_test=args.iters_test, seed=args.seed, max_checks=args.max_checks)
+    res = tune(inp.train, inp.test, inp.cost, inp.budgets, config, progress=not args.no_progress and sys.stderr.isatty())
+    raw = _per_reward_layout(res, inp.rewards)
+    out = _result(args, inp, res)
+    _print_summary(out, inp.rewards)
+    _write(args, inp, out, res, raw)
+    return 0
+
+
+def _prompt_ranges(args, pool):
+    from noisesearch.simulate.options import parse_range
+
     train_sl = parse_range(args.train_prompts, pool.num_prompts, "train-prompts")
     test_sl = parse_range(args.test_prompts, pool.num_prompts, "test-prompts") if args.test_prompts else None
     if test_sl is not None and max(train_sl.start, test_sl.start) < min(train_sl.stop, test_sl.stop):
         raise NoiseSearchError("--train-prompts and --test-prompts overlap: held-out prompts must not be searched on")
     if args.plot and test_sl is None:
         raise NoiseSearchError("--plot needs --test-prompts")
+    return train_sl, test_sl
+
+
+@dataclass
+class _Inputs:
+    pool: Any
+    rewards: list[str]
+    train_range: slice
+    test_range: slice | None
+    train: Any  # Replay on the training prompts
+    test: Any  # Replay on the held-out prompts, or None
+    cost: Any
+    budgets: Any  # FLOPs per prompt
+
+
+def _inputs(args) -> _Inputs:
+    """Pool, rewards, the train and held-out replays, cost model and budgets, checked before any work."""
+    from noisesearch.cli.simulate import budget_args, load_pool_args
+    from noisesearch.pruning import CostSpec
+    from noisesearch.simulate.engine import Replay, check_budgets
+    from noisesearch.simulate.options import simulation_bytes
+    from noisesearch.validate import check_memory
+
+    pool, rewards = load_pool_args(args)
+    train_sl, test_sl = _prompt_ranges(args, pool)
     cost = CostSpec.from_pool(pool, rewards, args.cost_model)
-    budgets = check_budgets(budget_grid(args, cost, len(rewards)), cost)
+    budgets = check_budgets(budget_args(args, cost, len(rewards)), cost)
     iters = max(args.iters_explore, args.iters_confirm, args.iters_test)
     check_memory(simulation_bytes(iters, pool.num_candidates, pool.num_prompts, len(budgets), len(rewards), 4),
                  f"tune ({iters} iterations x {len(budgets)} budgets)", "--iters-explore/--iters-confirm/--iters-test or the number of --budgets")
     train = Replay(pool.select_prompts(train_sl), rewards)
     test = Replay(pool.select_prompts(test_sl), rewards) if test_sl is not None else None
-    config = TuneConfig(explore=args.explore, iters_explore=args.iters_explore, iters_confirm=args.iters_confirm,
-                        iters_test=args.iters_test, seed=args.seed, max_checks=args.max_checks)
-    res = tune(train, test, cost, budgets, config, progress=not args.no_progress and sys.stderr.isatty())
+    return _Inputs(pool, rewards, train_sl, test_sl, train, test, cost, budgets)
+
+
+def _per_reward_layout(res: dict, rewards) -> dict:
+    """Gains and curves of ``res`` rewritten per reward (a number for one reward, a dict for several),
+    in place; returns the raw held-out curves [B, R] and gains for the plot."""
+    import numpy as np
+
+    from noisesearch.simulate.report import per_reward
 
     strategies = res["strategies"]
-    raw_curves = {k: np.asarray(v["test_curve"]).T for k, v in strategies.items() if "test_curve" in v}  # [B, R]
-    raw_gains = {k: v.get("test_auc_gain") for k, v in strategies.items()}
-    for entry in strategies.values():  # gains: number (one reward) or dict per reward
+    raw = {"curves": {k: np.asarray(v["test_curve"]).T for k, v in strategies.items() if "test_curve" in v},
+           "gains": {k: v.get("test_auc_gain") for k, v in strategies.items()}}
+    for entry in strategies.values():
         for key in ("train_auc_gain", "test_auc_gain", "test_auc_gain_se"):
             if key in entry:
                 entry[key] = per_reward(entry[key], rewards, 3)
@@ -85,43 +124,57 @@ def run(args) -> int:
     for f in res["search"]["finalists"]:
         for key in ("train_auc_gain_explore", "train_auc_gain_confirm"):
             f[key] = per_reward(f[key], rewards, 3)
-    chosen = res["chosen"]
+    return raw
+
+
+def _result(args, inp: _Inputs, res: dict) -> dict:
+    from noisesearch.simulate.report import per_reward
+
+    strategies, chosen, rewards = res["strategies"], res["chosen"], inp.rewards
+    train_sl, test_sl = inp.train_range, inp.test_range
     out = {
         "command": "tune",
         "pool": str(args.pool),
-        "model": pool.model,
+        "model": inp.pool.model,
         "rewards": rewards,
         "cost_model": args.cost_model,
         "train_prompts": [train_sl.start, train_sl.stop],
         "test_prompts": [test_sl.start, test_sl.stop] if test_sl else None,
-        "budgets": [round(b / 1e12, 6) for b in budgets],
+        "budgets": [round(b / 1e12, 6) for b in inp.budgets],
         "budget_unit": "TFLOPs per prompt",
         "chosen": chosen,
         "strategy": {k: v for k, v in strategies[chosen].items() if not k.startswith(("test_", "train_"))},
         "train_auc_gain": strategies[chosen]["train_auc_gain"],
     }
-    if test is not None:
+    if inp.test is not None:
         out["test_auc_gain"] = strategies[chosen]["test_auc_gain"]
         if "published" in strategies:
             out["published_test_auc_gain"] = strategies["published"]["test_auc_gain"]
         out["best_of_n_test_curve"] = per_reward(_transpose(res["best_of_n_test_curve"]), rewards)
     out["strategies"] = strategies
     out["search"] = res["search"]
-    _print_summary(out, rewards)
+    return out
+
+
+def _write(args, inp: _Inputs, out: dict, res: dict, raw: dict) -> None:
+    """``--json`` (with its config beside) and ``--plot``."""
     if args.json:
         from noisesearch.cli.common import write_config_beside
+        from noisesearch.io import atomic_write_json
 
         write_config_beside(args, args.json)
         atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:
+        import numpy as np
+
         from noisesearch.simulate.plots import plot_curves
 
-        curves = {"best-of-n": np.asarray(res["best_of_n_test_curve"]).T, **raw_curves}
-        title = f"{pool.model}: {','.join(rewards)}, {args.cost_model} cost, held-out prompts {test_sl.start}:{test_sl.stop}"
-        plot_curves(args.plot, budgets / 1e12, curves, rewards, None, raw_gains, pool.extra.get("display"), title)
+        curves = {"best-of-n": np.asarray(res["best_of_n_test_curve"]).T, **raw["curves"]}
+        test_sl, pool = inp.test_range, inp.pool
+        title = f"{pool.model}: {','.join(inp.rewards)}, {args.cost_model} cost, held-out prompts {test_sl.start}:{test_sl.stop}"
+        plot_curves(args.plot, inp.budgets / 1e12, curves, inp.rewards, None, raw["gains"], pool.extra.get("display"), title)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def _transpose(rows):

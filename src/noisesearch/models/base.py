@@ -4,6 +4,12 @@ A denoiser maps a noisy sample ``x`` at noise level ``sigma`` (EDM / k-diffusion
 ``x = x0 + sigma * eps``) and a condition to ``x0``, the Tweedie estimate E[x0 | x]. Latent models
 add ``decode`` from x0 to images in [0, 1]; pixel models decode by rescaling.
 
+Optional members, read with ``getattr`` and a default: ``conditional`` (default True; False for
+models without a condition, whose ``encode`` only counts the samples, so prompts are optional),
+``guidance``, ``family``, ``parametrisation`` and ``with_settings(guidance=None, device=None)``
+(a denoiser with another guidance / device; ``models.load_model`` calls it on objects it is given).
+``describe_denoiser`` collects what ran for reports.
+
 ``cond`` is whatever ``encode`` returns: a tensor or a (nested) dict / tuple of tensors whose first
 dimension is the batch. ``cond_index`` / ``cond_repeat`` slice any of these shapes.
 """
@@ -28,6 +34,7 @@ class Denoiser(Protocol):
     # paid with every reward call, since a reward scores the decoded estimate
     device: torch.device
     dtype: torch.dtype
+    # optional (not required by isinstance): conditional: bool = True, guidance, family, parametrisation
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Condition for a batch of prompts; raise NoiseSearchError for prompts it does not know."""
@@ -37,6 +44,36 @@ class Denoiser(Protocol):
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] in [0, 1] from x0 estimates."""
+
+
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def describe_denoiser(d) -> dict:
+    """What a denoiser object is and runs as, for reports: class, name, family, parametrisation,
+    guidance, dtype (of the network where it differs from the states'), device and conditional.
+    Works on any object (missing members are None)."""
+    family = getattr(d, "family", None)
+    if family is not None and not isinstance(family, str):  # an adapter object (models.flow)
+        family = getattr(family, "family", type(family).__name__)
+    param = getattr(d, "parametrisation", None) or getattr(d, "prediction_type", None)
+    guidance = getattr(d, "guidance", None)
+    device = getattr(d, "device", None)
+    out = {
+        "class": type(d).__name__,
+        "name": getattr(d, "name", None),
+        "family": family,
+        "parametrisation": None if param is None else str(param),
+        "guidance": None if guidance is None else float(guidance),
+        "dtype": _dtype_name(getattr(d, "model_dtype", None) or getattr(d, "dtype", None)),
+        "device": None if device is None else str(device),
+        "conditional": bool(getattr(d, "conditional", True)),
+    }
+    pipe = getattr(d, "pipe", None)
+    if pipe is not None:
+        out["pipeline"] = type(pipe).__name__
+    return out
 
 
 def cond_index(cond: Cond, idx: torch.Tensor | slice) -> Cond:

@@ -25,7 +25,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
 from noisesearch.io import load_checked_safetensors, save_checked_safetensors
+from noisesearch.models.strict import check_state, state_shapes
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DENOISER_FILE = "digits_denoiser.safetensors"
@@ -86,14 +87,29 @@ def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Te
 
 
 def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], path, kind: str) -> nn.Module:
-    """``module.load_state_dict(tensors)`` with a ``NoiseSearchError`` on any mismatch."""
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        hint = RETRAIN_HINT.format(name=Path(path).name, dir=Path(path).parent)
-        first = str(e).splitlines()[0]
-        raise NoiseSearchError(f"{kind} weights at {path} do not match the network ({first}); {hint}") from None
+    """``module.load_state_dict(tensors)``; a one-line ``NoiseSearchError`` naming the missing,
+    unexpected and mis-shaped tensors on any mismatch."""
+    hint = RETRAIN_HINT.format(name=Path(path).name, dir=Path(path).parent)
+    check_state(state_shapes(module), {k: tuple(v.shape) for k, v in tensors.items()}, f"{kind} weights at {path}", hint)
+    module.load_state_dict(tensors, strict=True)
     return module
+
+
+def build_checked(build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], path, kind: str) -> nn.Module:
+    """``build()`` loaded with ``tensors``, checked before anything is allocated: the network is
+    first built on ``meta`` and its tensor names and shapes must equal the file's (a config cannot
+    make the loader allocate without bound); then built for real and loaded strictly."""
+    hint = RETRAIN_HINT.format(name=Path(path).name, dir=Path(path).parent)
+    try:
+        with torch.device("meta"):
+            meta = build()
+    except NoiseSearchError:
+        raise
+    except Exception as e:  # any error of the constructor: the stored config is not a network
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NoiseSearchError(f"{kind} weights at {path} have a config that builds no network ({first}); {hint}") from None
+    check_state(state_shapes(meta), {k: tuple(v.shape) for k, v in tensors.items()}, f"{kind} weights at {path}", hint)
+    return load_state(build(), tensors, path, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +230,9 @@ def load_edm_digits(weights: str | os.PathLike | None = None, device="cpu") -> t
     the FLOP counts stored with it (``measure_call_flops`` at training time; ``{}`` if absent)."""
     path = Path(weights) if weights is not None else WEIGHTS_DIR / DENOISER_FILE
     tensors, config, flops = load_weights(path, "digits_denoiser")
-    try:
-        model = EDMDigits(**config)
-    except TypeError as e:
-        raise NoiseSearchError(f"digits_denoiser weights at {path} have an unknown config ({e})") from None
-    load_state(model, tensors, path, "digits_denoiser")
+    if not isinstance(config, dict):
+        raise NoiseSearchError(f"digits_denoiser weights at {path} have an unknown config ({config!r})")
+    model = build_checked(lambda: EDMDigits(**config), tensors, path, "digits_denoiser")
     return model.to(device).eval().requires_grad_(False), flops
 
 
@@ -263,12 +277,21 @@ class DigitsDenoiser:
     flops_per_decode = 0.0  # pixel model: decoding is a rescale
     dtype = torch.float32
     prompts = DIGIT_PROMPTS
+    eval_rewards = ("judge",)  # scored after every search with evaluate=True (generate): the independent judge
+
+    family = "digits"
+    parametrisation = f"EDM preconditioning (sigma_data {SIGMA_DATA}), x0"
+    conditional = True
 
     def __init__(self, guidance: float = 1.0, device: str | torch.device = "cpu", weights: str | os.PathLike | None = None):
-        guidance = float(guidance)
+        try:
+            guidance = float(guidance)
+        except (TypeError, ValueError):
+            raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance!r}") from None
         if not math.isfinite(guidance) or guidance < 0:
             raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance}")
         self.guidance = guidance
+        self.weights = weights
         self.device = torch.device(device)
         self.model, stored_flops = load_edm_digits(weights, self.device)
         self.branches = 1 if guidance in (0.0, 1.0) else 2
@@ -305,6 +328,11 @@ class DigitsDenoiser:
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)
+
+    def with_settings(self, guidance: float | None = None, device=None) -> "DigitsDenoiser":
+        """The same weights with another guidance and / or on another device (a new denoiser)."""
+        return DigitsDenoiser(guidance=self.guidance if guidance is None else guidance,
+                              device=self.device if device is None else device, weights=self.weights)
 
     def __repr__(self) -> str:
         return f"DigitsDenoiser(guidance={self.guidance:g}, device={str(self.device)!r})"

@@ -35,7 +35,7 @@ conditional only, else two branches with ``negative_prompt`` or "" as unconditio
 branch. A timestep-distilled model (FLUX.1-schnell: no guidance embedding, unshifted schedule) gets
 a warning: its x0 estimates are not posterior means, so rewards of early estimates mean less.
 
-**Cost and memory.** Networks run in the pipeline dtype (``load_diffusers`` picks bfloat16 on CUDA),
+**Cost and memory.** Networks run in the pipeline dtype (``models.load`` picks bfloat16 on CUDA),
 sampler states are float32. ``flops_per_call`` / ``flops_per_decode`` are counted on parameter-free
 ``meta`` copies of the transformer / VAE. ``encode`` encodes each distinct prompt once, records
 its cost (``encode_cost()``: FLOPs and seconds per prompt, written to ``report.json``) and then moves
@@ -45,6 +45,7 @@ VAE slicing / tiling on request (``vae_tiling``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -55,7 +56,16 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
-from noisesearch.models.diffusers import PipelineDenoiser, meta_copy, to_meta
+from noisesearch.models.negtome import install_negtome
+from noisesearch.models.pipeline import (
+    MAX_IMAGE_PX,
+    PipelineDenoiser,
+    check_count,
+    check_guidance,
+    check_image_size,
+    meta_copy,
+    to_meta,
+)
 from noisesearch.models.wrappers import FlowDenoiser, flow_sigma_to_t, flow_t_to_sigma
 
 # ---- per-family adapters ---------------------------------------------------------------------------
@@ -71,8 +81,13 @@ class FlowFamily:
     has_embedded_guidance = False
     distilled = False
 
+    default_msl = 256  # text tokens when max_sequence_length is not given
+
     def __init__(self, pipe, max_sequence_length: int | None = None):
         self.pipe = pipe
+        top = self.max_msl()
+        if max_sequence_length is not None and not 1 <= max_sequence_length <= top:
+            raise NoiseSearchError(f"max_sequence_length must be from 1 to {top} for {type(pipe).__name__}, got {max_sequence_length}")
         self.max_sequence_length = max_sequence_length
 
     @property
@@ -90,11 +105,23 @@ class FlowFamily:
     def default_size(self) -> int:
         return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
 
+    def max_size(self) -> int:
+        """The largest height / width in pixels accepted (see ``check_image_size``): with a dynamic
+        shift (FLUX.1-dev), the side of a square of ``4 * max_image_seq_len`` tokens (2048 px for
+        FLUX.1): the shift ``mu`` grows linearly in the token count, and beyond this the last step of
+        a 28-step schedule starts above sigma 1 (mostly noise); at 16384 px ``exp(mu)`` overflows."""
+        tokens = 4 * int(self.pipe.scheduler.config.get("max_image_seq_len", 4096))
+        return math.isqrt(tokens) * self.multiple
+
+    def max_msl(self) -> int:
+        """The largest ``max_sequence_length`` the pipeline accepts (512 for the T5 of FLUX and SD3)."""
+        return 512
+
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_scale * ((1 - t) if self.time_reversed else t)
 
-    def msl(self, default: int) -> int:
-        return int(self.max_sequence_length or default)
+    def msl(self, default: int | None = None) -> int:
+        return int(self.max_sequence_length or default or self.default_msl)
 
     # -- to implement --
     def encode_branches(self, prompts: list[str], negative: list[str] | None, need_uncond: bool, device=None) -> dict:
@@ -135,6 +162,7 @@ class FluxFamily(FlowFamily):
     """FluxPipeline (FLUX.1-dev / schnell): CLIP pooled + T5, 2x2 packing, guidance embedding."""
 
     family = "flux"
+    default_msl = 512
 
     def __init__(self, pipe, max_sequence_length=None):
         super().__init__(pipe, max_sequence_length)
@@ -145,7 +173,7 @@ class FluxFamily(FlowFamily):
         return int(self.pipe.transformer.config.in_channels) // 4
 
     def encode_branches(self, prompts, negative, need_uncond, device=None):
-        msl = self.msl(512)
+        msl = self.msl()
         dev = device or self.pipe._execution_device
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=dev, max_sequence_length=msl)
         out = {"cond": {"embeds": embeds, "pooled": pooled}}
@@ -183,7 +211,7 @@ class SD3Family(FlowFamily):
     def encode_branches(self, prompts, negative, need_uncond, device=None):
         embeds, n_embeds, pooled, n_pooled = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=device or self.pipe._execution_device, num_images_per_prompt=1,
-            do_classifier_free_guidance=need_uncond, negative_prompt=negative, max_sequence_length=self.msl(256),
+            do_classifier_free_guidance=need_uncond, negative_prompt=negative, max_sequence_length=self.msl(),
         )
         out = {"cond": {"embeds": embeds, "pooled": pooled}}
         if need_uncond:
@@ -207,6 +235,15 @@ class SD3Family(FlowFamily):
         p = self.pipe.transformer.config.patch_size
         return int((sample_shape[1] // p) * (sample_shape[2] // p))
 
+    def max_size(self) -> int:
+        """The transformer's position-embedding grid (``pos_embed_max_size`` patches a side: 3072 px
+        for SD3 medium) bounds the image; a dynamic shift bounds it as for FLUX."""
+        cfg = self.pipe.transformer.config
+        top = super().max_size() if self.pipe.scheduler.config.get("use_dynamic_shifting", False) else MAX_IMAGE_PX
+        if cfg.get("pos_embed_max_size"):
+            top = min(top, int(cfg.pos_embed_max_size) * int(cfg.patch_size) * self.vae_scale_factor)
+        return top
+
 
 class Lumina2Family(FlowFamily):
     """Lumina2Pipeline (Lumina-Image 2.0): Gemma2 text encoder, reversed time (t = 0 is noise),
@@ -225,7 +262,7 @@ class Lumina2Family(FlowFamily):
     def encode_branches(self, prompts, negative, need_uncond, device=None):
         embeds, mask, n_embeds, n_mask = self.pipe.encode_prompt(
             prompts, do_classifier_free_guidance=need_uncond, negative_prompt=negative,
-            device=device or self.pipe._execution_device, max_sequence_length=self.msl(256),
+            device=device or self.pipe._execution_device, max_sequence_length=self.msl(),
         )
         out = {"cond": {"embeds": embeds, "mask": mask}}
         if need_uncond:
@@ -246,6 +283,15 @@ class Lumina2Family(FlowFamily):
 
     def image_seq_len(self, sample_shape):
         return int(sample_shape[0])  # the pipeline passes latents.shape[1] (the channels) to calculate_shift
+
+    def max_size(self) -> int:
+        """Rotary positions exist for ``axes_lens[1:]`` patches a side (8192 px for Lumina-Image 2.0)."""
+        cfg = self.pipe.transformer.config
+        return min(int(n) for n in cfg.axes_lens[1:]) * int(cfg.patch_size) * self.vae_scale_factor
+
+    def max_msl(self) -> int:
+        """Caption positions exist for ``axes_lens[0]`` tokens, the image's first position included."""
+        return int(self.pipe.transformer.config.axes_lens[0]) - 1
 
 
 FLOW_FAMILIES: dict[str, type[FlowFamily]] = {
@@ -272,6 +318,9 @@ class FlowPipelineDenoiser(PipelineDenoiser):
         negtome: a ``models.negtome.NegToMe`` config (FLUX only), or None.
     """
 
+    conditional = True
+    parametrisation = "rectified flow, velocity"
+
     def __init__(
         self,
         pipe,
@@ -292,49 +341,63 @@ class FlowPipelineDenoiser(PipelineDenoiser):
         cls = type(pipe).__name__
         if cls not in FLOW_FAMILIES:
             raise NoiseSearchError(f"unsupported flow pipeline {cls}; supported: {', '.join(FLOW_FAMILIES)}")
-        if guidance < 0:
-            raise NoiseSearchError(f"guidance must be >= 0, got {guidance}")
+        check_guidance(guidance)
         self.pipe = pipe
-        self.family = FLOW_FAMILIES[cls](pipe, max_sequence_length)
+        self.family = FLOW_FAMILIES[cls](pipe, check_count("max_sequence_length", max_sequence_length, none_ok=True))
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.decode_vae = self.vae
         self.guidance = float(guidance)
         self.negative_prompt = negative_prompt
-        self.decode_batch = int(decode_batch)
+        self.decode_batch = check_count("decode_batch", decode_batch)
         self.name = name or getattr(pipe, "name_or_path", None) or cls
-        self.default_steps = int(default_steps)
+        self.default_steps = check_count("default_steps", default_steps)
         self.offloaded = bool(offloaded)
         self.device = pipe._execution_device if offloaded else self.transformer.device
         self.model_dtype = self.transformer.dtype
         self.dtype = torch.float32  # sampler states
         self.offload_text_encoders = bool(offload_text_encoders)
+        self._init_guidance(embedded_guidance)
+        if vae_tiling:
+            self.vae.enable_slicing()
+            self.vae.enable_tiling()
+        self._init_size(height, width)
+        self._init_wrapper()
+        self._init_negtome(negtome)
+        self._flops_per_call: float | None = None
+        self._flops_per_decode: float | None = None
+        self._encode_flops: float | None = None
+        self.encode_stats = {"prompts": 0, "seconds": 0.0}
+        self._meta_cond = None
 
+    def _init_guidance(self, embedded_guidance: float | None) -> None:
+        """FLUX.1-dev's embedded guidance (default 3.5); a warning for timestep-distilled models."""
         if embedded_guidance is not None and not self.family.has_embedded_guidance:
             raise NoiseSearchError(
                 f"--embedded-guidance: {self.name} has no guidance embedding (only guidance-distilled FLUX.1-dev has); "
                 "use --guidance for classifier-free guidance"
             )
-        self.embedded_guidance = float(3.5 if embedded_guidance is None else embedded_guidance) if self.family.has_embedded_guidance else None
+        self.embedded_guidance = None
+        if self.family.has_embedded_guidance:
+            self.embedded_guidance = float(3.5 if embedded_guidance is None else embedded_guidance)
         if self.family.distilled:
             warnings.warn(
                 f"{self.name} is timestep-distilled (no guidance embedding, e.g. FLUX.1-schnell): its x0 estimates are "
                 "not posterior means, so rewards of intermediate estimates are less informative",
-                stacklevel=2,
+                stacklevel=3,
             )
-        if vae_tiling:
-            self.vae.enable_slicing()
-            self.vae.enable_tiling()
 
-        f = self.family.vae_scale_factor
-        default_px = self.family.default_size()
-        self.height = int(height or default_px)
-        self.width = int(width or default_px)
-        m = self.family.multiple
-        if self.height % m or self.width % m:
-            raise NoiseSearchError(f"height and width must be multiples of {m} for {cls}, got {self.height}x{self.width}")
-        self.sample_shape = (self.family.latent_channels(), self.height // f, self.width // f)
+    def _init_size(self, height: int | None, width: int | None) -> None:
+        """Image size (default: the pipeline's) and the unpacked latent ``sample_shape``."""
+        fam = self.family
+        f = fam.vae_scale_factor
+        self.height, self.width = check_image_size(
+            height, width, fam.default_size(), fam.multiple, type(self.pipe).__name__, max_px=fam.max_size()
+        )
+        self.sample_shape = (fam.latent_channels(), self.height // f, self.width // f)
 
+    def _init_wrapper(self) -> None:
+        """The flow wrapper, its ``t`` range covering the pipeline's default schedule."""
         self._sigmas_cache: dict[int, torch.Tensor] = {}
         sig = self.schedule_sigmas(self.default_steps)
         finite = sig[torch.isfinite(sig) & (sig > 0)]
@@ -344,20 +407,13 @@ class FlowPipelineDenoiser(PipelineDenoiser):
         self.sigma_min = self.wrapper.sigma_min
         self.sigma_max = self.wrapper.sigma_max  # Karras schedules stop here; the default schedule starts at inf
 
+    def _init_negtome(self, negtome) -> None:
         self.negtome = None
         self._attn_kwargs = None
         if negtome is not None:
-            from noisesearch.models.negtome import install_negtome
-
             if self.family.family != "flux":
                 raise NoiseSearchError("--negtome is implemented for FLUX pipelines")
             self.negtome = install_negtome(self.transformer, negtome)
-
-        self._flops_per_call: float | None = None
-        self._flops_per_decode: float | None = None
-        self._encode_flops: float | None = None
-        self.encode_stats = {"prompts": 0, "seconds": 0.0}
-        self._meta_cond = None
 
     # ---- guidance --------------------------------------------------------------------------------
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, transformer=None) -> torch.Tensor:
@@ -476,8 +532,6 @@ class FlowPipelineDenoiser(PipelineDenoiser):
     # ---- the pipeline's own schedule -------------------------------------------------------------
     def pipeline_flow_times(self, steps: int | None = None) -> torch.Tensor:
         """The flow times t the pipeline visits in ``steps`` steps (scheduler.sigmas: 1 ... 0), float64."""
-        import copy
-
         steps = int(steps or self.default_steps)
         sched = copy.deepcopy(self.pipe.scheduler)
         sched.set_timesteps(steps, device="cpu", **self.family.timesteps_kwargs(steps, self.sample_shape))

@@ -33,6 +33,7 @@ import numpy as np
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import atomic_save_npy, atomic_write_json
+from noisesearch.pools.parts import pool_reward_name
 
 FORMAT_NAME = "noisesearch-pool"
 FORMAT_VERSION = 1
@@ -41,12 +42,80 @@ PROMPTS = "prompts.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+def _same_spec(a: str, b: str) -> bool:
+    """Two reward specs name the same reward: equal, or the same name ``@`` the same path."""
+    if a == b:
+        return True
+    (na, _, pa), (nb, _, pb) = a.partition("@"), b.partition("@")
+    if na != nb or not pa or not pb:
+        return False
+    try:
+        return Path(pa).expanduser().resolve() == Path(pb).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith((".base", ".noise_aware")):
         raise NoiseSearchError(
             f"invalid reward name {name!r}: use letters, digits, '_', '.', '+' or '-' (no '/' or spaces)"
         )
     return name
+
+
+def _checked_reward_array(name: str, arr) -> np.ndarray:
+    _check_name(name)
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise NoiseSearchError(
+            f"reward {name!r}: expected an array [prompt, candidate, step] (3 dimensions), got shape {arr.shape}"
+        )
+    if not np.issubdtype(arr.dtype, np.number):
+        raise NoiseSearchError(f"reward {name!r}: expected numbers, got dtype {arr.dtype}")
+    if min(arr.shape) < 1:
+        raise NoiseSearchError(f"reward {name!r}: empty array of shape {arr.shape}")
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        p, c, s = np.argwhere(bad)[0]
+        raise NoiseSearchError(
+            f"reward {name!r}: {int(bad.sum())} NaN/inf values in the base rewards (first at prompt {p}, "
+            f"candidate {c}, step {s}); base rewards must be finite (only noise-aware arrays may hold NaN)"
+        )
+    return arr
+
+
+def _checked_rewards(rewards: dict) -> dict[str, np.ndarray]:
+    """Base reward arrays: valid names, 3-D, numeric, non-empty, finite, one shared shape; float32."""
+    out: dict[str, np.ndarray] = {}
+    first = next(iter(rewards))
+    for name, arr in rewards.items():
+        arr = _checked_reward_array(name, arr)
+        if out and arr.shape != out[first].shape:
+            raise NoiseSearchError(
+                f"reward {name!r} has shape {arr.shape} but {first!r} has {out[first].shape}: "
+                "all rewards of a pool must share [prompt, candidate, step]"
+            )
+        out[name] = arr
+    return out
+
+
+def _checked_noise_aware(noise_aware: dict, rewards: dict, shape) -> dict[str, np.ndarray]:
+    """Noise-aware arrays: each of a base reward, of its shape, NaN (not inf) where missing; float32."""
+    out = {}
+    for name, arr in noise_aware.items():
+        if name not in rewards:
+            raise NoiseSearchError(
+                f"noise-aware reward {name!r} has no base reward; base rewards: {', '.join(rewards)}"
+            )
+        arr = np.asarray(arr)
+        if arr.shape != shape:
+            raise NoiseSearchError(f"noise-aware reward {name!r} has shape {arr.shape}, base rewards have {shape}")
+        arr = arr.astype(np.float32, copy=False)
+        if np.isinf(arr).any():
+            raise NoiseSearchError(f"noise-aware reward {name!r} holds inf values (use NaN for missing steps)")
+        out[name] = arr
+    return out
 
 
 @dataclass
@@ -72,54 +141,19 @@ class Pool:
 
     # ---- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
+        """Check and normalise everything (shapes, NaN, names, metadata); NoiseSearchError if wrong."""
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise NoiseSearchError("a pool needs at least one reward array")
-        shape = None
-        rewards = {}
-        for name, arr in self.rewards.items():
-            _check_name(name)
-            arr = np.asarray(arr)
-            if arr.ndim != 3:
-                raise NoiseSearchError(
-                    f"reward {name!r}: expected an array [prompt, candidate, step] (3 dimensions), got shape {arr.shape}"
-                )
-            if not np.issubdtype(arr.dtype, np.number):
-                raise NoiseSearchError(f"reward {name!r}: expected numbers, got dtype {arr.dtype}")
-            if min(arr.shape) < 1:
-                raise NoiseSearchError(f"reward {name!r}: empty array of shape {arr.shape}")
-            if shape is None:
-                shape = arr.shape
-            elif arr.shape != shape:
-                raise NoiseSearchError(
-                    f"reward {name!r} has shape {arr.shape} but {next(iter(self.rewards))!r} has {shape}: "
-                    "all rewards of a pool must share [prompt, candidate, step]"
-                )
-            arr = arr.astype(np.float32, copy=False)
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                p, c, s = np.argwhere(bad)[0]
-                raise NoiseSearchError(
-                    f"reward {name!r}: {int(bad.sum())} NaN/inf values in the base rewards (first at prompt {p}, "
-                    f"candidate {c}, step {s}); base rewards must be finite (only noise-aware arrays may hold NaN)"
-                )
-            rewards[name] = arr
-        self.rewards = rewards
-        noise_aware = {}
-        for name, arr in (self.noise_aware or {}).items():
-            if name not in rewards:
-                raise NoiseSearchError(
-                    f"noise-aware reward {name!r} has no base reward; base rewards: {', '.join(rewards)}"
-                )
-            arr = np.asarray(arr)
-            if arr.shape != shape:
-                raise NoiseSearchError(
-                    f"noise-aware reward {name!r} has shape {arr.shape}, base rewards have {shape}"
-                )
-            arr = arr.astype(np.float32, copy=False)
-            if np.isinf(arr).any():
-                raise NoiseSearchError(f"noise-aware reward {name!r} holds inf values (use NaN for missing steps)")
-            noise_aware[name] = arr
-        self.noise_aware = noise_aware
+        self.rewards = _checked_rewards(self.rewards)
+        shape = self.shape
+        self.noise_aware = _checked_noise_aware(self.noise_aware or {}, self.rewards, shape)
+        self._check_steps_and_prompts(shape)
+        self._check_flops()
+        self.model = str(self.model)
+        if not isinstance(self.extra, dict):
+            raise NoiseSearchError("pool 'extra' metadata must be a dict")
+
+    def _check_steps_and_prompts(self, shape) -> None:
         P, N, S = shape
         if self.num_steps in (0, None):
             self.num_steps = S
@@ -131,21 +165,20 @@ class Pool:
         self.prompts = [str(p) for p in self.prompts]
         if len(self.prompts) != P:
             raise NoiseSearchError(f"{len(self.prompts)} prompts given for reward arrays with {P} prompts")
+
+    def _check_flops(self) -> None:
         try:
             self.flops_per_step = float(self.flops_per_step or 0.0)
             fpr = dict(self.flops_per_reward or {})
-            self.flops_per_reward = {name: float(fpr.get(name, 0.0)) for name in rewards}
+            self.flops_per_reward = {name: float(fpr.get(name, 0.0)) for name in self.rewards}
         except (TypeError, ValueError):
             raise NoiseSearchError("FLOPs metadata must be numbers")
-        unknown = set(fpr) - set(rewards)
+        unknown = set(fpr) - set(self.rewards)
         if unknown:
-            raise NoiseSearchError(f"FLOPs given for unknown rewards {sorted(unknown)}; rewards: {', '.join(rewards)}")
+            raise NoiseSearchError(f"FLOPs given for unknown rewards {sorted(unknown)}; rewards: {', '.join(self.rewards)}")
         for v in [self.flops_per_step, *self.flops_per_reward.values()]:
             if not math.isfinite(v) or v < 0:
                 raise NoiseSearchError(f"FLOPs metadata must be finite and >= 0, got {v}")
-        self.model = str(self.model)
-        if not isinstance(self.extra, dict):
-            raise NoiseSearchError("pool 'extra' metadata must be a dict")
 
     # ---- shape and access -----------------------------------------------------------------------
     @property
@@ -172,6 +205,21 @@ class Pool:
         if name not in self.rewards:
             raise NoiseSearchError(f"unknown reward {name!r}; this pool has: {', '.join(self.rewards)}")
         return name
+
+    def reward_key(self, name: str) -> str:
+        """This pool's key for a reward named by its key or by the spec the pool was made with
+        (``hps@DIR`` finds the key ``hps__DIR...``, a relative or absolute ``DIR`` alike)."""
+        if name in self.rewards:
+            return name
+        specs = self.extra.get("reward_specs") or {}
+        for key, spec in specs.items():
+            if key in self.rewards and _same_spec(str(spec), str(name)):
+                return key
+        key = pool_reward_name(name)
+        if key in self.rewards:
+            return key
+        known = ", ".join(f"{k} (made with {specs[k]!r})" if specs.get(k, k) != k else k for k in self.rewards)
+        raise NoiseSearchError(f"the pool has no reward {name!r}; it has: {known}")
 
     def has_noise_aware(self, name: str) -> bool:
         return name in self.noise_aware and not np.isnan(self.noise_aware[name]).all()

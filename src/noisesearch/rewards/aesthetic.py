@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import load_torch_state_dict
-from noisesearch.rewards.preprocess import ImagePreprocess, count_flops
+from noisesearch.rewards.preprocess import ImagePreprocess, count_flops, freeze
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 
@@ -47,17 +47,26 @@ class PreferenceMLP(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "layers.", what: str = "head") -> "PreferenceMLP":
+        """The head whose widths the 2-D weights of ``state`` give; every tensor checked (names,
+        shapes, nothing else in ``state``) before the head is built."""
         idx = (0, 2, 4, 6, 7)
-        try:
-            widths = [int(state[f"{prefix}{i}.weight"].shape[1]) for i in idx]
-        except KeyError as e:
-            raise NoiseSearchError(f"{what}: no weight {e.args[0]!r}: not the official MLP head") from None
+        weights = [state.get(f"{prefix}{i}.weight") for i in idx]
+        if not all(isinstance(w, torch.Tensor) and w.ndim == 2 for w in weights):
+            raise NoiseSearchError(f"{what}: no 2-D weights {', '.join(f'{prefix}{i}.weight' for i in idx)}: "
+                                   "not the official MLP head")
+        widths = [int(w.shape[1]) for w in weights]
+        expected = {}
+        for n, (i, w_in) in enumerate(zip(idx, widths)):
+            w_out = widths[n + 1] if n + 1 < len(widths) else 1
+            expected[f"{prefix}{i}.weight"], expected[f"{prefix}{i}.bias"] = (w_out, w_in), (w_out,)
+        found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else ("not a tensor",) for k, v in state.items()}
+        bad = [k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+        if bad:
+            k = bad[0]
+            raise NoiseSearchError(f"{what}: {len(bad)} tensors do not fit the official MLP head of widths {widths} "
+                                   f"({k}: {found.get(k, 'missing')} in the file, {expected.get(k, 'unexpected')} expected)")
         head = cls(widths)
-        sub = {k[len(prefix) - len("layers."):]: v for k, v in state.items() if k.startswith(prefix)}
-        try:
-            head.load_state_dict(sub, strict=True)
-        except RuntimeError as e:
-            raise NoiseSearchError(f"{what}: {str(e).splitlines()[0]}") from None
+        head.load_state_dict({k[len(prefix) - len("layers."):]: v for k, v in state.items()}, strict=True)
         return head
 
 
@@ -74,12 +83,13 @@ class AestheticModule(torch.nn.Module):
 
 
 class AestheticScore:
-    """The aesthetic predictor as a reward (module: :class:`AestheticModule`, fine-tunable)."""
+    """The aesthetic predictor as a reward (module: :class:`AestheticModule`, loaded with gradients off;
+    ``module.requires_grad_(True)`` to fine-tune it)."""
 
     def __init__(self, module: AestheticModule, preprocess: ImagePreprocess, device="cpu", name="aesthetic",
                  batch_size: int = 32):
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
+        self.module = freeze(module.to(self.device))  # gradients off for scoring; requires_grad_(True) to fine-tune
         self.preprocess_fn, self.name, self.batch_size = preprocess, name, batch_size
         self._flops: float | None = None
 
@@ -129,15 +139,10 @@ def aesthetic_reward(arg: str | None = None, device="cpu") -> AestheticScore:
         head_path, folder = Path(heads[0]), p
     state = load_torch_state_dict(head_path, "aesthetic reward")
     head = PreferenceMLP.from_state_dict(state, what=f"aesthetic reward: {head_path}")
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the folder's text tower is not loaded: no report of "unexpected" weights
-    try:
-        vision, _, mean, std = load_clip_folder("aesthetic", str(folder), model_cls=CLIPVisionModelWithProjection,
-                                                tokenizer=False)
-    finally:
-        hf_logging.set_verbosity(level)
+    # only the vision tower and projection of the folder's CLIP model are loaded (its text side is not
+    # reported as unexpected); everything else must match exactly (load_clip_folder)
+    vision, _, mean, std = load_clip_folder("aesthetic", str(folder), model_cls=CLIPVisionModelWithProjection,
+                                            tokenizer=False)
     if head.layers[0].in_features != vision.config.projection_dim:
         raise NoiseSearchError(f"aesthetic reward: the head takes {head.layers[0].in_features}-d embeddings, "
                                f"the CLIP model in {folder} makes {vision.config.projection_dim}-d ones")

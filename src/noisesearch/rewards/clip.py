@@ -20,7 +20,8 @@ reports it.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import os
 from typing import Sequence
 
@@ -28,7 +29,24 @@ import torch
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess, TextCache, count_flops, features
+from noisesearch.io import describe_load_error
+from noisesearch.rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImagePreprocess,
+    TextCache,
+    check_params,
+    check_sizes,
+    check_tensors,
+    check_tokenizer,
+    check_towers,
+    count_flops,
+    features,
+    freeze,
+    load_error,
+    read_json,
+    shapes,
+)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -52,14 +70,15 @@ class ClipImageTower(torch.nn.Module):
 class ClipScore:
     """CLIP score reward (see module docstring); also PickScore and HPSv2 (``scale``, ``preprocess``).
 
-    ``module`` (a :class:`ClipImageTower`) is what ``train-reward`` fine-tunes; ``__call__`` goes
-    through ``self.module`` and is differentiable when called with gradients enabled. Scores are
-    returned on the reward's device."""
+    ``module`` (a :class:`ClipImageTower`) is what ``train-reward`` fine-tunes. The model is loaded
+    for scoring, with gradients off (no autograd graph is built); after ``module.requires_grad_(True)``
+    (as ``train-reward`` does) ``__call__``, which goes through ``self.module``, is differentiable
+    with respect to its weights. Scores are returned on the reward's device."""
 
     def __init__(self, model, tokenizer, device="cpu", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                  name: str = "clip", batch_size: int = 32, preprocess: ImagePreprocess | None = None,
                  scale: float | None = None, max_scale: float | None = 100.0, max_length: int | None = None):
-        self.model = model.to(device).eval()
+        self.model = freeze(model.to(device))  # scoring builds no autograd graph; requires_grad_(True) to fine-tune
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.name = name
@@ -134,32 +153,199 @@ class ClipScore:
         return self._flops_per_prompt
 
 
-def _read_norm(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """image_mean / image_std from ``preprocessor_config.json`` if present, else OpenAI's."""
+def _read_norm(reward: str, path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """image_mean / image_std from ``preprocessor_config.json`` if present (three numbers each, std > 0),
+    else OpenAI's."""
     cfg_path = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        return tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD))
-    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    if not os.path.isfile(cfg_path):
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    cfg = read_json(cfg_path, reward, "preprocessor config")
+    out = []
+    for key, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
+        v = cfg.get(key, default)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = [v] * 3
+        ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok or (key == "image_std" and min(v) <= 0):
+            raise NoiseSearchError(f"{reward} reward: {cfg_path}: {key} must be three finite numbers"
+                                   f"{' > 0' if key == 'image_std' else ''}, got {v!r}")
+        out.append(tuple(float(x) for x in v))
+    return out[0], out[1]
 
 
 def _is_hub_name(source: str) -> bool:
     return not source.startswith((".", "/", "~")) and source.count("/") == 1
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No loading reports or progress bars from transformers while a reward loads (its findings are
+    checked here and become one-line errors)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_clip_config(reward: str, folder: str) -> dict:
+    """The sizes in ``folder/config.json`` in range (before anything is built); its contents."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise NoiseSearchError(f"{reward} reward: {folder} has no config.json (a folder saved with CLIPModel.save_pretrained)")
+    cfg = read_json(path, reward)
+    sections = [k for k in ("text_config", "vision_config") if k in cfg] or [None]
+    for sec in sections:
+        check_sizes(reward, path, cfg if sec is None else cfg[sec], prefix="" if sec is None else f"{sec}.",
+                    heads=("hidden_size", "num_attention_heads"), patch=("image_size", "patch_size"))
+    check_sizes(reward, path, {k: cfg[k] for k in ("projection_dim",) if k in cfg})
+    towers = [cfg if sec is None else cfg[sec] for sec in sections]
+    check_towers(reward, path, [(int(c.get("num_hidden_layers", 12)), int(c.get("hidden_size", 768)),
+                                 int(c.get("intermediate_size", 3072))) for c in towers])
+    return cfg
+
+
+def safetensors_shapes(folder: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
+    """(file name, {tensor: shape}) of the folder's safetensors weights (one file or shards), read
+    from their headers only; None when the folder holds none."""
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index, "weights", "index").get("weight_map", {})
+        files, name = sorted(set(weight_map.values())), index
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files, name = ["model.safetensors"], os.path.join(folder, "model.safetensors")
+    else:
+        return None
+    found: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(os.path.join(folder, f), framework="pt") as st:
+                for k in st.keys():
+                    found[k] = tuple(st.get_slice(k).get_shape())
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise NoiseSearchError(f"cannot read the weights {os.path.join(folder, f)}: {describe_load_error(e)}") from None
+    return name, found
+
+
+def _text_side(key: str) -> bool:
+    return key.startswith(("text_model.", "text_projection.")) or key == "logit_scale"
+
+
+def check_clip_weights(reward: str, folder: str, model_cls, config) -> None:
+    """The model ``config`` describes (built on the meta device: no memory) against the tensors in the
+    folder's weights: same names, same shapes, nothing left over; its size within this machine."""
+    import torch
+
+    with torch.device("meta"):
+        try:
+            meta = model_cls(config)
+        except Exception as e:  # a config transformers accepts but cannot build
+            raise NoiseSearchError(f"{reward} reward: {folder}/config.json does not build a model: "
+                                   f"{describe_load_error(e)}") from None
+    check_params(reward, f"{folder}/config.json", meta)
+    weights = safetensors_shapes(folder)
+    if weights is None:
+        return  # a pytorch_model.bin: checked by transformers' loading report (check_loading_info)
+    vision_only = not hasattr(meta, "text_model")
+    check_tensors(reward, weights[0], shapes(meta.state_dict()), weights[1], ignore_missing=lambda k: k.endswith("position_ids"),
+                  ignore_unexpected=lambda k: k.endswith("position_ids") or (vision_only and _text_side(k)),
+                  config=f"{folder}/config.json")
+
+
+def check_loading_info(reward: str, source: str, info: dict, vision_only: bool = False) -> None:
+    """transformers' loading report (``output_loading_info=True``) as a one-line error if anything
+    is missing, unexpected or mis-shaped (position ids and, for an image tower, the text side excepted)."""
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    unexpected = [k for k in info.get("unexpected_keys", ())
+                  if not k.endswith("position_ids") and not (vision_only and _text_side(k))]
+    shaped = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", ())]
+    errors = [str(e).splitlines()[0] for e in info.get("error_msgs", ()) if str(e).strip()]
+    if missing or unexpected or shaped or errors:
+        parts = [f"{len(v)} {what} ({', '.join(sorted(v)[:3])}{' ...' if len(v) > 3 else ''})"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped),
+                                 ("errors", errors)) if v]
+        raise NoiseSearchError(f"{reward} reward: the weights of {source} do not match its config: {'; '.join(parts)}")
+
+
+def _tokenizer_files(reward: str, folder: str) -> None:
+    have = set(os.listdir(folder))
+    if "tokenizer.json" not in have and not {"vocab.json", "merges.txt"} <= have:
+        raise NoiseSearchError(f"{reward} reward: {folder} lacks the tokenizer files (vocab.json and merges.txt, or "
+                               "tokenizer.json): save the tokenizer with the model (tokenizer.save_pretrained)")
+
+
+def load_tokenizer(reward: str, source: str, text_config):
+    """The CLIP tokenizer of ``source``, present (local folders) and fitting the text tower."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(source):
+        _tokenizer_files(reward, source)
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        if os.path.isdir(source):
+            raise load_error(reward, f"the tokenizer in {source}", e) from None
+        from noisesearch.rewards.preprocess import hub_error
+
+        raise hub_error(reward, source, f"{reward}@/local/path", e) from e
+    check_tokenizer(reward, source, tok, text_config.vocab_size, getattr(text_config, "eos_token_id", None))
+    return tok
+
+
+def _load_model(reward: str, source: str, model_cls, local: bool):
+    """``model_cls.from_pretrained(source)``, strict: a local folder is checked against its config
+    before anything is built; transformers' loading report must be clean."""
+    config_cls = model_cls.config_class
+    if local:
+        check_clip_config(reward, source)
+    try:
+        with quiet_transformers():
+            config = config_cls.from_pretrained(source)
+    except Exception as e:
+        if local:
+            raise NoiseSearchError(f"{reward} reward: {source}/config.json: {describe_load_error(e)}") from None
+        from noisesearch.rewards.preprocess import hub_error
+
+        raise hub_error(reward, source, f"{reward}@/local/path", e) from e
+    if local:
+        check_clip_weights(reward, source, model_cls, config)
+    try:
+        with quiet_transformers():
+            model, info = model_cls.from_pretrained(source, config=config, output_loading_info=True)
+    except Exception as e:
+        if "mismatched" in str(e):  # transformers' "look at the above report!" for tensors of another shape
+            raise NoiseSearchError(f"{reward} reward: the weights of {source} do not match its config "
+                                   "(tensors of another shape); use the config the weights were saved with") from None
+        if local:
+            raise load_error(reward, source, e) from None
+        from noisesearch.rewards.preprocess import hub_error
+
+        raise hub_error(reward, source, f"{reward}@/local/path", e) from e
+    check_loading_info(reward, source, info, vision_only=not hasattr(model, "text_model"))
+    return model, config
+
+
 def load_clip_folder(reward: str, source: str, processor_source: str | None = None, model_cls=None,
                      tokenizer: bool = True):
-    """(model, tokenizer or None, mean, std) from a transformers CLIP folder or hub name.
+    """(model, tokenizer or None, mean, std) from a transformers CLIP folder or hub name, loaded
+    strictly: config sizes checked before anything is built, weights that match the config exactly
+    (names and shapes; nothing random, nothing dropped), tokenizer files present and fitting the text
+    tower, a plausible preprocessor config. The model comes with gradients off (``freeze``).
 
     ``processor_source``: where the tokenizer and ``preprocessor_config.json`` live when not with the
     model (PickScore's hub model uses LAION's processor). ``model_cls``: ``CLIPModel`` by default."""
     try:
-        from transformers import AutoTokenizer, CLIPModel
-
-        from noisesearch.models.diffusers import quiet_library_notices
-
-        quiet_library_notices()
+        from transformers import CLIPModel
     except ImportError as e:
         raise NoiseSearchError(f"the {reward} reward needs `pip install transformers` (or 'noisesearch[diffusers]')") from e
     model_cls = model_cls or CLIPModel
@@ -170,30 +356,21 @@ def load_clip_folder(reward: str, source: str, processor_source: str | None = No
             f"pass `{reward}@/path/to/dir` (a directory saved with CLIPModel.save_pretrained + its tokenizer)"
         )
     proc = processor_source or source
-    try:
-        model = model_cls.from_pretrained(source)
-        tok = AutoTokenizer.from_pretrained(proc) if tokenizer else None
-    except Exception as e:
-        if local:
-            raise NoiseSearchError(
-                f"{reward} reward: cannot load a CLIP model{' and tokenizer' if tokenizer else ''} from {source}: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        from noisesearch.rewards.preprocess import hub_error
+    model, config = _load_model(reward, source, model_cls, local)
+    tok = load_tokenizer(reward, proc, config.text_config) if tokenizer else None
+    return freeze(model), tok, *_processor_norm(reward, proc)
 
-        raise hub_error(reward, source, f"{reward}@/local/path", e) from e
+
+def _processor_norm(reward: str, proc: str) -> tuple[tuple, tuple]:
     if os.path.isdir(proc):
-        mean, std = _read_norm(proc)
-    else:
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        try:  # the processor's own mean / std from the hub cache
-            from huggingface_hub import hf_hub_download
+        return _read_norm(reward, proc)
+    try:  # the processor's own mean / std from the hub cache
+        from huggingface_hub import hf_hub_download
 
-            cfg_file = hf_hub_download(proc, "preprocessor_config.json")
-            mean, std = _read_norm(os.path.dirname(cfg_file))
-        except Exception:
-            pass
-    return model, tok, mean, std
+        cfg_file = hf_hub_download(proc, "preprocessor_config.json")
+    except Exception:
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    return _read_norm(reward, os.path.dirname(cfg_file))
 
 
 def clip_reward(arg: str | None = None, device="cpu") -> ClipScore:
@@ -213,4 +390,5 @@ def clip_reward(arg: str | None = None, device="cpu") -> ClipScore:
     return ClipScore(model, tokenizer, device=device, mean=mean, std=std, name=name)
 
 
-__all__ = ["ClipScore", "ClipImageTower", "clip_reward", "DEFAULT_CLIP", "load_clip_folder"]
+__all__ = ["ClipScore", "ClipImageTower", "clip_reward", "DEFAULT_CLIP", "load_clip_folder", "check_clip_config",
+           "check_clip_weights", "check_loading_info", "load_tokenizer", "quiet_transformers", "safetensors_shapes"]

@@ -14,7 +14,10 @@ Input convention (both modules): ``forward(images01) -> logits``, with ``images0
 layers (plus ReLU, pooling, dropout), so they can be fine-tuned with LoRA (peft) by targeting
 ``conv*`` / ``fc*`` layers.
 
-As rewards, both return ``log p(target digit | image)`` (<= 0), with target ``int(prompt)``.
+As a reward, the classifier returns ``log p(target digit | image)`` (<= 0), with target
+``int(prompt)``; the judge returns its verdict, 1 when it reads the target digit and 0 otherwise, so
+that the mean of ``judge`` among a run's evaluation rewards is the judge accuracy
+(``report["judge_accuracy"]``; its ``details`` add each sample's ``judge_class`` and ``judge_prob``).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from torch.nn import functional as F
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
-from noisesearch.models.digits import WEIGHTS_DIR, load_state, load_weights, parse_digits
+from noisesearch.models.digits import WEIGHTS_DIR, build_checked, load_weights, parse_digits
 
 CLASSIFIER_FILE = "digit_classifier.safetensors"
 JUDGE_FILE = "digit_judge.safetensors"
@@ -156,6 +159,23 @@ class DigitClassifier:
         return f"DigitClassifier(name={self.name!r}, module={type(self.module).__name__}, device={str(self.device)!r})"
 
 
+class DigitJudge(DigitClassifier):
+    """The judge as a reward: 1.0 where it reads the target digit, else 0.0 (its mean is the judge
+    accuracy). An evaluation reward: never optimise it (it is flat almost everywhere)."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        targets = parse_targets(prompts, f"reward {self.name!r}")
+        classes, _ = self.predict(images)
+        if targets.shape[0] != classes.shape[0]:
+            raise NoiseSearchError(f"{classes.shape[0]} images but {targets.shape[0]} prompts given to reward {self.name!r}")
+        return (classes.cpu() == targets).float()
+
+    def details(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, list]:
+        """Per image: the class the judge reads and its probability (recorded by evaluations)."""
+        classes, probs = self.predict(images)
+        return {"class": [int(c) for c in classes.tolist()], "prob": [float(p) for p in probs.tolist()]}
+
+
 def measure_image_flops(module: nn.Module) -> float:
     """FLOPs of classifying one image, counted with ``FlopCounterMode``."""
     device = next(module.parameters()).device
@@ -166,8 +186,7 @@ def load_classifier_module(path: str | os.PathLike, kind: str) -> tuple[nn.Modul
     """The plain ``nn.Module`` stored at ``path`` (``kind``: digit_classifier or digit_judge) and
     its FLOPs per image as measured when the file was written (``None`` if not stored)."""
     tensors, config, flops = load_weights(path, kind)
-    module = build_classifier(config)
-    return load_state(module, tensors, path, kind), flops.get("per_image")
+    return build_checked(lambda: build_classifier(config), tensors, path, kind), flops.get("per_image")
 
 
 def load_classifier(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None) -> DigitClassifier:
@@ -177,11 +196,11 @@ def load_classifier(device: str | torch.device = "cpu", weights: str | os.PathLi
     return DigitClassifier(module, "digit", device, flops)
 
 
-def load_judge(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None) -> DigitClassifier:
-    """The judge (``DigitMLP``, trained on train_b) as a ``DigitClassifier``; for evaluation only."""
+def load_judge(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None) -> DigitJudge:
+    """The judge (``DigitMLP``, trained on train_b) as a :class:`DigitJudge`; for evaluation only."""
     path = Path(weights) if weights else WEIGHTS_DIR / JUDGE_FILE
     module, flops = load_classifier_module(path, "digit_judge")
-    return DigitClassifier(module, "judge", device, flops)
+    return DigitJudge(module, "judge", device, flops)
 
 
 def digit_reward(arg: str | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
@@ -189,6 +208,7 @@ def digit_reward(arg: str | None = None, device: str | torch.device = "cpu") -> 
     return load_classifier(device, arg)
 
 
-def judge_reward(arg: str | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
-    """Reward ``judge`` (``judge@PATH`` loads other judge weights). Do not optimise it."""
+def judge_reward(arg: str | None = None, device: str | torch.device = "cpu") -> DigitJudge:
+    """Reward ``judge`` (``judge@PATH`` loads other judge weights): 1 where the judge reads the target
+    digit, else 0. An evaluation reward: do not optimise it."""
     return load_judge(device, arg)

@@ -29,16 +29,29 @@ Attention head counts come from the config (``vision_cfg.head_width``, default 6
 from __future__ import annotations
 
 import glob
-import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.io import load_torch_state_dict
+from noisesearch.io import describe_load_error, load_torch_state_dict
 from noisesearch.rewards.clip import ClipScore
-from noisesearch.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess, hub_error
+from noisesearch.rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImagePreprocess,
+    check_params,
+    check_sizes,
+    check_tensors,
+    check_tokenizer,
+    check_towers,
+    hub_error,
+    load_error,
+    read_json,
+    shapes,
+)
 
 VIT_H_14 = {
     "embed_dim": 1024,
@@ -50,21 +63,35 @@ HUB_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HUB_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # open_clip_config.json + tokenizer
 
 
+def _norm(path, pre: dict, key: str, default) -> tuple[float, ...]:
+    v = pre.get(key, default)
+    ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if not ok or (key == "std" and min(v) <= 0):
+        raise NoiseSearchError(f"hps reward: {path}: preprocess_cfg.{key} must be three finite numbers"
+                               f"{' > 0' if key == 'std' else ''}, got {v!r}")
+    return tuple(float(x) for x in v)
+
+
 def read_open_clip_config(directory) -> tuple[dict, tuple, tuple]:
-    """(model_cfg, mean, std) from ``open_clip_config.json`` in ``directory`` (ViT-H-14 if absent)."""
+    """(model_cfg, mean, std) from ``open_clip_config.json`` in ``directory`` (ViT-H-14 if absent),
+    every size checked in range before anything is built."""
     path = Path(directory) / "open_clip_config.json"
     if not path.is_file():
         return VIT_H_14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NoiseSearchError(f"hps reward: cannot read {path}: {e}") from None
+    cfg = read_json(path, "hps", "open_clip config")
     model_cfg = cfg.get("model_cfg", cfg)
-    for key in ("embed_dim", "vision_cfg", "text_cfg"):
-        if key not in model_cfg:
-            raise NoiseSearchError(f"hps reward: {path} lacks model_cfg.{key}")
+    check_sizes("hps", str(path), model_cfg, required=("embed_dim", "vision_cfg", "text_cfg"), prefix="model_cfg.")
+    check_sizes("hps", str(path), model_cfg["vision_cfg"], required=("width", "layers", "image_size", "patch_size"),
+                prefix="model_cfg.vision_cfg.", heads=("width", "head_width"), patch=("image_size", "patch_size"))
+    check_sizes("hps", str(path), model_cfg["text_cfg"], prefix="model_cfg.text_cfg.", heads=("width", "heads"))
+    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    check_towers("hps", str(path), [(int(c.get("layers", 12)), int(c.get("width", 512)),
+                                     int(c.get("width", 512)) * float(c.get("mlp_ratio", 4.0))) for c in (v, t)])
     pre = cfg.get("preprocess_cfg", {})
-    return model_cfg, tuple(pre.get("mean", OPENAI_CLIP_MEAN)), tuple(pre.get("std", OPENAI_CLIP_STD))
+    if not isinstance(pre, dict):
+        raise NoiseSearchError(f"hps reward: {path}: preprocess_cfg must be a mapping")
+    return model_cfg, _norm(path, pre, "mean", OPENAI_CLIP_MEAN), _norm(path, pre, "std", OPENAI_CLIP_STD)
 
 
 def hf_clip_config(model_cfg: dict, tokenizer=None):
@@ -79,6 +106,10 @@ def hf_clip_config(model_cfg: dict, tokenizer=None):
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
     vw, tw = int(v["width"]), int(t.get("width", 512))
     vheads = vw // int(v.get("head_width", 64))
+    theads = int(t.get("heads", 8))
+    if vheads < 1 or vw % vheads or tw % theads:
+        raise NoiseSearchError(f"hps reward: widths that do not divide into attention heads (vision width {vw}, "
+                               f"head_width {v.get('head_width', 64)}; text width {tw}, heads {theads})")
     tcontext = int(t.get("context_length", 77))
     vision = dict(hidden_size=vw, intermediate_size=int(vw * float(v.get("mlp_ratio", 4.0))),
                   num_hidden_layers=int(v["layers"]), num_attention_heads=vheads, image_size=int(v["image_size"]),
@@ -86,7 +117,7 @@ def hf_clip_config(model_cfg: dict, tokenizer=None):
                   projection_dim=int(model_cfg["embed_dim"]))
     text = dict(vocab_size=int(t.get("vocab_size", 49408)), hidden_size=tw,
                 intermediate_size=int(tw * float(t.get("mlp_ratio", 4.0))), num_hidden_layers=int(t.get("layers", 12)),
-                num_attention_heads=int(t.get("heads", 8)), max_position_embeddings=tcontext, hidden_act=act,
+                num_attention_heads=theads, max_position_embeddings=tcontext, hidden_act=act,
                 layer_norm_eps=1e-5, projection_dim=int(model_cfg["embed_dim"]))
     if tokenizer is not None:  # pool the text at the first end-of-text token (open_clip: argmax of the ids)
         text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -161,36 +192,63 @@ def load_open_clip_checkpoint(path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def build_hps(checkpoint, directory, name: str, device="cpu", batch_size: int = 32) -> ClipScore:
-    """The HPS reward from an open_clip checkpoint + the folder with its config and tokenizer."""
-    from transformers import CLIPModel, CLIPTokenizer
+def _tokenizer(d: Path, context: int, model_cfg: dict):
+    from transformers import CLIPTokenizer
 
-    model_cfg, mean, std = read_open_clip_config(directory)
-    context = int(model_cfg["text_cfg"].get("context_length", 77))
-    d = Path(directory)
     if not ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
         raise NoiseSearchError(f"hps reward: {d} needs the CLIP BPE tokenizer files vocab.json and merges.txt")
-    tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=context)
-    config = hf_clip_config(model_cfg, tokenizer)
-    with torch.device("meta"):
-        model = CLIPModel(config)
-    state = open_clip_to_hf(load_open_clip_checkpoint(checkpoint))
+    try:
+        tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=context)
+    except Exception as e:
+        raise load_error("hps", f"the tokenizer files in {d}", e) from None
+    return tok
+
+
+def _hf_state(checkpoint) -> dict[str, torch.Tensor]:
+    try:
+        state = open_clip_to_hf(load_open_clip_checkpoint(checkpoint))
+    except (KeyError, ValueError, IndexError, RuntimeError) as e:  # an in_proj weight without its bias, a bad name
+        raise NoiseSearchError(f"hps reward: {checkpoint} is not an open_clip CLIP checkpoint ({type(e).__name__}: {e})") from None
     state.setdefault("logit_scale", torch.tensor(0.0))
-    ref = model.state_dict()
-    missing = [k for k in ref if k not in state and not k.endswith("position_ids")]
-    bad = [k for k in state if k not in ref or state[k].shape != ref[k].shape]
-    if missing or bad:
-        raise NoiseSearchError(
-            f"hps reward: {checkpoint} does not fit the model of {d / 'open_clip_config.json'} "
-            f"(missing {missing[:3]}, mismatched {[(k, tuple(state[k].shape)) for k in bad[:3]]})"
-        )
+    return state
+
+
+def _materialise(model, state: dict[str, torch.Tensor]):
+    """Load ``state`` into the meta-device ``model`` (assign), rebuilding the position id buffers."""
     model.load_state_dict(state, strict=False, assign=True)
     for n, buf in list(model.named_buffers()):  # position_ids buffers stay on meta: rebuild them
         if buf.is_meta:
             mod_name, _, attr = n.rpartition(".")
             mod = model.get_submodule(mod_name)
             mod.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
-    model = model.float().eval()
+    return model.float()
+
+
+def build_hps(checkpoint, directory, name: str, device="cpu", batch_size: int = 32) -> ClipScore:
+    """The HPS reward from an open_clip checkpoint + the folder with its config and tokenizer; the
+    config's sizes are checked first, the model is built on the meta device and must match the
+    checkpoint exactly (names and shapes) before it takes the weights."""
+    from transformers import CLIPModel
+
+    model_cfg, mean, std = read_open_clip_config(directory)
+    context = int(model_cfg["text_cfg"].get("context_length", 77))
+    d = Path(directory)
+    tokenizer = _tokenizer(d, context, model_cfg)
+    cfg_name = d / "open_clip_config.json" if (d / "open_clip_config.json").is_file() else "ViT-H-14 (no open_clip_config.json)"
+    try:
+        config = hf_clip_config(model_cfg, tokenizer)
+        with torch.device("meta"):
+            model = CLIPModel(config)
+    except NoiseSearchError:
+        raise
+    except Exception as e:
+        raise NoiseSearchError(f"hps reward: {cfg_name} does not build a model: {describe_load_error(e)}") from None
+    check_params("hps", str(cfg_name), model)
+    state = _hf_state(checkpoint)
+    check_tensors("hps", str(checkpoint), shapes(model.state_dict()), shapes(state),
+                  ignore_missing=lambda k: k.endswith("position_ids"), config=str(cfg_name))
+    check_tokenizer("hps", str(d), tokenizer, config.text_config.vocab_size)
+    model = _materialise(model, state)
     pre = ImagePreprocess(config.vision_config.image_size, mean, std, mode="pad", clamp=False, name="hps")
     return ClipScore(model, tokenizer, device=device, name=name, batch_size=batch_size, preprocess=pre, scale=1.0,
                      max_length=context)

@@ -22,7 +22,6 @@ only the tokenization is cached per prompt.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +29,22 @@ from typing import Sequence
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.io import load_torch_state_dict
+from noisesearch.io import describe_load_error, load_torch_state_dict
 from noisesearch.rewards.aesthetic import PreferenceMLP
-from noisesearch.rewards.preprocess import ImagePreprocess, TextCache, count_flops, hub_error
+from noisesearch.rewards.preprocess import (
+    ImagePreprocess,
+    TextCache,
+    check_params,
+    check_sizes,
+    check_tensors,
+    check_tokenizer,
+    check_towers,
+    count_flops,
+    freeze,
+    hub_error,
+    read_json,
+    shapes,
+)
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 MAX_LENGTH = 35
@@ -87,10 +99,7 @@ class ImageRewardModule(torch.nn.Module):
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NoiseSearchError(f"imagereward reward: cannot read {what} {path}: {e}") from None
+    return read_json(path, "imagereward", what)
 
 
 def init_tokenizer(vocab_file):
@@ -104,12 +113,13 @@ def init_tokenizer(vocab_file):
 
 
 class ImageRewardScore:
-    """ImageReward as a reward (module: :class:`ImageRewardModule`, fine-tunable as a whole)."""
+    """ImageReward as a reward (module: :class:`ImageRewardModule`, loaded with gradients off;
+    ``module.requires_grad_(True)`` to fine-tune it as a whole)."""
 
     def __init__(self, module: ImageRewardModule, tokenizer, preprocess: ImagePreprocess, device="cpu",
                  name="imagereward", batch_size: int = 32):
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
+        self.module = freeze(module.to(self.device))  # gradients off for scoring; requires_grad_(True) to fine-tune
         self.tokenizer, self.preprocess_fn, self.name, self.batch_size = tokenizer, preprocess, name, batch_size
         self._tokens = TextCache(self._tokenize)
         self._flops: float | None = None
@@ -152,11 +162,33 @@ class ImageRewardScore:
         return self._flops
 
 
-def build_imagereward(checkpoint, med_config, vocab, vision_config=None, name="imagereward", device="cpu"):
-    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+KNOWN_UNUSED = ("blip.vision_proj.", "blip.text_proj.")  # BLIP's retrieval projections: not part of the score
 
-    vc = dict(VIT_L_16, **(_read_json(Path(vision_config), "vision config") if vision_config else {}))
-    med = _read_json(Path(med_config), "med_config")
+
+def _check_configs(vc: dict, med: dict, vision_where: str, med_where: str) -> None:
+    """Every size of both configs in range, before anything is built."""
+    check_sizes("imagereward", vision_where, vc, required=("image_size", "patch_size", "width", "layers", "heads"),
+                heads=("width", "heads"), patch=("image_size", "patch_size"))
+    check_sizes("imagereward", med_where, med, required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                        "num_attention_heads", "max_position_embeddings"),
+                heads=("hidden_size", "num_attention_heads"))
+    vw, tw = int(vc["width"]), int(med["hidden_size"])
+    check_towers("imagereward", f"{vision_where} and {med_where}",
+                 [(int(vc["layers"]), vw, vw * float(vc.get("mlp_ratio", 4.0))),
+                  (int(med["num_hidden_layers"]), tw, int(med["intermediate_size"]) + tw)])  # + cross-attention
+    from transformers.activations import ACT2FN
+
+    act = med.get("hidden_act", "gelu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise NoiseSearchError(f"imagereward reward: {med_where}: hidden_act {act!r} is not an activation transformers knows")
+    if int(med.get("pad_token_id", 0)) >= int(med["vocab_size"]):
+        raise NoiseSearchError(f"imagereward reward: {med_where}: pad_token_id {med.get('pad_token_id')} is not below "
+                               f"vocab_size {med['vocab_size']}")
+
+
+def _hf_configs(vc: dict, med: dict):
+    from transformers import BlipTextConfig, BlipVisionConfig
+
     width = int(vc["width"])
     vision_cfg = BlipVisionConfig(hidden_size=width, intermediate_size=int(width * float(vc.get("mlp_ratio", 4.0))),
                                   num_hidden_layers=int(vc["layers"]), num_attention_heads=int(vc["heads"]),
@@ -172,28 +204,65 @@ def build_imagereward(checkpoint, med_config, vocab, vision_config=None, name="i
         pad_token_id=int(med.get("pad_token_id", 0)), bos_token_id=None, eos_token_id=None, sep_token_id=None,
         is_decoder=True,  # is_decoder: build the cross-attention layers
     )
+    return vision_cfg, text_cfg
+
+
+def _towers(vc: dict, med: dict, where: str):
+    """(vision, text) built from the configs, checked on the meta device first (size within this machine)."""
+    from transformers import BlipTextModel, BlipVisionModel
+
+    try:
+        vision_cfg, text_cfg = _hf_configs(vc, med)
+        with torch.device("meta"):
+            meta = torch.nn.ModuleDict({"vision": BlipVisionModel(vision_cfg), "text": BlipTextModel(text_cfg, add_pooling_layer=False)})
+    except Exception as e:  # a config transformers refuses (ValueError, ZeroDivisionError, ...)
+        raise NoiseSearchError(f"imagereward reward: {where} do not build a model: {describe_load_error(e)}") from None
+    check_params("imagereward", where, meta)
+    return meta["vision"], meta["text"], vision_cfg, text_cfg
+
+
+def _split_checkpoint(checkpoint) -> tuple[dict, dict, dict]:
     state = load_torch_state_dict(checkpoint, "imagereward reward")
-    vis_sd, txt_sd, mlp_sd = imagereward_to_hf(state)
-    vision = BlipVisionModel(vision_cfg)
-    text = BlipTextModel(text_cfg, add_pooling_layer=False)
-    for what, mod, sd in (("vision", vision, vis_sd), ("text", text, txt_sd)):
-        ref = mod.state_dict()
-        sd = {k: v for k, v in sd.items() if k in ref or not k.endswith("position_ids")}
-        missing = [k for k in ref if k not in sd and not k.endswith("position_ids")]
-        extra = [k for k in sd if k not in ref]
-        bad = [k for k in sd if k in ref and sd[k].shape != ref[k].shape]
-        if missing or extra or bad:
-            raise NoiseSearchError(
-                f"imagereward reward: the {what} weights of {checkpoint} do not fit its configs "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}, mismatched {bad[:3]})"
-            )
-        mod.load_state_dict(sd, strict=False)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise NoiseSearchError(f"imagereward reward: {checkpoint} holds no state dict of tensors")
+    known = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.", *KNOWN_UNUSED)
+    other = [k for k in state if not k.removeprefix("module.").startswith(known)]
+    if other:
+        raise NoiseSearchError(f"imagereward reward: {checkpoint} holds {len(other)} unexpected tensors "
+                               f"({', '.join(sorted(other)[:3])}{' ...' if len(other) > 3 else ''}): not an ImageReward checkpoint")
+    return imagereward_to_hf(state)
+
+
+def build_imagereward(checkpoint, med_config, vocab, vision_config=None, name="imagereward", device="cpu"):
+    """ImageReward from its checkpoint, ``med_config.json``, BERT vocabulary and optional vision config:
+    the configs' sizes are checked first, the towers built on the meta device must match the
+    checkpoint exactly (names and shapes), the tokenizer must fit the text tower."""
+    from transformers import BlipTextModel, BlipVisionModel
+
+    vc = dict(VIT_L_16, **(_read_json(Path(vision_config), "vision config") if vision_config else {}))
+    med = _read_json(Path(med_config), "med_config")
+    where = f"{vision_config or 'the ViT-L/16 defaults'} and {med_config}"
+    _check_configs(vc, med, str(vision_config or "the ViT-L/16 defaults"), str(med_config))
+    meta_vision, meta_text, vision_cfg, text_cfg = _towers(vc, med, where)
+    vis_sd, txt_sd, mlp_sd = _split_checkpoint(checkpoint)
+    for what, mod, sd in (("vision", meta_vision, vis_sd), ("text", meta_text, txt_sd)):
+        check_tensors("imagereward", f"{checkpoint} ({what} tower)", shapes(mod.state_dict()), shapes(sd),
+                      ignore_missing=lambda k: k.endswith("position_ids"), ignore_unexpected=lambda k: k.endswith("position_ids"),
+                      config=where)
     head = PreferenceMLP.from_state_dict(mlp_sd, what=f"imagereward reward: {checkpoint}")
     if head.layers[0].in_features != text_cfg.hidden_size:
         raise NoiseSearchError("imagereward reward: the head's input width differs from the text encoder's")
-    module = ImageRewardModule(vision, text, head).float().eval()
+    try:
+        tokenizer = init_tokenizer(vocab)
+    except Exception as e:
+        raise NoiseSearchError(f"imagereward reward: cannot read the tokenizer {vocab}: {describe_load_error(e)}") from None
+    check_tokenizer("imagereward", str(vocab), tokenizer, text_cfg.vocab_size)
+    vision, text = BlipVisionModel(vision_cfg), BlipTextModel(text_cfg, add_pooling_layer=False)  # sizes now verified
+    for mod, sd in ((vision, vis_sd), (text, txt_sd)):
+        mod.load_state_dict({k: v for k, v in sd.items() if not k.endswith("position_ids")}, strict=False)
+    module = ImageRewardModule(vision, text, head).float()
     pre = ImagePreprocess(int(vc["image_size"]), mode="crop", crop_rounding="round", name="imagereward")
-    return ImageRewardScore(module, init_tokenizer(vocab), pre, device=device, name=name)
+    return ImageRewardScore(module, tokenizer, pre, device=device, name=name)
 
 
 def imagereward_reward(arg: str | None = None, device="cpu") -> ImageRewardScore:

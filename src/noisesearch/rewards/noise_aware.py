@@ -6,7 +6,9 @@ Made by ``noisesearch train-reward`` (``noisesearch.train.noise_aware``); loaded
     noise_aware.json          manifest, written last: base reward spec and name, the pool's step
                               layout (steps, sigmas), one entry per trained stage
     stage_SS.safetensors      the fine-tuned weights of the base reward's ``module`` after the stage
-                              that trained pool step SS (LoRA already merged), with a checksum
+                              that trained pool step SS (LoRA already merged), with a checksum and
+                              a record of what it is (its step, the training run's digest): a
+                              stage file copied over another is refused when loaded
 
 **Which weights score what.** Stage ``k`` trains step ``s_k`` (walking from late to early steps),
 starting from stage ``k-1``'s weights; the estimates of step ``s`` are scored with the weights of the
@@ -17,7 +19,7 @@ arrays.
 
 **Telling it the step.** ``score_at(images, prompts, step=s, sigma=σ)``, or ``reward.at(step=s,
 sigma=σ)`` for a plain ``Reward`` bound to one step (what ``noisesearch.rewards.score`` accepts).
-``step`` is a pool step index (see ``noisesearch.pools.generate``); when ``sigma`` is given and does
+``step`` is a pool step index (see ``noisesearch.api.pool``); when ``sigma`` is given and does
 not match the training schedule's sigma at ``step`` (another step count or sampler), the stage
 trained at the nearest noise level (in log sigma) is used; ``sigma = 0`` is the finished image.
 Called like any reward (``reward(images, prompts)``) it scores at ``reward.step`` / ``reward.sigma``
@@ -35,6 +37,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import load_checked_safetensors, save_checked_safetensors
+from noisesearch.rewards.step_conditioning import StepConditioned, set_condition
 
 MANIFEST = "noise_aware.json"
 FORMAT_NAME = "noisesearch-noise-aware"
@@ -53,9 +56,34 @@ def save_stage(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def load_stage(path) -> dict[str, torch.Tensor]:
     """A stage's state dict; ``NoiseSearchError`` if missing, truncated, of another kind or corrupt."""
+    return read_stage(path)[0]
+
+
+def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A stage's state dict and what it records of itself (``step``, ``stage``, ``base_reward`` and,
+    since identity checks, ``digest``: the training run's); errors as :func:`load_stage`."""
     path = Path(path)
-    tensors, _ = load_checked_safetensors(path, STAGE_KIND, "noise-aware checkpoint", TRAIN_HINT.format(dir=path.parent))
-    return tensors
+    tensors, metadata = load_checked_safetensors(path, STAGE_KIND, "noise-aware checkpoint", TRAIN_HINT.format(dir=path.parent))
+    try:
+        meta = json.loads(metadata.get("meta") or "{}")
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise NoiseSearchError(f"{path}: unreadable stage record; {TRAIN_HINT.format(dir=path.parent)}")
+    return tensors, meta
+
+
+def stage_identity_error(path, meta: dict, step: int, digest: str | None) -> str | None:
+    """Why the stage file at ``path`` (its record ``meta``) is not the stage of ``step`` of the
+    training run ``digest``, or None. Files written before stages recorded their run are checked
+    for their step only."""
+    held = meta.get("step")
+    if held is None or int(held) != int(step):
+        return (f"{path} holds the weights of step {held} (stage_{int(held or 0):02d}), not of step {step}: a stage file "
+                "copied over another")
+    if digest and meta.get("digest") and meta["digest"] != digest:
+        return f"{path} holds a stage of another training run ({meta['digest']}, this run {digest})"
+    return None
 
 
 def read_manifest(directory) -> dict:
@@ -118,9 +146,7 @@ class NoiseAwareReward:
         self._scorer = copy.deepcopy(base)
         cond = manifest.get("step_conditioning")
         self.conditioned = bool(cond)
-        if cond:  # trained with step conditioning (noisesearch.train.step_conditioning)
-            from noisesearch.train.step_conditioning import StepConditioned
-
+        if cond:  # trained with step conditioning (noisesearch.rewards.step_conditioning)
             self._scorer.module = StepConditioned(self._scorer.module, int(cond.get("cond_dim", 64)))
             # the modulation MLPs run per image too (a multiply-add per weight)
             extra = self._scorer.module.embed.parameters(), self._scorer.module.heads.parameters()
@@ -164,8 +190,6 @@ class NoiseAwareReward:
         if s not in self.stages:
             return self.base(images, prompts)
         if self.conditioned:  # one step-conditioned model for every step: tell it the noise level
-            from noisesearch.train.step_conditioning import set_condition
-
             set_condition(self._scorer.module, self.sigmas[s] if sigma is None else float(sigma))
         if self._active != s and not (self.conditioned and self._active is not None):
             module = self._scorer.module
@@ -210,11 +234,10 @@ def load_noise_aware(arg: str | None, device: str | torch.device = "cpu") -> Noi
             raise NoiseSearchError(f"{d / MANIFEST}: malformed stage entry {entry!r}; {TRAIN_HINT.format(dir=d)}") from None
         if final:  # step conditioning: the final stage's model scores every trained step
             if final_tensors is None:
-                final_tensors = {k: v.to(getattr(base, "device", "cpu")) for k, v in load_stage(d / Path(final).name).items()}
+                final_tensors = _checked_stage(d, final, int(m["stages"][-1]["step"]), m, base)
             stages[step] = final_tensors
             continue
-        tensors = load_stage(d / Path(fname).name)
-        stages[step] = {k: v.to(getattr(base, "device", "cpu")) for k, v in tensors.items()}
+        stages[step] = _checked_stage(d, fname, step, m, base)
     reward = NoiseAwareReward(base, base_spec, stages, m, d)
     # fail now, not at the first call, if the weights do not fit the base reward's module
     ref = reward._scorer.module.state_dict()
@@ -226,8 +249,19 @@ def load_noise_aware(arg: str | None, device: str | torch.device = "cpu") -> Noi
     return reward
 
 
+def _checked_stage(d: Path, fname: str, step: int, manifest: dict, base) -> dict[str, torch.Tensor]:
+    """The weights of ``step``'s stage file, refused when the file records another step or run."""
+    path = d / Path(fname).name
+    tensors, meta = read_stage(path)
+    why = stage_identity_error(path, meta, step, manifest.get("digest"))
+    if why:
+        raise NoiseSearchError(f"{why}; retrain: {TRAIN_HINT.format(dir=d)}")
+    return {k: v.to(getattr(base, "device", "cpu")) for k, v in tensors.items()}
+
+
 def is_noise_aware_dir(path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
-__all__ = ["NoiseAwareReward", "load_noise_aware", "save_stage", "load_stage", "read_manifest", "is_noise_aware_dir"]
+__all__ = ["NoiseAwareReward", "load_noise_aware", "save_stage", "load_stage", "read_stage", "stage_identity_error",
+           "read_manifest", "is_noise_aware_dir"]

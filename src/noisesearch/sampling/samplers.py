@@ -158,6 +158,14 @@ class Sampler:
         raise NotImplementedError
 
     # ---- derived -----------------------------------------------------------------------------
+    def noise_steps(self) -> list[int]:
+        """Steps whose injected noise matters (``uses_noise``), worked out once per schedule (a copy
+        of the sampler given other ``sigmas`` works them out again)."""
+        key = (id(self.sigmas), self.num_steps)
+        if getattr(self, "_noise_steps", (None, None))[0] != key:
+            self._noise_steps = (key, [i for i in range(self.num_steps) if self.uses_noise(i)])
+        return list(self._noise_steps[1])
+
     def nfe_to_end(self, i: int) -> int:
         """Network calls per row from step ``i`` to the end."""
         return sum(self.step_nfe(j) for j in range(i, self.num_steps))

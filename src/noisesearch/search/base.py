@@ -13,7 +13,10 @@ The problem executes and accounts, the strategy proposes (Optuna's split of samp
   (decode of the estimate included), both through ``Budget.charge``;
 * a strategy states what a size costs (:meth:`Strategy.cost`) and runs at a size
   (:meth:`Strategy.run`); :meth:`Strategy.search` fits the size to the budget and checks after
-  the run that every search spent exactly what was planned.
+  the run that every search spent exactly what was planned;
+* a strategy with several knobs (candidates per decision, which decisions are scored) lists the
+  configurations it may run as (:meth:`Strategy.configurations`, its own first); the sizer
+  (``Budget.fit_options``) picks one and its size for the budget and the reward's price.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from noisesearch.budget import Budget, Cost
+from noisesearch.budget import Budget, Cost, SizeOption
 from noisesearch.models.base import Cond, cond_index, cond_repeat
 from noisesearch.noise import NoiseSource
 from noisesearch.rewards.base import Reward, at_step, is_comparative, score
@@ -137,7 +140,7 @@ def topk_per_owner(values: torch.Tensor, owner: torch.Tensor, k: int) -> torch.T
 # ---- planning helpers shared by the trajectory searches (eps-greedy, beam, SMC, MCTS) -------
 def noise_steps(sampler: Sampler) -> list[int]:
     """Steps whose injected noise matters (the decision points of a trajectory search)."""
-    return [i for i in range(sampler.num_steps) if sampler.uses_noise(i)]
+    return sampler.noise_steps()
 
 
 def advance(sampler: Sampler, state: State) -> State:
@@ -152,9 +155,18 @@ def nfe_between(sampler: Sampler, i: int, j: int) -> int:
     return sum(sampler.step_nfe(k) for k in range(i, j))
 
 
+def scored_decision(i: int, every: int) -> bool:
+    """Whether decision ``i`` is scored when every ``every``-th decision is: decision 0 is the initial
+    noise (or the state at ``sigma_0``), decision ``d >= 1`` the noise of the ``d``-th noise step.
+    ``every = 1`` scores them all; otherwise decisions 1, 1 + every, 1 + 2 every, ... (the first noise
+    step always: on a class-level reward the early steps decide most)."""
+    return every <= 1 or (i >= 1 and (i - 1) % every == 0)
+
+
 def deterministic_nfe(sampler: Sampler) -> int:
     """Network calls per row of the steps that inject no noise (taken once per kept row)."""
-    return sum(sampler.step_nfe(i) for i in range(sampler.num_steps) if not sampler.uses_noise(i))
+    noisy = set(sampler.noise_steps())
+    return sum(sampler.step_nfe(i) for i in range(sampler.num_steps) if i not in noisy)
 
 
 @dataclass
@@ -171,9 +183,11 @@ class Strategy:
 
     A subclass says what one search costs at a size (:meth:`cost`) and runs at a size (:meth:`run`).
     ``size_option`` names the hyperparameter that sets the size; 0 there means "fit to the budget":
-    the largest size whose cost the budget affords (``Budget.fit``). ``plan_is_exact`` is False only
-    where the spend depends on the data (MCTS: a rollout from a deeper leaf is cheaper), and the plan
-    is then the worst case.
+    the largest size whose cost the budget affords (``Budget.fit``). Other knobs left at 0 ("fit") are
+    chosen by :meth:`configurations`, the concrete variants the sizer picks from (``Budget.fit_options``:
+    the affordable configuration nearest the strategy's own, then its largest size). ``plan_is_exact``
+    is False only where the spend depends on the data (MCTS: a rollout from a deeper leaf is cheaper),
+    and the plan is then the worst case.
     """
 
     name: ClassVar[str] = "strategy"
@@ -207,24 +221,44 @@ class Strategy:
         """A cap on the fitted size (None: the budget alone decides)."""
         return None
 
+    def configurations(self, problem: Problem) -> list[tuple["Strategy", int]]:
+        """The concrete configurations (every knob fixed but the size), each with its smallest size,
+        that the sizer may choose from, the strategy's own (the most expensive) first. Default: the
+        strategy itself from :meth:`min_size`."""
+        return [(self, self.min_size(problem))]
+
+    def exact_plan(self, problem: Problem) -> bool:
+        """Whether the spend must equal the plan (False: the plan is a worst case); ``plan_is_exact``."""
+        return self.plan_is_exact
+
+    def knobs(self) -> dict[str, Any]:
+        """The knobs a configuration fixed (reported as ``strategy_info.configuration``)."""
+        return {}
+
     # -- shared --
+    def plan(self, problem: Problem) -> tuple["Strategy", int]:
+        """The configuration and size to run: the one sizing rule, ``Budget.fit_options``."""
+        configs = self.configurations(problem)
+        options = [SizeOption(lambda n, c=c: c.cost(problem, n), start, c.requested_size(problem), c.max_size(problem))
+                   for c, start in configs]
+        index, size = problem.budget.fit_options(options, lambda i, n: configs[i][0].describe(n))
+        return configs[index][0], size
+
     def size_for(self, problem: Problem) -> int:
-        size = self.requested_size(problem)
-        if size is None:
-            size = problem.budget.fit(lambda n: self.cost(problem, n), self.min_size(problem), self.describe)
-            cap = self.max_size(problem)
-            size = size if cap is None else max(1, min(size, cap))
-        return size
+        """The size this configuration runs at (the sizer's choice among :meth:`configurations`)."""
+        return self.plan(problem)[1]
 
     def search(self, problem: Problem) -> "SearchResult":
         self.validate()
-        size = self.size_for(problem)
-        planned = self.cost(problem, size)
-        problem.budget.require(planned, self.describe(size))
+        config, size = self.plan(problem)
+        planned = config.cost(problem, size)
+        problem.budget.require(planned, config.describe(size))
         before = problem.budget.snapshot()
-        result = self.run(problem, size)
-        problem.budget.check_spent(before, planned, exact=self.plan_is_exact)
+        result = config.run(problem, size)
+        problem.budget.check_spent(before, planned, exact=config.exact_plan(problem))
         result.info["planned_per_sample"] = planned.as_dict()
+        if config.knobs():
+            result.info["configuration"] = config.knobs()
         return result
 
     def params(self) -> dict[str, Any]:

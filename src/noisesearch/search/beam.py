@@ -7,15 +7,22 @@ one network call), every candidate is scored by the reward of its Tweedie estima
 is searched the same way: ``B * N`` starts, the best ``B`` kept. At the end the beam with the
 highest final reward is returned.
 
+Scoring only some steps: with ``score_every = k`` only every k-th decision branches and is scored
+(decision 0 is the initial noise, decision d the d-th noise step; scored: 1, 1 + k, 1 + 2k, ..., see
+``scored_decision``); at the others each beam takes one fresh noise, unscored.
+
 Budget: ``beams=0`` (default) fits ``B`` to the budget. The cost per search is ``B * N`` candidates
-per searched level (``sampler.step_nfe`` NFEs and one reward call each), ``B`` rows through the
-steps that inject no noise, and ``B`` final reward calls: with 18 Euler-ancestral steps it is
+per scored decision (``sampler.step_nfe`` NFEs and one reward call each), ``B`` rows through the other
+steps, and ``B`` final reward calls: with 18 Euler-ancestral steps and every decision scored it is
 ``18 * B * N`` NFEs. With ``N = 1`` every candidate is kept, so nothing is scored but the final
-images. ``B = 1`` is greedy (the best of ``N`` fresh noises at every step).
+images. ``B = 1`` is greedy (the best of ``N`` fresh noises at every step). ``n_candidates=0`` and
+``score_every=0`` (defaults) are chosen with the size: the configurations are N = 4, 3, 2 with
+k = 1, 2, ... (then N = 1, B independent trajectories), and the sizer takes the affordable one nearest N = 4, k = 1 (``Budget.fit_options``):
+4 candidates at every decision whenever the budget affords one beam of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
@@ -26,10 +33,13 @@ from noisesearch.search.base import (
     Strategy,
     advance,
     best_per_owner,
-    deterministic_nfe,
     noise_steps,
+    scored_decision,
     topk_per_owner,
 )
+
+#: Candidates per decision when ``n_candidates`` is left to the sizer (the most it tries).
+DEFAULT_CANDIDATES = 4
 
 
 @dataclass
@@ -39,47 +49,69 @@ class Beam(Strategy):
     name = "beam"
     size_option = "beams"
     beams: int = 0  # B: beams kept per search; 0 = fit to the budget
-    n_candidates: int = 4  # N: candidate noises per beam at every step
+    n_candidates: int = 0  # N: candidate noises per beam at a scored decision; 0 = chosen with the size (4 when affordable)
+    score_every: int = 0  # branch and score every k-th decision only; 0 = chosen with the size (1 when affordable)
 
     def validate(self) -> None:
-        if self.n_candidates < 1:
-            raise NoiseSearchError("--n-candidates must be at least 1")
+        if self.n_candidates < 0:
+            raise NoiseSearchError("--n-candidates must be >= 0 (0 = chosen with the budget)")
         if self.beams < 0:
             raise NoiseSearchError("--beams must be >= 0 (0 = fit to the budget)")
+        if self.score_every < 0:
+            raise NoiseSearchError("--score-every must be >= 0 (0 = chosen with the budget)")
 
     def describe(self, size: int) -> str:
-        return f"beam search with {size} beam(s) x {self.n_candidates} candidates"
+        every = "" if self.score_every <= 1 else f", scored at every {self.score_every}th decision"
+        return f"beam search with {size} beam(s) x {self.n_candidates or DEFAULT_CANDIDATES} candidates{every}"
+
+    def knobs(self) -> dict:
+        return {"n_candidates": self.n_candidates, "score_every": self.score_every}
+
+    def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
+        ns = [self.n_candidates] if self.n_candidates else range(DEFAULT_CANDIDATES, 1, -1)
+        ks = [self.score_every] if self.score_every else range(1, len(noise_steps(problem.sampler)) + 1)
+        configs = [replace(self, n_candidates=n, score_every=k) for k in ks for n in ns]
+        if not self.n_candidates:  # below them all: B independent trajectories, nothing scored but the end
+            configs.append(replace(self, n_candidates=1, score_every=self.score_every or 1))
+        return [(c, 1) for c in configs]
+
+    def branched(self, decision: int) -> int:
+        """Candidates per beam at ``decision`` (N where it is scored, else 1)."""
+        return (self.n_candidates or DEFAULT_CANDIDATES) if scored_decision(decision, self.score_every) else 1
 
     def cost(self, problem: Problem, size: int) -> Cost:
-        s, b, n = problem.sampler, size, self.n_candidates
-        levels = len(noise_steps(s)) + 1  # + the initial noise
-        nfe = b * n * s.start_nfe + sum(b * n * s.step_nfe(i) for i in noise_steps(s)) + b * deterministic_nfe(s)
-        scored = levels * b * n if n > 1 else 0  # with N = 1 every candidate is kept: no scoring
+        s, b = problem.sampler, size
+        steps = noise_steps(s)
+        ns = [self.branched(d) for d in range(len(steps) + 1)]  # decision 0: the initial noise
+        nfe = b * ns[0] * s.start_nfe + sum(b * n * s.step_nfe(i) for n, i in zip(ns[1:], steps))
+        nfe += b * sum(s.step_nfe(i) for i in range(s.num_steps) if i not in steps)
+        scored = sum(b * n for n in ns if n > 1)  # a decision with one candidate per beam keeps it: no scoring
         return problem.nfe_cost(nfe) + problem.score_cost(scored + b)
 
     def keep_best(self, problem: Problem, candidates: State, beams: int) -> State:
         """The ``beams`` best candidates of each search by the reward of their Tweedie estimates."""
-        if self.n_candidates == 1:  # every candidate is kept: nothing to score
+        if len(candidates) == beams * problem.num_searches:  # every candidate is kept: nothing to score
             return candidates
         return candidates.select(topk_per_owner(problem.score(candidates), candidates.owner, beams))
 
     def run(self, problem: Problem, size: int) -> SearchResult:
-        s, N = problem.sampler, self.n_candidates
-        state = self.keep_best(problem, problem.start(size * N), size)
-        steps = 0
+        s = problem.sampler
+        state = self.keep_best(problem, problem.start(size * self.branched(0)), size)
+        decision = 0
         while True:
             state = advance(s, state)
             if state.step >= s.num_steps:
                 break
-            branches = state.repeat(N)
+            decision += 1
+            branches = state.repeat(self.branched(decision))
             state = self.keep_best(problem, s.step(branches, problem.noise.normal(branches.owner)), size)
-            steps += 1
         rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, problem.num_searches)
         return SearchResult(
             x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
-            info={"beams": size, "n_candidates": N, "searched_steps": steps + 1},
+            info={"beams": size, "n_candidates": self.n_candidates, "score_every": self.score_every,
+                  "searched_steps": sum(self.branched(d) > 1 for d in range(decision + 1))},
         )
 
 

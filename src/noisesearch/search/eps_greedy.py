@@ -31,6 +31,12 @@ plus the unsearched steps and one final reward call) fits. A level with a single
 (``N = K_l = 1``) offers no choice and is not scored. With 18 Euler-ancestral steps and ``N = 4`` the
 cost is ``1 + 68 K`` NFEs (``72 K`` with ``search_init``): the paper's ``K = 20`` is a 1440-NFE budget.
 
+Knobs chosen with the size: ``n_candidates=0`` (default) and ``score_every=0`` (default) let the sizer
+(``Budget.fit_options``) take the affordable configuration nearest N = 4 with every level searched: the
+configurations are N = 4, 3, 2 and k = 1, 2, ... levels (then N = 1: one trajectory), where only every k-th decision is searched
+(decision 0 is ``x_T``, decision d the d-th noise step; searched: 1, 1 + k, ..., see
+``scored_decision``) and the others take one fresh noise, unscored. So a budget or a reward price that
+cannot pay N = 4 at every step gets fewer candidates or fewer searched steps instead of a refusal.
 """
 from __future__ import annotations
 
@@ -43,7 +49,18 @@ from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
 from noisesearch.noise import NoiseSource
 from noisesearch.sampling.samplers import Sampler, State
-from noisesearch.search.base import Problem, SearchResult, Strategy, advance, deterministic_nfe, noise_steps
+from noisesearch.search.base import (
+    Problem,
+    SearchResult,
+    Strategy,
+    advance,
+    deterministic_nfe,
+    noise_steps,
+    scored_decision,
+)
+
+#: Candidates per iteration when ``n_candidates`` is left to the sizer (the most it tries; the paper's N).
+DEFAULT_CANDIDATES = 4
 
 
 def bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -65,13 +82,13 @@ def candidate_noises(pivot: torch.Tensor, n: int, eps: float, radius: float, noi
     With probability ``eps`` a candidate is a fresh Gaussian noise (global exploration); otherwise it
     is ``pivot + r * u`` with ``u`` uniform on the unit sphere and ``r`` uniform in
     ``[0, radius]``, ``radius = lambda * sqrt(d)`` (local exploitation). Every draw comes from the
-    stream of the pivot's search.
+    stream of the pivot's search: per candidate, two Gaussian draws (the fresh noise, then the
+    direction) and two uniforms (the coin, then the radius), in two calls for all candidates.
     """
-    owner = torch.arange(pivot.shape[0]).repeat_interleave(n)
-    fresh = noise.normal(owner)
-    direction = noise.normal(owner)
-    coin = noise.uniform(owner)
-    r = noise.uniform(owner)
+    owner = torch.arange(pivot.shape[0]).repeat_interleave(2 * n)
+    gauss = noise.normal(owner).view(-1, 2, *pivot.shape[1:])
+    fresh, direction = gauss[:, 0], gauss[:, 1]
+    coin, r = noise.uniform(owner).view(-1, 2).unbind(1)
     direction = direction / bcast(direction.flatten(1).norm(dim=1).clamp_min(1e-12), direction)
     perturbed = pivot.repeat_interleave(n, 0) + bcast(r * radius, direction).to(direction.dtype) * direction
     return torch.where(bcast(coin < eps, fresh), fresh, perturbed)
@@ -84,17 +101,20 @@ class EpsGreedy(Strategy):
 
     name = "eps-greedy"
     size_option = "iterations"
-    n_candidates: int = 4  # N: candidate noises per local-search iteration
+    n_candidates: int = 0  # N: candidate noises per local-search iteration; 0 = chosen with the size (4 when affordable)
     iterations: int = 0  # K: iterations per searched step; 0 = fit to the budget (K=20 at 1440 NFEs, 18 steps)
     radius: float = 0.15  # lambda: perturbation radius uniform in [0, lambda * sqrt(d)]
     eps: float = 0.4  # probability that a candidate is a fresh Gaussian noise
     elitist: bool = False  # keep the pivot unless a candidate beats it (the paper: always replace)
     sigma_window: tuple[float, ...] = ()  # (lo, hi): K iterations only where lo <= sigma <= hi, one elsewhere
     search_init: bool = False  # also search the initial noise x_T (scored at sigma_0: little signal)
+    score_every: int = 0  # search every k-th decision only (one fresh noise elsewhere); 0 = chosen with the size
 
     def validate(self) -> None:
-        if self.n_candidates < 1:
-            raise NoiseSearchError("--n-candidates must be at least 1")
+        if self.n_candidates < 0:
+            raise NoiseSearchError("--n-candidates must be >= 0 (0 = chosen with the budget)")
+        if self.score_every < 0:
+            raise NoiseSearchError("--score-every must be >= 0 (0 = chosen with the budget)")
         if self.iterations < 0:
             raise NoiseSearchError("--iterations must be >= 0 (0 = fit to the budget)")
         if not 0.0 <= self.eps <= 1.0:
@@ -110,38 +130,64 @@ class EpsGreedy(Strategy):
         levels += [(i, float(s.sigmas[i]), s.step_nfe(i)) for i in noise_steps(s)]
         return levels
 
-    def _inside(self, s: Sampler) -> list[bool]:
-        window = validate_window(self.sigma_window)
-        return [window is None or window[0] <= sig <= window[1] for _, sig, _ in self.levels(s)]
+    @property
+    def candidates(self) -> int:
+        return self.n_candidates or DEFAULT_CANDIDATES
 
-    def iterations_per_level(self, s: Sampler, size: int) -> list[int]:
-        """``size`` iterations spread over the levels inside the window, earliest first; one elsewhere."""
-        inside = self._inside(s)
+    def searched(self, levels: list) -> list[bool]:
+        """Whether each level is searched (every ``score_every``-th decision; x_T is decision 0)."""
+        first = 0 if self.search_init else 1
+        return [scored_decision(first + i, self.score_every) for i in range(len(levels))]
+
+    def _inside(self, levels: list) -> list[bool]:
+        window = validate_window(self.sigma_window)
+        return [window is None or window[0] <= sig <= window[1] for _, sig, _ in levels]
+
+    def iterations_per_level(self, s: Sampler, size: int, levels: list | None = None) -> list[int]:
+        """``size`` iterations spread over the searched levels inside the window, earliest first; one
+        at the searched levels outside it; 0 (one fresh noise, unscored) at the levels not searched."""
+        levels = self.levels(s) if levels is None else levels
+        searched = self.searched(levels)
+        inside = [w and f for w, f in zip(self._inside(levels), searched)]
         n_in = sum(inside)
         ks, seen = [], 0
-        for w in inside:
+        for w, f in zip(inside, searched):
             if w:
                 ks.append(size // n_in + (1 if seen < size % n_in else 0))
                 seen += 1
             else:
-                ks.append(1)
+                ks.append(1 if f else 0)
         return ks
 
     def min_size(self, problem: Problem) -> int:
-        return max(1, sum(self._inside(problem.sampler)))
+        levels = self.levels(problem.sampler)
+        return max(1, sum(w and f for w, f in zip(self._inside(levels), self.searched(levels))))
 
     def requested_size(self, problem: Problem) -> int | None:
         return self.iterations * self.min_size(problem) or None
 
+    def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
+        ns = [self.n_candidates] if self.n_candidates else range(DEFAULT_CANDIDATES, 1, -1)
+        ks = [self.score_every] if self.score_every else range(1, len(self.levels(problem.sampler)) + 1)
+        configs = [replace(self, n_candidates=n, score_every=k) for k in ks for n in ns]
+        if not self.n_candidates:  # below them all: one candidate per decision, nothing scored but the end
+            configs.append(replace(self, n_candidates=1, score_every=self.score_every or 1))
+        return [(c, c.min_size(problem)) for c in configs]
+
+    def knobs(self) -> dict:
+        return {"n_candidates": self.n_candidates, "score_every": self.score_every}
+
     def describe(self, size: int) -> str:
-        return f"{self.name} with {self.n_candidates} candidates and {size} iteration(s) over the searched steps"
+        every = "" if self.score_every <= 1 else f", searching every {self.score_every}th decision"
+        return f"{self.name} with {self.candidates} candidates and {size} iteration(s) over the searched steps{every}"
 
     def cost(self, problem: Problem, size: int) -> Cost:
-        s, n = problem.sampler, self.n_candidates
-        total = problem.nfe_cost(deterministic_nfe(s) + (0 if self.search_init else s.start_nfe)) + problem.score_cost(1)
-        for k, (_, _, nfe) in zip(self.iterations_per_level(s, size), self.levels(s)):
-            total = total + problem.nfe_cost(k * n * nfe) + problem.score_cost(k * n if k * n > 1 else 0)
-        return total
+        s, n, levels = problem.sampler, self.candidates, self.levels(problem.sampler)
+        nfe, calls = deterministic_nfe(s) + (0 if self.search_init else s.start_nfe), 1
+        for k, (_, _, step_nfe) in zip(self.iterations_per_level(s, size, levels), levels):
+            rows = max(1, k * n)  # an unsearched level: one fresh noise
+            nfe, calls = nfe + rows * step_nfe, calls + (rows if rows > 1 else 0)
+        return problem.nfe_cost(nfe) + problem.score_cost(calls)
 
     # -- search --
     def run(self, problem: Problem, size: int) -> SearchResult:
@@ -162,7 +208,8 @@ class EpsGreedy(Strategy):
             x0=state.x0,
             rewards=rewards,
             info={
-                "n_candidates": self.n_candidates,
+                "n_candidates": self.candidates,
+                "score_every": self.score_every,
                 "iterations_per_step": ks,
                 "iterations_total": sum(ks),
                 "search_init": self.search_init,
@@ -175,7 +222,10 @@ class EpsGreedy(Strategy):
         """One contextual bandit: ``iterations`` rounds of ``N`` candidate noises around the pivot,
         each stepped and scored by its Tweedie reward; returns the state stepped with the final pivot
         (computed when it was scored) and how often a pivot was replaced by a worse candidate."""
-        s, P, N = problem.sampler, problem.num_searches, self.n_candidates
+        s, P, N = problem.sampler, problem.num_searches, self.candidates
+        if not iterations:  # a level not searched: one fresh Gaussian noise, unscored
+            fresh = problem.noise.normal(torch.arange(P))
+            return (problem.start(1, noise=fresh) if state is None else s.step(state, fresh)), 0
         radius = self.radius * math.sqrt(s.noise_dim)
         base = None if state is None else state.repeat(N)
         pivot = problem.noise.normal(torch.arange(P))  # the initial pivot (never used unevaluated)

@@ -30,18 +30,21 @@ Budget: ``simulations=0`` (default) fits ``S`` to the budget. A simulation from 
 ``t`` costs at most the NFEs from the root's step to the end (less when the leaf is deeper, none
 when it is terminal) and one reward call; leftover budget adds one simulation at the earliest depths.
 With 18 Euler-ancestral steps one simulation per step costs 1 + 17 + 16 + ... + 1 = 154 NFEs
-(171 with ``search_init``).
+(171 with ``search_init``). ``score_every = k`` makes only every k-th decision a tree level (decisions
+1, 1 + k, ...: ``scored_decision``; between levels an expansion continues with fresh noise), so a
+simulation per level costs less; ``score_every=0`` (default) lets the sizer choose k with S
+(``Budget.fit_options``: the affordable k nearest 1), and MCTS runs below 154 NFEs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
 from noisesearch.sampling.samplers import State
-from noisesearch.search.base import Problem, SearchResult, Strategy, advance, nfe_between, noise_steps
+from noisesearch.search.base import Problem, SearchResult, Strategy, nfe_between, noise_steps, scored_decision
 
 
 class Forest:
@@ -130,6 +133,7 @@ class MCTS(Strategy):
     search_init: bool = False  # the initial noise x_T is the first decision (as for eps-greedy)
     normalize: bool = True  # UCT on rewards scaled to [0, 1] by the range seen in the tree
     return_best: bool = True  # return the best scored sample (False: the last move's terminal node)
+    score_every: int = 0  # tree levels at every k-th decision only (fresh noise between); 0 = chosen with the size
 
     def validate(self) -> None:
         if self.n_candidates < 1:
@@ -138,10 +142,25 @@ class MCTS(Strategy):
             raise NoiseSearchError("--simulations must be >= 0 (0 = fit to the budget)")
         if not 0 <= self.c_uct < float("inf"):
             raise NoiseSearchError(f"--c-uct must be finite and >= 0, got {self.c_uct}")
+        if self.score_every < 0:
+            raise NoiseSearchError("--score-every must be >= 0 (0 = chosen with the budget)")
 
     # -- planning: the size is the total number of simulations, spread over depths earliest first --
     def node_steps(self, s) -> list:
-        return ([None] if self.search_init else []) + noise_steps(s) + [s.num_steps]
+        """Sampler step of each tree level (None: x_T), the finished sample last: the decisions
+        ``scored_decision`` keeps for ``score_every`` (all of them for k = 1)."""
+        init = [None] if self.search_init and scored_decision(0, self.score_every) else []
+        steps = [st for d, st in enumerate(noise_steps(s), 1) if scored_decision(d, self.score_every)]
+        return init + steps + [s.num_steps]
+
+    def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
+        if self.score_every:
+            return [(self, self.min_size(problem))]
+        configs = [replace(self, score_every=k) for k in range(1, len(noise_steps(problem.sampler)) + 1)]
+        return [(c, c.min_size(problem)) for c in configs]
+
+    def knobs(self) -> dict:
+        return {"score_every": self.score_every}
 
     def simulations_per_depth(self, s, size: int) -> list[int]:
         depths = len(self.node_steps(s)) - 1
@@ -162,7 +181,7 @@ class MCTS(Strategy):
         steps = self.node_steps(s)
         nfe = sum(k * (s.nfe_per_trajectory if st is None else s.nfe_to_end(st))
                   for k, st in zip(self.simulations_per_depth(s, size), steps[:-1]))
-        if not self.search_init:
+        if steps[0] is not None:  # x_T is one draw, not a tree level
             nfe += s.start_nfe + nfe_between(s, 0, steps[0])
         return problem.nfe_cost(nfe) + problem.score_cost(size)
 
@@ -176,8 +195,8 @@ class MCTS(Strategy):
         ar = torch.arange(P)
         # candidate noises, fixed per depth: Z[t, p, k] from search p's stream
         Z = problem.noise.normal(ar.repeat_interleave(T * N)).view(P, T, N, *s.noise_shape).transpose(0, 1)
-        if not self.search_init:
-            root_state = advance(s, problem.start(1))
+        if steps[0] is not None:  # x_T is one draw, not a tree level
+            root_state = problem.rollout(problem.start(1), until=steps[0])
             forest.store(ar, torch.zeros(P, dtype=torch.long), root_state.x, root_state.x0)
             forest.x0_at_x[root_state.step] = root_state.x0_at_x
         root = torch.zeros(P, dtype=torch.long)

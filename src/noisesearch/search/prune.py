@@ -8,7 +8,7 @@ the end and return the one with the best final reward (the problem's reward).
 
 Same rules as the simulator (``noisesearch.pruning``): check steps are pool step indices (the
 estimate after ``sampler.start`` is step 0, the finished image step ``S - 1``; see
-``noisesearch.pools.generate.step_layout``), ``keep_count`` rounds like the authors, ties go to the
+``noisesearch.sampling.samplers.step_layout``), ``keep_count`` rounds like the authors, ties go to the
 lower candidate index, several prune rewards (``ranksum(a,b)``) are combined by rank sum, and the
 number of starts is the largest ``n`` whose cost fits (``Budget.fit``). With ``pool_noise``
 (default) candidate ``j`` of search ``(p, k)`` draws its noise from the per-candidate stream
@@ -21,13 +21,17 @@ final reward calls), priced by the problem: NFEs at the denoiser's cost, each pr
 prune reward's own ``flops_per_image`` plus the decode of the estimate, each final call at the
 final reward's. The checks are scored through ``Problem.score``, the one charging path, and a
 check that would keep every candidate is skipped (no call), as in the ``exact`` model.
+
+Pure: ``prune_reward`` is a ``Reward`` object (or None: the problem's own reward); names and folders
+are resolved to rewards where names are resolved (``noisesearch.build``), never here. The setup
+(layout, schedule, prune reward) is computed per call from the problem; nothing is cached on the
+strategy and nothing is read from files.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,20 +51,9 @@ from noisesearch.sampling.samplers import step_layout
 from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner
 
 
-def resolve_prune_reward(spec: str, device):
-    """A directory holding a noise-aware checkpoint, or any reward spec."""
-    from noisesearch.rewards.base import make_reward
-    from noisesearch.rewards.noise_aware import is_noise_aware_dir, load_noise_aware
-
-    looks_like_path = "@" not in spec and ("/" in spec or spec.startswith((".", "~")))
-    if is_noise_aware_dir(spec) or Path(spec).is_dir() or looks_like_path:
-        return load_noise_aware(spec, device)  # a folder without a finished manifest gets a clear error
-    return make_reward(spec, device=device)
-
-
 @dataclass
 class _Setup:
-    """What a pruning run needs, worked out once per problem."""
+    """What a pruning run on one problem needs (worked out per call, never cached)."""
 
     layout: dict
     schedule: PruneSchedule
@@ -76,7 +69,7 @@ class _Prune(Strategy):
 
     prune_steps: tuple[int, ...] = ()  # check steps (pool step indices); () = the paper's schedule mapped to the sampler
     keep: tuple[float, ...] = ()  # keep fractions, one per check step
-    prune_reward: str = ""  # reward scoring the checks: a reward spec, e.g. noise-aware@DIR (a train-reward checkpoint folder); default: the search's reward
+    prune_reward: Any = None  # Reward scoring the checks (an object; names are resolved in build.py); None: the search's reward
     cost_model: str = "exact"  # exact (never over budget) or reference (the authors' sizing, capped to fit)
     n_candidates: int = 0  # starts per search; 0 = as many as the budget affords
     pool_noise: bool = True  # candidate j of search (p, k) uses the pool's noise stream (seed, p, k, j)
@@ -86,14 +79,17 @@ class _Prune(Strategy):
             raise NoiseSearchError(f"unknown cost model {self.cost_model!r}; valid: {', '.join(COST_MODELS)}")
         if self.n_candidates < 0:
             raise NoiseSearchError("--n-candidates must be >= 0 (0 = from the budget)")
+        if isinstance(self.prune_reward, (str, bytes)) or (self.prune_reward is not None and not callable(self.prune_reward)):
+            raise NoiseSearchError(
+                f"--prune-reward must be a Reward object (names and folders are resolved by noisesearch.build), got {self.prune_reward!r}"
+            )
 
-    def default_prune_reward(self, problem: Problem) -> str:
-        return ""
+    def prune_reward_for(self, problem: Problem):
+        """The reward scoring the checks: ``prune_reward``, or the problem's own reward when None."""
+        return problem.reward if self.prune_reward is None else self.prune_reward
 
     def setup(self, problem: Problem) -> _Setup:
-        cached = getattr(self, "_setup", None)
-        if cached is not None and cached[0] is problem:
-            return cached[1]
+        """What a run on ``problem`` needs (computed on every call: nothing is cached on the strategy)."""
         s = problem.sampler
         layout = step_layout(s)
         S = len(layout["state_steps"])
@@ -101,21 +97,11 @@ class _Prune(Strategy):
             schedule = published_schedule(1, S)
         else:
             schedule = PruneSchedule(tuple(self.prune_steps), tuple(self.keep)).validate(S)
-        spec = self.prune_reward or self.default_prune_reward(problem)
-        reward = problem.reward if not spec else resolve_prune_reward(spec, problem.denoiser.device)
+        reward = self.prune_reward_for(problem)
         parts = list(getattr(reward, "rewards", [reward]))
         trained_on = sorted({m["sampler"] for r in parts if is_noise_aware(r)
                              for m in [getattr(r, "manifest", {}) or {}] if m.get("sampler")})
-        if any(t != s.name for t in trained_on):
-            warnings.warn(
-                f"the noise-aware prune reward was trained on {', '.join(trained_on)} pools but this run samples "
-                f"with {s.name}: its scores are matched by noise level, but a checkpoint trained on {s.name} "
-                f"pools (noisesearch pool --sampler {s.name}) will rank the candidates better",
-                stacklevel=3,
-            )
-        setup = _Setup(layout, schedule, reward, parts, trained_on)
-        self._setup = (problem, setup)
-        return setup
+        return _Setup(layout, schedule, reward, parts, trained_on)
 
     # -- planning --
     def describe(self, size: int) -> str:
@@ -141,9 +127,19 @@ class _Prune(Strategy):
         return int(room / per) if per > 0 else None
 
     # -- search --
+    def warn_other_sampler(self, st: _Setup, sampler_name: str) -> None:
+        if any(t != sampler_name for t in st.trained_on):
+            warnings.warn(
+                f"the noise-aware prune reward was trained on {', '.join(st.trained_on)} pools but this run samples "
+                f"with {sampler_name}: its scores are matched by noise level, but a checkpoint trained on {sampler_name} "
+                f"pools (noisesearch pool --sampler {sampler_name}) will rank the candidates better",
+                stacklevel=4,
+            )
+
     def run(self, problem: Problem, size: int) -> SearchResult:
         st = self.setup(problem)
         s, P, n = problem.sampler, problem.num_searches, size
+        self.warn_other_sampler(st, s.name)
         owner = torch.arange(P).repeat_interleave(n)
         cand = torch.arange(n).repeat(P)
         streams = problem.noise.candidates(owner.tolist(), cand.tolist()) if self.pool_noise else None
@@ -194,18 +190,11 @@ class _Prune(Strategy):
 
 @dataclass
 class TTSnap(_Prune):
-    """Prune with a noise-aware reward (``--prune-reward noise-aware@DIR``; default ``rewards/<reward>-noise-aware``)."""
+    """Prune with a noise-aware reward: ``prune_reward`` is a trained noise-aware reward (``--prune-reward
+    noise-aware@DIR``, resolved by ``noisesearch.build``); the default (None) prunes with the problem's own
+    reward, like ``ttsp`` (the strategy reads no files)."""
 
     name: ClassVar[str] = "ttsnap"
-
-    def default_prune_reward(self, problem: Problem) -> str:
-        d = Path("rewards") / f"{problem.reward.name}-noise-aware"
-        if not d.is_dir():
-            raise NoiseSearchError(
-                f"ttsnap prunes with a noise-aware reward: give --prune-reward noise-aware@DIR (DIR made by `noisesearch train-reward "
-                f"--pool POOL --reward {problem.reward.name} --out DIR`); the default {d} does not exist"
-            )
-        return str(d)
 
 
 @dataclass
@@ -215,4 +204,4 @@ class TTSp(_Prune):
     name: ClassVar[str] = "ttsp"
 
 
-__all__ = ["TTSnap", "TTSp", "step_layout", "resolve_prune_reward"]
+__all__ = ["TTSnap", "TTSp", "step_layout"]

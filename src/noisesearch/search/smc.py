@@ -14,22 +14,40 @@ The initial particles are weighted by ``exp(lambda * r_0)``. When the effective 
 (systematic or multinomial, with uniforms from each search's noise stream) and the weights reset. At the end the
 particle with the highest final reward is returned.
 
+Scoring only at some steps (FK steering's resampling interval): with ``score_every = k`` the particles
+are weighed (and may be resampled) at every k-th decision point only (decision 0 is the state at
+``sigma_0``, decision d the state after the d-th noise step; scored: 1, 1 + k, 1 + 2k, ...; k = 1 all).
+
 Budget: ``particles=0`` (default) fits ``K`` to the budget: ``K`` full trajectories
-(``K * sampler.nfe_per_trajectory`` NFEs) and one reward call per particle at every decision
-point (each step that injects noise) plus a final one (with ``K = 1`` only the final one: a lone particle's weight never matters).
+(``K * sampler.nfe_per_trajectory`` NFEs) and one reward call per particle at every scored decision
+point plus a final one (with ``K = 1`` only the final one: a lone particle's weight never matters).
+``score_every=0`` (default) lets the sizer choose k with K: the configurations are k = 1, 2, ... with at
+least 4 particles (where none of those is affordable: at least 3, then 2, then one particle, unscored),
+and the sizer takes the affordable one nearest to k = 1 (``Budget.fit_options``), so an expensive reward
+thins the scored steps before it costs particles.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
 from noisesearch.noise import NoiseSource
-from noisesearch.search.base import Problem, SearchResult, Strategy, advance, best_per_owner, noise_steps
+from noisesearch.search.base import (
+    Problem,
+    SearchResult,
+    Strategy,
+    advance,
+    best_per_owner,
+    noise_steps,
+    scored_decision,
+)
 
 POTENTIALS = ("diff", "max", "sum")
+#: Smallest particle counts the sizer tries, in order (see ``SMC.configurations``).
+PARTICLE_TIERS = (4, 3, 2)
 RESAMPLING = ("systematic", "multinomial")
 
 
@@ -57,6 +75,7 @@ class SMC(Strategy):
     potential_scale: float = 10.0  # lambda: potential = exp(lambda * ...)
     ess_threshold: float = 0.5  # resample when ESS < ess_threshold * K
     resampling: str = "systematic"  # systematic | multinomial
+    score_every: int = 0  # weigh/resample at every k-th decision point only; 0 = chosen with the size
 
     size_option = "particles"
 
@@ -67,15 +86,40 @@ class SMC(Strategy):
             raise NoiseSearchError(f"--resampling must be one of {', '.join(RESAMPLING)}, got {self.resampling!r}")
         if self.particles < 0:
             raise NoiseSearchError("--particles must be >= 0 (0 = fit to the budget)")
+        if self.score_every < 0:
+            raise NoiseSearchError("--score-every must be >= 0 (0 = chosen with the budget)")
 
     def describe(self, size: int) -> str:
-        return f"SMC with {size} particle(s)"
+        every = "" if self.score_every <= 1 else f", weighed at every {self.score_every}th decision point"
+        return f"SMC with {size} particle(s){every}"
+
+    def knobs(self) -> dict:
+        return {"score_every": self.score_every}
+
+    def decision_points(self, problem: Problem) -> int:
+        """States a particle is weighed at with k = 1 (the state at each noise-injecting step; the
+        finished state when no step injects noise)."""
+        return max(1, len(noise_steps(problem.sampler)))
+
+    def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
+        """k = 1, 2, ... with at least ``PARTICLE_TIERS[0]`` particles; where none of those is
+        affordable, with the next tier's (resampling among 2 particles does little: thinning the
+        weighings first keeps particles); below them all one particle, unscored."""
+        if self.score_every:
+            return [(self, 1)]
+        every = [replace(self, score_every=k) for k in range(1, self.decision_points(problem) + 1)]
+        if self.particles:
+            return [(c, 1) for c in every]
+        for tier in PARTICLE_TIERS:
+            if any(problem.budget.affords(c.cost(problem, tier)) for c in every):
+                return [(c, tier) for c in every]
+        return [(every[0], 1)]
 
     def cost(self, problem: Problem, size: int) -> Cost:
         s, k = problem.sampler, size
-        # particles are weighed at every decision point (the state at each noise-injecting step;
-        # the finished state when no step injects noise); a lone particle is never weighed
-        weighed = k * max(1, len(noise_steps(s))) if k > 1 else 0
+        # a lone particle is never weighed
+        weighings = sum(scored_decision(d, self.score_every) for d in range(self.decision_points(problem)))
+        weighed = k * weighings if k > 1 else 0
         return problem.nfe_cost(k * s.nfe_per_trajectory) + problem.score_cost(weighed + k)
 
     def potential_increment(self, r: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +151,11 @@ class SMC(Strategy):
         s, P, K = problem.sampler, problem.num_searches, size
         weigh = K > 1  # one particle per search: its weight never matters, so nothing is scored on the way
         state = advance(s, problem.start(K))
-        r = problem.score(state).view(P, K).double() if weigh else torch.zeros(P, K, dtype=torch.float64)
+        r = torch.zeros(P, K, dtype=torch.float64)
+        if weigh and scored_decision(0, self.score_every):
+            r = problem.score(state).view(P, K).double()
         log_w, ref = self.potential_scale * r, r.clone()  # ref: r_{t-1} (diff) or the running max (max)
-        resamples, ess_trace = 0, []
+        resamples, ess_trace, decision = 0, [], 0
         while True:
             state, log_w, r, ref, n, ess = self.resample_low_ess(problem, state, log_w, r, ref)
             resamples += n
@@ -119,7 +165,8 @@ class SMC(Strategy):
             state = advance(s, s.step(state, problem.noise.normal(state.owner)))
             if state.step >= s.num_steps:
                 break
-            if weigh:
+            decision += 1
+            if weigh and scored_decision(decision, self.score_every):
                 r = problem.score(state).view(P, K).double()
                 increment, ref = self.potential_increment(r, ref)
                 log_w = log_w + increment
@@ -128,7 +175,7 @@ class SMC(Strategy):
         return SearchResult(
             x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
-            info={"particles": K, "resamplings": resamples, "resampling_rate": round(resamples / max(1, P), 3),
+            info={"particles": K, "score_every": self.score_every, "resamplings": resamples, "resampling_rate": round(resamples / max(1, P), 3),
                   "mean_relative_ess": ess_trace},
         )
 

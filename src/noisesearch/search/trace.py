@@ -89,10 +89,12 @@ def plot_search(path, trace: SearchTrace, final_images: torch.Tensor, prompts: l
             continue
         target = finals[o].float()
         path_pts = []
+        for main in {r.main for r, _ in recs}:  # one scatter per colour: a collection per step is slow to draw
+            pts = [(float(r.step), r.scores[idx].float()) for r, idx in recs if r.main == main]
+            ax.scatter(torch.cat([torch.full_like(sc, st) for st, sc in pts]).numpy(), torch.cat([sc for _, sc in pts]).numpy(),
+                       s=8, c="0.6" if main else "tab:orange", alpha=0.6, linewidths=0, zorder=1)
         for j, (r, idx) in enumerate(recs):
             sc = r.scores[idx]
-            ax.scatter([r.step] * len(idx), sc.numpy(), s=8, c="0.6" if r.main else "tab:orange", alpha=0.6,
-                       linewidths=0, zorder=1)
             if mark_drops and j + 1 < len(recs) and len(recs[j + 1][1]) < len(idx):
                 dropped = torch.argsort(sc.double(), stable=True)[: len(idx) - len(recs[j + 1][1])]
                 ax.scatter([r.step] * len(dropped), sc[dropped].numpy(), s=22, marker="x", c="tab:red", zorder=2,

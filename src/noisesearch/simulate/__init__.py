@@ -1,13 +1,16 @@
 """Offline Monte Carlo simulation of test-time scaling strategies on reward pools.
 
 * :mod:`.engine` - vectorised replay (``Replay``, ``simulate``) under the TTSnap authors' protocol;
-* :mod:`.strategies` - ``PrunePlan`` (schedule + scoring + aggregation), ``BestOfNPolicy``, ``Prune``,
-  ``BudgetAwarePolicy``;
-* :mod:`.costs` - ``CostSpec`` (pool metadata + cost model, via :mod:`noisesearch.pruning`);
 * :mod:`.metrics` - AUC gain, best-of-N in closed form;
 * :mod:`.tuning` - search of plans on training prompts, held-out report;
-* :mod:`.report`, :mod:`.plots`, :mod:`.options` - JSON, PNG and CLI helpers;
+* :mod:`.report`, :mod:`.plots` - JSON and PNG of a simulation;
+* :mod:`.options` - pool loading, prompt ranges and budget grids from plain values (the command-line
+  flags live in :mod:`noisesearch.cli.simulate`);
 * :mod:`.synthetic` - synthetic pools for tests and robustness checks.
+
+The strategies and their costs (``PrunePlan``, ``BestOfNPolicy``, ``FixedPolicy``,
+``BudgetAwarePolicy``, ``CostSpec``, ``published_schedule``) live in :mod:`noisesearch.pruning`
+and are re-exported here.
 
 See docs/simulator.md.
 """

@@ -1,16 +1,15 @@
-"""Command-line options shared by ``noisesearch simulate`` and ``noisesearch tune``: pool loading
-with metadata overrides, reward lists, prompt ranges and budget grids."""
+"""Inputs shared by ``noisesearch simulate`` and ``noisesearch tune``, from plain values: pool loading
+with metadata overrides, reward lists, prompt ranges, budget grids and the memory estimate. (The
+command-line flags themselves live in ``noisesearch.cli.simulate``.)"""
 from __future__ import annotations
 
-import argparse
 import re
 
 import numpy as np
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.pools import Pool, load_pool
-from noisesearch.pruning import COST_MODELS, CostSpec
-from noisesearch.validate import nonneg_int
+from noisesearch.pruning import CostSpec
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -100,59 +99,49 @@ def simulation_bytes(iters: int, num_candidates: int, num_prompts: int, num_budg
     return subsets + curves + working
 
 
-def add_pool_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", required=True, help="pool folder (noisesearch-pool format or <model>_<reward>_<base|naft>.npy layout)")
-    p.add_argument("--pool-model", default=None, help="model prefix to use when a shared-layout folder holds several")
-    p.add_argument("--reward", required=True,
-                   help="reward name, or several comma-separated (multi-reward: rank-sum selection), e.g. hps or imr,pic,hps")
-    p.add_argument("--cost-model", default="exact", choices=COST_MODELS,
-                   help="exact (default): every step and reward call paid; reference: the TTSnap authors' accounting")
-    p.add_argument("--budgets", default=None,
-                   help="budget grid per prompt: START:STOP:STEP (STOP included) or a comma list, in --budget-unit "
-                        "(default: 2..20 best-of-N candidates for one reward, 1..20 for several)")
-    p.add_argument("--budget-unit", default="tflops", choices=["tflops", "images"],
-                   help="unit of --budgets: TFLOPs per prompt (default) or multiples of one best-of-N candidate's cost")
-    p.add_argument("--flops-per-step", default=None, help="override the pool's FLOPs of one denoising step (e.g. 9.9e12 or 9.9T)")
-    p.add_argument("--flops-per-reward", default=None,
-                   help="override the FLOPs of one reward call: one value for all, or NAME=VALUE,... ")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the Monte Carlo subsets (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal a bar, otherwise a line every few seconds)")
-
-
-def load_for_cli(args) -> tuple[Pool, list[str]]:
-    """Load the pool, apply FLOP overrides, check the reward names."""
-    pool = load_pool(args.pool, model=args.pool_model)
-    rewards = [r.strip() for r in args.reward.split(",") if r.strip()]
+def load_pool_rewards(pool: str, reward: str, pool_model: str | None = None, flops_per_step: str | None = None,
+                      flops_per_reward: str | None = None) -> tuple[Pool, list[str]]:
+    """Load the pool at ``pool`` (``pool_model``: the model prefix in a shared-layout folder), check
+    the comma-separated ``reward`` names against it and apply the FLOP overrides (``9.9T``;
+    ``flops_per_reward`` also ``NAME=VALUE,...``). Returns the pool and the reward names."""
+    loaded = load_pool(pool, model=pool_model)
+    rewards = [r.strip() for r in reward.split(",") if r.strip()]
     if not rewards:
         raise NoiseSearchError("--reward: give at least one reward name")
     if len(set(rewards)) != len(rewards):
-        raise NoiseSearchError(f"--reward lists a reward twice: {args.reward}")
+        raise NoiseSearchError(f"--reward lists a reward twice: {reward}")
     for r in rewards:
-        pool.check_reward(r)
-    if pool.num_candidates < 2:
-        raise NoiseSearchError(f"the pool at {args.pool} has {pool.num_candidates} candidate per prompt: comparing "
+        loaded.check_reward(r)
+    if loaded.num_candidates < 2:
+        raise NoiseSearchError(f"the pool at {pool} has {loaded.num_candidates} candidate per prompt: comparing "
                                "strategies needs at least 2 (make one with noisesearch pool --candidates N)")
     changes = {}
-    if args.flops_per_step is not None:
-        changes["flops_per_step"] = parse_flops(args.flops_per_step)
-    if args.flops_per_reward is not None:
-        fpr = parse_reward_flops(args.flops_per_reward, pool.reward_names)
+    if flops_per_step is not None:
+        changes["flops_per_step"] = parse_flops(flops_per_step)
+    if flops_per_reward is not None:
+        fpr = parse_reward_flops(flops_per_reward, loaded.reward_names)
         for name in fpr:
-            pool.check_reward(name)
+            loaded.check_reward(name)
         changes["flops_per_reward"] = fpr
     if changes:
-        pool = pool.with_metadata(**changes)
-    return pool, rewards
+        loaded = loaded.with_metadata(**changes)
+    return loaded, rewards
 
 
-def budget_grid(args, cost: CostSpec, num_rewards: int) -> np.ndarray:
-    """Budgets in FLOPs per prompt from ``--budgets`` / ``--budget-unit`` (or the default grid)."""
-    if args.budgets is None:
+BUDGET_UNITS = ("tflops", "images")
+
+
+def budget_grid(budgets: str | None, unit: str, cost: CostSpec, num_rewards: int) -> np.ndarray:
+    """Budgets in FLOPs per prompt from a grid ``budgets`` (``START:STOP:STEP`` or a comma list; None:
+    2..20 best-of-N candidates for one reward, 1..20 for several) in ``unit`` (``tflops`` per prompt,
+    or ``images``: multiples of one best-of-N candidate's cost)."""
+    if budgets is None:
         values = np.arange(2 if num_rewards == 1 else 1, 21, dtype=float)
         unit = "images"
     else:
-        values = parse_budget_values(args.budgets)
-        unit = args.budget_unit
+        values = parse_budget_values(budgets)
+    if unit not in BUDGET_UNITS:
+        raise NoiseSearchError(f"--budget-unit {unit!r}: choose among {', '.join(BUDGET_UNITS)}")
     if unit == "images":
         # a hair above k candidates' cost so int(B / cost) is k despite rounding
         return values * cost.best_of_n * (1 + 1e-12)

@@ -243,27 +243,47 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
     Returns a JSON-ready dict; gains are lists with one entry per reward (see ``cli/tune.py`` for
     the user-facing layout).
     """
+    from noisesearch.progress import Progress
+
     sp = _space(train, config)
     rng = np.random.default_rng(config.seed)
     budgets = np.asarray(budgets, float)
-    nrew = len(train.rewards)
-    from noisesearch.progress import Progress
-
     total = config.explore + config.refine_rounds * config.refine_width * 14 + config.finalists + 6
     bar = Progress(total, desc="tune", unit="plan", enabled=progress)  # an estimate: close() completes it
-
-    def tick(n=1):
-        bar.update(n)
-
     # the paper's schedule mapped to this pool: the anchor of the objective and the reference of the report
-    published = PrunePlan(published_schedule(nrew, sp["num_steps"]), sp["noise_aware"][0]) if sp["num_steps"] >= 2 else None
+    published = PrunePlan(published_schedule(len(train.rewards), sp["num_steps"]), sp["noise_aware"][0]) \
+        if sp["num_steps"] >= 2 else None
 
-    def evaluator(iters, k, prompts=train):
-        return Evaluator(prompts, cost, budgets, iters, config.seed * 7919 + k, published, config.anchor_penalty)
+    def evaluator(iters, k):
+        return Evaluator(train, cost, budgets, iters, config.seed * 7919 + k, published, config.anchor_penalty)
 
-    # 1. explore
     explore = evaluator(config.iters_explore, 1)
-    todo = list(dict.fromkeys(_seeds(sp, nrew)))
+    _explore(explore, sp, rng, config, len(train.rewards), bar.update)
+    _refine(explore, sp, rng, config, bar.update)
+    finalists = sorted(explore.cache, key=lambda p: -explore.cache[p][0])[: config.finalists]
+    confirm = evaluator(config.iters_confirm, 2)
+    choice = _confirm(confirm, evaluator(config.iters_confirm, 3), finalists, budgets, bar.update)
+    result = {
+        "search": _search_report(sp, config, explore, confirm, finalists, published),
+        "strategies": {
+            "tuned": {**choice.best.as_dict(), "train_auc_gain": _round(choice.fixed_gain)},
+            "budget-aware": {**choice.budget_aware.describe(), "train_auc_gain": _round(choice.budget_aware_gain)},
+        },
+        "chosen": "budget-aware" if choice.adaptive else "tuned",
+    }
+    if published is not None:
+        result["strategies"]["published"] = {**published.as_dict(), "train_auc_gain": _round(choice.anchor_gains)}
+    bar.update(1)
+    if test is not None:
+        _held_out(result, Evaluator(test, cost, budgets, config.iters_test, config.seed * 7919 + 4), choice, published,
+                  bar.update)
+    bar.close()
+    return result
+
+
+def _explore(explore: Evaluator, sp: dict, rng, config: TuneConfig, num_rewards: int, tick) -> None:
+    """Stage 1: the structured seeds plus ``config.explore`` distinct random plans, each scored."""
+    todo = list(dict.fromkeys(_seeds(sp, num_rewards)))
     if sp["max_checks"] > 0:
         seen, tries, target = set(todo), 0, len(todo) + config.explore
         while len(todo) < target and tries < 20 * config.explore:
@@ -274,8 +294,11 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
                 todo.append(p)
     for p in todo:
         explore.score(p)
-        tick()
-    # 2. refine: hill climbing from the best few
+        tick(1)
+
+
+def _refine(explore: Evaluator, sp: dict, rng, config: TuneConfig, tick) -> None:
+    """Stage 2: hill climbing; each round scores the neighbours of the best plans not yet expanded."""
     expanded = set()
     for _ in range(config.refine_rounds if sp["max_checks"] > 0 else 0):
         ranked = sorted(explore.cache, key=lambda p: -explore.cache[p][0])
@@ -284,66 +307,72 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
             for nb in _neighbours(p, sp, rng):
                 if nb not in explore.cache:
                     explore.score(nb)
-                    tick()
-    ranked = sorted(explore.cache, key=lambda p: -explore.cache[p][0])
-    finalists = ranked[: config.finalists]
-    # 3. confirm on fresh draws; build the budget-aware table; check both on other fresh draws
-    confirm = evaluator(config.iters_confirm, 2)
+                    tick(1)
+
+
+@dataclass
+class _Choice:
+    best: PrunePlan  # the finalist with the best confirmed objective
+    budget_aware: BudgetAwarePolicy
+    fixed_gain: np.ndarray  # per-reward AUC gains on the check draws
+    budget_aware_gain: np.ndarray
+    adaptive: bool  # the budget-aware strategy beat the fixed plan on the check draws
+    anchor_gains: np.ndarray | None
+
+    @property
+    def fixed(self) -> FixedPolicy:
+        return FixedPolicy(self.best, "tuned")
+
+
+def _confirm(confirm: Evaluator, check: Evaluator, finalists: list[PrunePlan], budgets, tick) -> _Choice:
+    """Stage 3: the finalists on fresh draws; the budget-aware table from them; both candidates
+    scored on a third set of draws, the better one chosen."""
     for p in finalists:
         confirm.score(p)
-        tick()
+        tick(1)
     best = max(finalists, key=lambda p: confirm.cache[p][0])
     budget_aware = budget_aware_from({p: confirm.cache[p][3] for p in finalists}, budgets, confirm.baseline_area)
-    check = evaluator(config.iters_confirm, 3)
-    fixed = FixedPolicy(best, "tuned")
-    fixed_g, _, _, fixed_obj = check.gains(fixed)
+    fixed_g, _, _, fixed_obj = check.gains(FixedPolicy(best, "tuned"))
     ba_g, _, _, ba_obj = check.gains(budget_aware)
     tick(2)
-    adaptive = ba_obj > fixed_obj
-    result = {
-        "search": {
-            "space": {
-                "checks": [0, sp["max_checks"]],
-                "steps": [0, sp["num_steps"] - 2],
-                "keep": [0.03, 1.0],
-                "scoring": ["ttsnap" if na else "ttsp" for na in sp["noise_aware"]],
-                "aggregate": sp["aggregate"],
-            },
-            "evaluated": len(explore.cache),
-            "iters_explore": config.iters_explore,
-            "iters_confirm": config.iters_confirm,
-            "iters_test": config.iters_test,
-            "anchor": published.as_dict() if published is not None else None,
-            "anchor_penalty": config.anchor_penalty,
-            "seed": config.seed,
-            "finalists": [
-                {**p.as_dict(), "train_auc_gain_explore": _round(explore.cache[p][1]),
-                 "train_auc_gain_confirm": _round(confirm.cache[p][1])}
-                for p in sorted(finalists, key=lambda p: -confirm.cache[p][0])
-            ],
+    return _Choice(best, budget_aware, fixed_g, ba_g, ba_obj > fixed_obj, check.anchor_gains)
+
+
+def _search_report(sp: dict, config: TuneConfig, explore: Evaluator, confirm: Evaluator, finalists, published) -> dict:
+    return {
+        "space": {
+            "checks": [0, sp["max_checks"]],
+            "steps": [0, sp["num_steps"] - 2],
+            "keep": [0.03, 1.0],
+            "scoring": ["ttsnap" if na else "ttsp" for na in sp["noise_aware"]],
+            "aggregate": sp["aggregate"],
         },
-        "strategies": {
-            "tuned": {**best.as_dict(), "train_auc_gain": _round(fixed_g)},
-            "budget-aware": {**budget_aware.describe(), "train_auc_gain": _round(ba_g)},
-        },
-        "chosen": "budget-aware" if adaptive else "tuned",
+        "evaluated": len(explore.cache),
+        "iters_explore": config.iters_explore,
+        "iters_confirm": config.iters_confirm,
+        "iters_test": config.iters_test,
+        "anchor": published.as_dict() if published is not None else None,
+        "anchor_penalty": config.anchor_penalty,
+        "seed": config.seed,
+        "finalists": [
+            {**p.as_dict(), "train_auc_gain_explore": _round(explore.cache[p][1]),
+             "train_auc_gain_confirm": _round(confirm.cache[p][1])}
+            for p in sorted(finalists, key=lambda p: -confirm.cache[p][0])
+        ],
     }
+
+
+def _held_out(result: dict, ev: Evaluator, choice: _Choice, published: PrunePlan | None, tick) -> None:
+    """The tuned, budget-aware and published strategies on the held-out prompts, into ``result``."""
+    runs = [("tuned", choice.fixed), ("budget-aware", choice.budget_aware)]
     if published is not None:
-        result["strategies"]["published"] = {**published.as_dict(), "train_auc_gain": _round(check.anchor_gains)}
-    tick(1)
-    if test is not None:
-        ev = Evaluator(test, cost, budgets, config.iters_test, config.seed * 7919 + 4)
-        runs = [("tuned", fixed), ("budget-aware", budget_aware)]
-        if published is not None:
-            runs.append(("published", FixedPolicy(published, "published")))
-        for key, strat in runs:
-            g, se, curve, _ = ev.gains(strat)
-            result["strategies"][key].update(test_auc_gain=_round(g), test_auc_gain_se=_round(se),
-                                             test_curve=np.round(curve, 6).T.tolist())
-            tick(1)
-        result["best_of_n_test_curve"] = np.round(ev.baseline.curve, 6).T.tolist()
-    bar.close()
-    return result
+        runs.append(("published", FixedPolicy(published, "published")))
+    for key, strat in runs:
+        g, se, curve, _ = ev.gains(strat)
+        result["strategies"][key].update(test_auc_gain=_round(g), test_auc_gain_se=_round(se),
+                                         test_curve=np.round(curve, 6).T.tolist())
+        tick(1)
+    result["best_of_n_test_curve"] = np.round(ev.baseline.curve, 6).T.tolist()
 
 
 def _round(a):

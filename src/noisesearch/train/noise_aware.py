@@ -1,7 +1,8 @@
 """Noise-aware reward fine-tuning by curriculum self-distillation (TTSnap, Yu et al. 2025).
 
 Input: a pool made with ``noisesearch pool ... --save-images`` (the Tweedie estimate of every
-candidate at every step, and the base reward of every estimate). Output: a checkpoint folder loaded
+candidate at every step, and the base reward of every estimate), read image by image from its
+stored files (``train.pool_data.EstimateDataset``): memory does not grow with the pool. Output: a checkpoint folder loaded
 by the reward spec ``noise-aware@DIR`` (``noisesearch.rewards.noise_aware``).
 
 **Self-distillation.** The teacher is the base reward of the *finished* image of the same candidate
@@ -27,15 +28,17 @@ the reward's module) per stage on top of the previous stage's merged weights; ``
 weight. **accelerate** wraps model, optimizer and backward (``accelerate launch`` for several GPUs:
 each process draws its own batches, gradients are averaged). **Resumable:** ``train_state.json``
 records the finished stages; a rerun with the same configuration continues after the last one
-(each stage is seeded from ``(seed, step)``, so a resumed run equals an uninterrupted one). The
-manifest ``noise_aware.json`` is written last.
+(each stage is seeded from ``(seed, step)``, so a resumed run equals an uninterrupted one). Every
+stage file records its step and the run's digest: a file that fails its checksum is retrained, a
+file that holds another step or run (copied over) is refused. The manifest ``noise_aware.json`` is
+written last; the run holds ``io.output_lock(out)``.
 
 **Held-out candidates.** The last ``holdout`` share of candidates of every prompt is never trained on;
 per stage the Spearman correlation (per prompt, averaged) with the final reward on them is recorded
 for the base reward and the student.
 
 **Step conditioning** (``step_conditioning``, TTSnap's alternative): the student is wrapped by
-``noisesearch.train.step_conditioning.StepConditioned`` (adaLN-Zero on the ViT layers, FiLM-Zero
+``noisesearch.rewards.step_conditioning.StepConditioned`` (adaLN-Zero on the ViT layers, FiLM-Zero
 on other models; the identity at initialisation) and told each image's noise level ``sigma``; the
 curriculum is the same, and the *final* stage's model scores every trained step (one model, no
 per-step snapshots); held-out metrics of that final model are recorded per step
@@ -46,6 +49,7 @@ through it, differentiably (e.g. the ``digit`` reward).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -53,13 +57,28 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.rewards.noise_aware import FORMAT_NAME, FORMAT_VERSION, MANIFEST, load_stage, save_stage
-from noisesearch.train.step_conditioning import set_condition
+from noisesearch.io import atomic_write_json, output_lock
+from noisesearch.pools import load_pool
+from noisesearch.pools.images import PoolImages
+from noisesearch.progress import Progress
+from noisesearch.rewards.base import make_reward
+from noisesearch.rewards.noise_aware import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    load_stage,
+    read_stage,
+    save_stage,
+    stage_identity_error,
+)
+from noisesearch.rewards.step_conditioning import StepConditioned, set_condition
+from noisesearch.train.pool_data import EstimateDataset
 
 STATE = "train_state.json"
 MIN_HELD = 16  # fewer held-out candidates per prompt than this: the quality gate is warned about
@@ -174,53 +193,10 @@ def _merge_lora(model) -> torch.nn.Module:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-class _Data:
-    """Pool images and teacher values, split into train / held-out candidates.
-
-    ``teacher[i, j, q]``: the teacher's reward of the finished image of candidate ``j`` of prompt
-    ``i`` for prompt ``q``. Without ``cross_prompts`` only ``q = i`` is used (the pool's values);
-    with it the teacher is run on the stored finished images for every other prompt too.
-    """
-
-    def __init__(self, pool, images: np.ndarray, name: str, holdout: float, teacher_reward=None, device="cpu"):
-        P, N, S = pool.shape
-        self.P, self.N, self.S = P, N, S
-        self.prompts = list(pool.prompts)
-        self.images = images  # uint8 [P, N, S, C, H, W]
-        self.base = pool.rewards[name]  # [P, N, S]
-        own = pool.rewards[name][:, :, -1].astype(np.float32)  # [P, N]
-        self.own = own
-        n_hold = int(round(holdout * N))
-        self.n_train = N - n_hold
-        if self.n_train < 2:
-            raise NoiseSearchError(f"the pool has {N} candidates per prompt: too few to train on with --holdout {holdout}")
-        self.held = np.arange(self.n_train, N)
-        self.cross = teacher_reward is not None
-        if self.cross:
-            self.teacher = np.empty((P, N, P), np.float32)
-            with torch.no_grad():
-                for i in range(P):
-                    x = torch.from_numpy(images[i, :, -1]).to(device=device, dtype=torch.float32) / 255.0
-                    for q in range(P):
-                        self.teacher[i, :, q] = torch.as_tensor(teacher_reward(x, [self.prompts[q]] * N)).float().cpu().numpy()
-            self.teacher[np.arange(P), :, np.arange(P)] = own  # the exact values where the pool has them
-        else:
-            self.teacher = None
-
-    def batch(self, rows_p: np.ndarray, rows_c: np.ndarray, steps: np.ndarray, device, rows_q: np.ndarray | None = None):
-        """Images of candidates (rows_p, rows_c) at ``steps``, teacher values for prompts ``rows_q``
-        (default: their own prompts), and the prompt texts."""
-        rows_q = rows_p if rows_q is None else rows_q
-        x = torch.from_numpy(self.images[rows_p, rows_c, steps]).to(device=device, dtype=torch.float32) / 255.0
-        y = self.own[rows_p, rows_c] if self.teacher is None else self.teacher[rows_p, rows_c, rows_q]
-        prompts = [self.prompts[q] for q in rows_q.tolist()]
-        return x, torch.from_numpy(np.ascontiguousarray(y)).to(device), prompts
-
-
 @torch.no_grad()
-def _predict(reward, data: _Data, cand: np.ndarray, step: int, device, batch: int = 1024, sigma=None) -> np.ndarray:
-    """Reward of the estimates at ``step`` of candidates ``cand`` of every prompt: [P, len(cand)]
-    (``sigma``: the noise level told to a step-conditioned module)."""
+def _predict(reward, data: EstimateDataset, cand: np.ndarray, step: int, device, batch: int = 128, sigma=None) -> np.ndarray:
+    """Reward of the estimates at ``step`` of candidates ``cand`` of every prompt: [P, len(cand)],
+    ``batch`` images at a time (``sigma``: the noise level told to a step-conditioned module)."""
     if sigma is not None:
         set_condition(reward.module, float(sigma))
     P = data.P
@@ -249,289 +225,416 @@ def _loss(pred: torch.Tensor, y: torch.Tensor, rows_p: torch.Tensor, pairwise: f
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """A training run, set up: the pool and its reward, the curriculum, the teacher, the data, and
+    what the run is (``identity`` and its ``digest``, recorded in the state and in every stage file)."""
+
+    config: TrainConfig
+    pool: Any
+    pool_dir: Path
+    name: str  # the pool's key of the reward
+    spec: str  # the spec of the reward model that is fine-tuned
+    steps: list  # the curriculum: late -> early
+    out: Path
+    acc: Any
+    teacher: Any
+    data: EstimateDataset
+    sigmas: np.ndarray
+    identity: dict
+    digest: str
+    log: Callable
+
+    @property
+    def dev(self):
+        return self.acc.device
+
+    @property
+    def S(self) -> int:
+        return self.pool.shape[2]
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def final_held(self) -> np.ndarray:
+        return self.data.own[:, self.data.held]
+
+    @property
+    def k_top(self) -> int:
+        return max(1, len(self.data.held) // 10)
+
+
 def train_noise_aware(pool_path, out, config: TrainConfig = TrainConfig(), device: str = "cpu",
-                      progress: bool = False, log=print, stop_after: int | None = None) -> dict:
+                      progress: bool = False, log=print, stop_after: int | None = None, lock: bool = True) -> dict:
     """Train (or continue training) a noise-aware reward into ``out``; returns the manifest.
 
+    ``config.reward`` names the pool's reward by its key or by the spec the pool was made with.
+    The run holds ``io.output_lock(out)`` (``lock=False``: the caller holds it, as the CLI does): a
+    second run into the same folder is refused.
     ``stop_after``: run at most this many stages in this call, then return the train state (resume
     by calling again) - used by the tests to simulate an interruption. Torch's global CPU random
     state is restored on return (each stage seeds it for its LoRA initialisation and dropout).
     """
     rng_state = torch.get_rng_state()
     try:
-        return _train(pool_path, out, config, device, progress, log, stop_after)
+        config.check()
+        run = _setup(pool_path, out, config, device, log)
+        hold = run.main and lock
+        with output_lock(out, "noisesearch train-reward") if hold else contextlib.nullcontext():
+            return _train(run, progress, stop_after)
     finally:
         torch.set_rng_state(rng_state)
 
 
-def _train(pool_path, out, config: TrainConfig, device: str, progress: bool, log, stop_after: int | None) -> dict:
-    from noisesearch.pools import load_pool
-    from noisesearch.pools.generate import load_pool_images
-    from noisesearch.rewards.base import make_reward
+def _train(run: _Run, progress: bool, stop_after: int | None) -> dict:
+    state = _resume_state(run)
+    manifest = _finished_manifest(run, state)
+    if manifest is not None:
+        return manifest
+    student = _initial_student(run, state)
+    student = _run_stages(run, state, student, progress, stop_after)
+    if len({int(e["step"]) for e in state["stages"]}) < len(run.steps):
+        return state
+    if run.config.step_conditioning and len(run.data.held) >= 2:
+        _final_model_metrics(run, state, student)
+    return _write_manifest(run, state, student)
 
-    config.check()
+
+# ---- setting up ----------------------------------------------------------------------------------
+def _setup(pool_path, out, config: TrainConfig, device: str, log) -> _Run:
     pool = load_pool(pool_path)
-    name = config.reward
-    if name not in pool.rewards:
-        raise NoiseSearchError(f"the pool at {pool_path} has no reward {name!r}; it has: {', '.join(pool.rewards)}")
-    P, N, S = pool.shape
+    name = pool.reward_key(config.reward)
+    S = pool.shape[2]
     if S < 2:
         raise NoiseSearchError("the pool has a single step: nothing to train")
+    steps = _curriculum(config, S)
+    spec = config.reward_spec or (pool.extra.get("reward_specs") or {}).get(name) or name
+    pool_dir = Path(pool_path)
+    pool_dir = pool_dir.parent if pool_dir.is_file() else pool_dir
+    images = PoolImages(pool_dir, pool)  # refuses a pool made without --save-images
+    acc = _accelerator(device)
+    teacher = make_reward(spec, device=acc.device)
+    _trainable_module(teacher)
+    data = EstimateDataset(pool, images, name, config.holdout, teacher if config.cross_prompts else None, acc.device,
+                           batch=config.batch_size)
+    _warn_small_holdout(config, data, log)
+    identity = _identity(config, name, steps, pool, data, spec)
+    sigmas = np.asarray([float(v) for v in pool.extra.get("sigmas", [])] or _fallback_sigmas(S), np.float32)
+    return _Run(config, pool, pool_dir, name, spec, steps, Path(out), acc, teacher, data, sigmas, identity,
+                _digest(identity), log)
+
+
+def _curriculum(config: TrainConfig, S: int) -> list[int]:
     steps = sorted({int(s) for s in (config.steps or range(S - 1))}, reverse=True)
     bad = [s for s in steps if not 0 <= s <= S - 2]
     if bad:
         raise NoiseSearchError(f"--steps {bad} out of range: trainable steps are 0..{S - 2} (step {S - 1} is the final image)")
-    spec = config.reward_spec or pool.extra.get("reward_specs", {}).get(name) or name
-    images = load_pool_images(pool_path)
-    data = None  # built once the teacher is loaded (cross-prompt targets need it)
+    return steps
 
+
+def _accelerator(device: str):
     try:
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # deferred: an optional dependency
     except ImportError:  # pragma: no cover
         raise NoiseSearchError("train-reward needs accelerate: pip install accelerate") from None
-    acc = Accelerator(cpu=not str(device).startswith("cuda"))
-    dev = acc.device
+    return Accelerator(cpu=not str(device).startswith("cuda"))
 
-    teacher_reward = make_reward(spec, device=dev)
-    base_module = _trainable_module(teacher_reward)
-    data = _Data(pool, images, name, config.holdout, teacher_reward if config.cross_prompts else None, dev)
+
+def _warn_small_holdout(config: TrainConfig, data: EstimateDataset, log) -> None:
     if config.gate and len(data.held) < 2:
-        log(f"warning: --holdout {config.holdout:g} holds out {len(data.held)} of {N} candidates per prompt: the quality "
-            "gate is off (every stage's weights are used); raise --holdout to keep it")
+        log(f"warning: --holdout {config.holdout:g} holds out {len(data.held)} of {data.N} candidates per prompt: the "
+            "quality gate is off (every stage's weights are used); raise --holdout to keep it")
     elif config.gate and len(data.held) < MIN_HELD:
         log(f"warning: only {len(data.held)} held-out candidates per prompt decide the quality gate (fewer than "
             f"{MIN_HELD}): its verdicts are noisy; raise --holdout or the pool's --candidates")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pool_dir = Path(pool_path)
-    pool_dir = pool_dir.parent if pool_dir.is_file() else pool_dir
+
+
+def _identity(config: TrainConfig, name: str, steps: list, pool, data: EstimateDataset, spec: str) -> dict:
+    """What the run is: a rerun with another identity into the same folder is refused."""
     cfg_id = asdict(config)
+    cfg_id["reward"] = name  # the pool's key, however the reward was named
     if not config.step_conditioning:  # runs from before the option keep their digest (resumable)
         cfg_id.pop("step_conditioning")
         cfg_id.pop("cond_dim")
-    identity = {
+    return {
         "config": cfg_id,
         "steps": steps,
-        "pool_shape": [P, N, S],
+        "pool_shape": list(pool.shape),
         "pool_teacher_sha": hashlib.sha256(data.own.tobytes()).hexdigest()[:16],
         "spec": spec,
     }
-    digest = _digest(identity)
-    state_path = out / STATE
-    state = {"digest": digest, "identity": identity, "stages": []}
-    if state_path.exists():
+
+
+# ---- resuming ------------------------------------------------------------------------------------
+def _resume_state(run: _Run) -> dict:
+    """The train state in ``out`` (a new one when there is none), its stage files verified: a file
+    that does not load or fails its checksum is retrained with the stages after it; a file that
+    holds another step or another run's weights is refused."""
+    state = {"digest": run.digest, "identity": run.identity, "stages": []}
+    path = run.out / STATE
+    if path.exists():
         try:
-            old = json.loads(state_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             old = None
-        if old is not None and old.get("digest") != digest:
+        if isinstance(old, dict) and old.get("digest") != run.digest:
             raise NoiseSearchError(
-                f"{out} holds a noise-aware reward trained with other settings or another pool; "
-                "use another --out or delete that folder"
-            )
-        if old is not None:
+                f"{run.out} holds a noise-aware reward trained with other settings or another pool; "
+                "use another --out or delete that folder")
+        if isinstance(old, dict):
             state = old
-    manifest_path = out / MANIFEST
-    # resume verifies: every finished stage's file must load and pass its checksum; the first that
-    # does not is retrained, with every stage after it (each stage starts from the previous one)
     for i, e in enumerate(state["stages"]):
-        try:
-            load_stage(out / e["file"])
-        except NoiseSearchError as err:
-            log(f"stage file {out / e['file']} does not verify ({str(err).split(';')[0].split(' (')[0]}); "
-                f"retraining from step {e['step']} ({len(state['stages']) - i} of {len(steps)} stages)")
+        if not _stage_verifies(run, e, len(state["stages"]) - i):
             state["stages"] = state["stages"][:i]
-            if acc.is_main_process:
-                from noisesearch.io import atomic_write_json
-
-                if manifest_path.exists():
-                    manifest_path.unlink()
-                atomic_write_json(state_path, state)
+            if run.main:
+                _unlink(run.out / MANIFEST)
+                atomic_write_json(path, state)
             break
-    if manifest_path.exists() and len(state["stages"]) == len(steps):
+    return state
+
+
+def _stage_verifies(run: _Run, entry: dict, redo: int) -> bool:
+    path = run.out / entry["file"]
+    try:
+        _, meta = read_stage(path)
+    except NoiseSearchError as err:
+        run.log(f"stage file {path} does not verify ({str(err).split(';')[0].split(' (')[0]}); "
+                f"retraining from step {entry['step']} ({redo} of {len(run.steps)} stages)")
+        return False
+    why = stage_identity_error(path, meta, int(entry["step"]), run.digest)
+    if why:
+        raise NoiseSearchError(f"{why}; delete it to retrain from step {entry['step']}")
+    return True
+
+
+def _unlink(path: Path) -> None:
+    if path.exists():
+        path.unlink()
+
+
+def _finished_manifest(run: _Run, state: dict) -> dict | None:
+    """The manifest of a finished run with this identity, else None (a stale one is removed)."""
+    path = run.out / MANIFEST
+    if path.exists() and len(state["stages"]) == len(run.steps):
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             manifest = None
-        if isinstance(manifest, dict) and manifest.get("digest") == digest:
+        if isinstance(manifest, dict) and manifest.get("digest") == run.digest:
             return manifest
-        log(f"{manifest_path} is unreadable or stale; rewriting it")
-    if manifest_path.exists():
-        manifest_path.unlink()
+        run.log(f"{path} is unreadable or stale; rewriting it")
+    if run.main:
+        _unlink(path)
+    return None
 
-    # the student: the base module, or the last finished stage's weights when resuming
-    student = copy.deepcopy(base_module).to(dev)
-    sigmas = np.asarray([float(v) for v in pool.extra.get("sigmas", [])] or _fallback_sigmas(S), np.float32)
-    if config.step_conditioning:
-        from noisesearch.train.step_conditioning import StepConditioned
 
-        student = StepConditioned(student, config.cond_dim).to(dev)
-    done = {int(e["step"]) for e in state["stages"]}
+def _initial_student(run: _Run, state: dict) -> torch.nn.Module:
+    """The base module (step-conditioned if asked), or the last finished stage's weights when resuming."""
+    student = copy.deepcopy(_trainable_module(run.teacher)).to(run.dev)
+    if run.config.step_conditioning:
+        student = StepConditioned(student, run.config.cond_dim).to(run.dev)
     if state["stages"]:
         last = state["stages"][-1]
-        student.load_state_dict(load_stage(out / last["file"]))
-        log(f"resuming after {len(done)} of {len(steps)} stages (last: step {last['step']})")
-    scorer = copy.deepcopy(teacher_reward)  # the Reward object whose module is the student
-    final_held = data.own[:, data.held]
-    k_top = max(1, len(data.held) // 10)
+        student.load_state_dict(load_stage(run.out / last["file"]))
+        run.log(f"resuming after {len(state['stages'])} of {len(run.steps)} stages (last: step {last['step']})")
+    return student
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+def _run_stages(run: _Run, state: dict, student, progress: bool, stop_after: int | None):
+    done = {int(e["step"]) for e in state["stages"]}
+    scorer = copy.deepcopy(run.teacher)  # the Reward object whose module is the student
     ran = 0
-    for k, step in enumerate(steps):
+    for k, step in enumerate(run.steps):
         if step in done:
             continue
         if stop_after is not None and ran >= stop_after:
             break
-        t0 = time.perf_counter()
-        seed_k = config.seed * 1_000_003 + step * 7919 + 17
-        torch.manual_seed(seed_k)  # LoRA init and dropout: a resumed stage equals an uninterrupted one
-        model = student
-        if config.lora_rank > 0:
-            model = _wrap_lora(student, config.lora_rank, config.lora_alpha)
-        else:
-            model.requires_grad_(True)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        lr0 = config.lr * config.lr_decay**k
-        opt = torch.optim.AdamW(params, lr=lr0, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / config.iters)))
-        model, opt = acc.prepare(model, opt)
-        scorer.module = model
-        rng = np.random.default_rng([config.seed, step, acc.process_index])
-        replay_steps = np.array(sorted({s for s in steps if s > step} | {S - 1}))
-        losses = []
-        from noisesearch.progress import Progress
-
-        bar = Progress(config.iters, desc=f"stage {k + 1}/{len(steps)} (step {step})", unit="iter",
-                       enabled=progress and acc.is_main_process)
-        for it in range(config.iters):
-            B = config.batch_size
-            rows_p = rng.integers(0, data.P, B)
-            rows_c = rng.integers(0, data.n_train, B)
-            rows_q = rng.integers(0, data.P, B) if data.cross else rows_p
-            use_replay = rng.random(B) < config.replay
-            st = np.where(use_replay, replay_steps[rng.integers(0, len(replay_steps), B)], step)
-            x, y, prompts = data.batch(rows_p, rows_c, st, dev, rows_q)
-            if config.step_conditioning:
-                set_condition(model, torch.from_numpy(sigmas[st]))
-            with torch.enable_grad():
-                pred = scorer(x, prompts)
-                if not isinstance(pred, torch.Tensor) or not pred.requires_grad:
-                    raise NoiseSearchError(f"reward {spec!r} is not differentiable through its module: cannot fine-tune it")
-                loss = _loss(pred.float().reshape(-1), y, torch.from_numpy(rows_q).to(dev), config.pairwise)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            if it % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        bar.close()
-        acc.wait_for_everyone()
-        model = acc.unwrap_model(model)
-        acc.free_memory()
-        student = _merge_lora(model) if config.lora_rank > 0 else model
-        student.eval().requires_grad_(False)
-        scorer.module = student
-        entry = {
-            "stage": k,
-            "step": step,
-            "sigma": float(pool.extra.get("sigmas", [None] * S)[step]) if pool.extra.get("sigmas") else None,
-            "file": _stage_file(step),
-            "lr": lr0,
-            "iters": config.iters,
-            "loss_first": float(np.mean(losses[: max(1, len(losses) // 10)])),
-            "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        if len(data.held) >= 2:
-            pred_held = _predict(scorer, data, data.held, step, dev, sigma=sigmas[step])
-            base_held = data.base[:, data.held, step]
-            sp_base = spearman_per_prompt(base_held, final_held)
-            sp_student = spearman_per_prompt(pred_held, final_held)
-            diff = sp_student - sp_base
-            entry["heldout_spearman_base"] = float(np.nanmean(sp_base))
-            entry["heldout_spearman"] = float(np.nanmean(sp_student))
-            entry["heldout_spearman_diff_se"] = float(np.nanstd(diff, ddof=1) / np.sqrt(max(1, np.isfinite(diff).sum())))\
-                if np.isfinite(diff).sum() > 1 else 0.0
-            entry["heldout_top10pct_recall_base"] = float(topk_recall(base_held, final_held, k_top).mean())
-            entry["heldout_top10pct_recall"] = float(topk_recall(pred_held, final_held, k_top).mean())
-        # the gate: drop a stage that is worse than the base reward on held-out candidates by more than
-        # one standard error of the paired difference (over prompts)
-        entry["use"] = bool(not config.gate or "heldout_spearman" not in entry
-                            or entry["heldout_spearman"] - entry["heldout_spearman_base"] >= -entry["heldout_spearman_diff_se"])
-        if acc.is_main_process:
-            save_stage(out / entry["file"], student.state_dict(), {"step": step, "stage": k, "base_reward": spec})
-            state["stages"].append(entry)
-            from noisesearch.io import atomic_write_json
-
-            atomic_write_json(state_path, state)
-        acc.wait_for_everyone()
-        done.add(step)
+        student, entry = _train_stage(run, scorer, student, k, step, progress)
+        _record_stage(run, state, student, entry)
         ran += 1
-        msg = f"stage {k + 1}/{len(steps)} step {step}: loss {entry['loss_first']:.4f} -> {entry['loss_last']:.4f}"
-        if "heldout_spearman" in entry:
-            msg += f", held-out spearman {entry['heldout_spearman_base']:.3f} (base) -> {entry['heldout_spearman']:.3f}"
-            msg += "" if entry["use"] else " [not used: the base reward scores this step]"
-        log(msg + f" ({entry['seconds']:.1f} s)")
+    return student
 
-    if len(done) < len(steps):
-        return state
-    if config.step_conditioning and len(data.held) >= 2:
-        _final_model_metrics(state, scorer, student, out, data, sigmas, dev, config.gate, final_held, k_top, acc)
+
+def _prepare_stage(run: _Run, student, k: int):
+    """The stage's trainable model (a fresh LoRA adapter, or every weight), optimizer and schedule."""
+    cfg = run.config
+    model = student
+    if cfg.lora_rank > 0:
+        model = _wrap_lora(student, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        model.requires_grad_(True)  # rewards are loaded for scoring with gradients off
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr0 = cfg.lr * cfg.lr_decay**k
+    opt = torch.optim.AdamW(params, lr=lr0, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters)))
+    model, opt = run.acc.prepare(model, opt)
+    return model, opt, sched, lr0
+
+
+def _train_stage(run: _Run, scorer, student, k: int, step: int, progress: bool):
+    """Stage ``k`` (pool step ``step``): fine-tune, then measure on the held-out candidates."""
+    cfg = run.config
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + 17)  # LoRA init and dropout: a resumed stage equals an uninterrupted one
+    model, opt, sched, lr0 = _prepare_stage(run, student, k)
+    scorer.module = model
+    losses = _stage_iterations(run, scorer, model, opt, sched, k, step, progress)
+    run.acc.wait_for_everyone()
+    model = run.acc.unwrap_model(model)
+    run.acc.free_memory()
+    student = _merge_lora(model) if cfg.lora_rank > 0 else model
+    student.eval().requires_grad_(False)
+    scorer.module = student
+    sigmas = run.pool.extra.get("sigmas")
+    tenth = max(1, len(losses) // 10)
+    entry = {"stage": k, "step": step, "sigma": float(sigmas[step]) if sigmas else None, "file": _stage_file(step),
+             "lr": lr0, "iters": cfg.iters, "loss_first": float(np.mean(losses[:tenth])),
+             "loss_last": float(np.mean(losses[-tenth:])), "seconds": round(time.perf_counter() - t0, 2)}
+    if len(run.data.held) >= 2:
+        entry.update(_heldout_metrics(run, scorer, step))
+    # the gate: drop a stage that is worse than the base reward on held-out candidates by more than
+    # one standard error of the paired difference (over prompts)
+    entry["use"] = bool(not cfg.gate or "heldout_spearman" not in entry
+                        or entry["heldout_spearman"] - entry["heldout_spearman_base"] >= -entry["heldout_spearman_diff_se"])
+    return student, entry
+
+
+def _stage_iterations(run: _Run, scorer, model, opt, sched, k: int, step: int, progress: bool) -> list[float]:
+    cfg, acc = run.config, run.acc
+    rng = np.random.default_rng([cfg.seed, step, acc.process_index])
+    replay_steps = np.array(sorted({s for s in run.steps if s > step} | {run.S - 1}))
+    bar = Progress(cfg.iters, desc=f"stage {k + 1}/{len(run.steps)} (step {step})", unit="iter",
+                   enabled=progress and acc.is_main_process)
+    losses = []
+    for it in range(cfg.iters):
+        loss = _batch_loss(run, scorer, model, rng, step, replay_steps)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if it % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    bar.close()
+    return losses
+
+
+def _batch_loss(run: _Run, scorer, model, rng, step: int, replay_steps: np.ndarray) -> torch.Tensor:
+    """One batch: candidates of the training share, at ``step`` or (a ``replay`` share) a later step."""
+    cfg, data, B = run.config, run.data, run.config.batch_size
+    rows_p = rng.integers(0, data.P, B)
+    rows_c = rng.integers(0, data.n_train, B)
+    rows_q = rng.integers(0, data.P, B) if data.cross else rows_p
+    use_replay = rng.random(B) < cfg.replay
+    st = np.where(use_replay, replay_steps[rng.integers(0, len(replay_steps), B)], step)
+    x, y, prompts = data.batch(rows_p, rows_c, st, run.dev, rows_q)
+    if cfg.step_conditioning:
+        set_condition(model, torch.from_numpy(run.sigmas[st]))
+    with torch.enable_grad():
+        pred = scorer(x, prompts)
+        if not isinstance(pred, torch.Tensor) or not pred.requires_grad:
+            raise NoiseSearchError(f"reward {run.spec!r} is not differentiable through its module: cannot fine-tune it")
+        return _loss(pred.float().reshape(-1), y, torch.from_numpy(rows_q).to(run.dev), cfg.pairwise)
+
+
+def _paired_se(diff: np.ndarray) -> float:
+    n = int(np.isfinite(diff).sum())
+    return float(np.nanstd(diff, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
+def _heldout_metrics(run: _Run, scorer, step: int) -> dict:
+    """Spearman and top-10% recall against the final reward on the held-out candidates, base vs student."""
+    data, final_held = run.data, run.final_held
+    pred_held = _predict(scorer, data, data.held, step, run.dev, run.config.batch_size, sigma=run.sigmas[step])
+    base_held = data.base[:, data.held, step]
+    sp_base = spearman_per_prompt(base_held, final_held)
+    sp_student = spearman_per_prompt(pred_held, final_held)
+    return {
+        "heldout_spearman_base": float(np.nanmean(sp_base)),
+        "heldout_spearman": float(np.nanmean(sp_student)),
+        "heldout_spearman_diff_se": _paired_se(sp_student - sp_base),
+        "heldout_top10pct_recall_base": float(topk_recall(base_held, final_held, run.k_top).mean()),
+        "heldout_top10pct_recall": float(topk_recall(pred_held, final_held, run.k_top).mean()),
+    }
+
+
+def _record_stage(run: _Run, state: dict, student, entry: dict) -> None:
+    """Save the stage's weights with what they are (step, run digest), then the train state."""
+    if run.main:
+        meta = {"step": entry["step"], "stage": entry["stage"], "sigma": entry["sigma"], "base_reward": run.spec,
+                "pool_reward": run.name, "seed": run.config.seed, "digest": run.digest}  # digest: every setting
+        save_stage(run.out / entry["file"], student.state_dict(), meta)
+    state["stages"].append(entry)
+    if run.main:
+        atomic_write_json(run.out / STATE, state)
+    run.acc.wait_for_everyone()
+    msg = f"stage {entry['stage'] + 1}/{len(run.steps)} step {entry['step']}: loss {entry['loss_first']:.4f} -> {entry['loss_last']:.4f}"
+    if "heldout_spearman" in entry:
+        msg += f", held-out spearman {entry['heldout_spearman_base']:.3f} (base) -> {entry['heldout_spearman']:.3f}"
+        msg += "" if entry["use"] else " [not used: the base reward scores this step]"
+    run.log(msg + f" ({entry['seconds']:.1f} s)")
+
+
+# ---- finishing -----------------------------------------------------------------------------------
+def _final_model_metrics(run: _Run, state: dict, student) -> None:
+    """Step conditioning: held-out metrics of the final model at every trained step; the gate uses them."""
+    if not isinstance(student, torch.nn.Module) or "heldout_spearman" not in state["stages"][-1]:
+        return
+    scorer = copy.deepcopy(run.teacher)
+    scorer.module = student  # the final stage's model (trained now, or loaded from its file on a resume)
+    data, final_held = run.data, run.final_held
+    for entry in state["stages"]:
+        step = int(entry["step"])
+        pred = _predict(scorer, data, data.held, step, run.dev, run.config.batch_size, sigma=run.sigmas[step])
+        sp_base = spearman_per_prompt(data.base[:, data.held, step], final_held)
+        diff = spearman_per_prompt(pred, final_held) - sp_base
+        entry["heldout_spearman_final_model"] = float(np.nanmean(spearman_per_prompt(pred, final_held)))
+        entry["heldout_top10pct_recall_final_model"] = float(topk_recall(pred, final_held, run.k_top).mean())
+        entry["use"] = bool(not run.config.gate or float(np.nanmean(diff)) >= -_paired_se(diff))
+    if run.main:
+        atomic_write_json(run.out / STATE, state)
+
+
+def _write_manifest(run: _Run, state: dict, student) -> dict:
+    cfg, pool, S = run.config, run.pool, run.S
+    per_stage = ("per-stage: step s is scored with the weights saved after the stage that trained s "
+                 "(stages marked use=false, which did not beat the base reward on held-out candidates, "
+                 "and untrained steps are scored by the base reward)")
+    final_model = ("final-model: every trained step is scored by the final stage's step-conditioned model, told "
+                   "the step's sigma (steps marked use=false and untrained steps: the base reward)")
+    data = run.data
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "base_reward": spec,
-        "base_name": getattr(teacher_reward, "name", name),
-        "pool_reward": name,
-        "pool": str(pool_dir),
+        "base_reward": run.spec,
+        "base_name": getattr(run.teacher, "name", run.name),
+        "pool_reward": run.name,
+        "pool": str(run.pool_dir),
         "model": pool.model,
         "num_steps": S,
         "sigmas": [float(s) for s in pool.extra.get("sigmas", [])] or _fallback_sigmas(S),
         "state_steps": pool.extra.get("state_steps"),
         "sampler": pool.extra.get("sampler"),
         "steps": sorted(int(e["step"]) for e in state["stages"] if e.get("use", True)),
-        "curriculum": steps,
-        "scoring": ("final-model: every trained step is scored by the final stage's step-conditioned model, told "
-                    "the step's sigma (steps marked use=false and untrained steps: the base reward)")
-        if config.step_conditioning else
-        "per-stage: step s is scored with the weights saved after the stage that trained s "
-                   "(stages marked use=false, which did not beat the base reward on held-out candidates, "
-                   "and untrained steps are scored by the base reward)",
-        **({"step_conditioning": {"kind": student.kind, "cond_dim": config.cond_dim,
-                                  "final_file": state["stages"][-1]["file"]}} if config.step_conditioning else {}),
+        "curriculum": run.steps,
+        "scoring": final_model if cfg.step_conditioning else per_stage,
+        **({"step_conditioning": {"kind": student.kind, "cond_dim": cfg.cond_dim,
+                                  "final_file": state["stages"][-1]["file"]}} if cfg.step_conditioning else {}),
         "stages": state["stages"],
-        "config": asdict(config),
+        "config": asdict(cfg),
         "train_candidates": data.n_train,
         "heldout_candidates": [int(data.held[0]), int(data.held[-1]) + 1] if len(data.held) else None,
-        "digest": digest,
+        "digest": run.digest,
     }
-    if acc.is_main_process:
-        from noisesearch.io import atomic_write_json
-
-        atomic_write_json(manifest_path, manifest)
-    acc.wait_for_everyone()
+    if run.main:
+        atomic_write_json(run.out / MANIFEST, manifest)
+    run.acc.wait_for_everyone()
     return manifest
-
-
-def _final_model_metrics(state, scorer, student, out, data, sigmas, dev, gate, final_held, k_top, acc) -> None:
-    """Step conditioning: held-out metrics of the final model at every trained step; the gate uses them."""
-    if not isinstance(student, torch.nn.Module) or "heldout_spearman" not in state["stages"][-1]:
-        return
-    scorer.module = student  # the final stage's model (trained now, or loaded from its file on a resume)
-    for entry in state["stages"]:
-        step = int(entry["step"])
-        pred = _predict(scorer, data, data.held, step, dev, sigma=sigmas[step])
-        sp_base = spearman_per_prompt(data.base[:, data.held, step], final_held)
-        diff = spearman_per_prompt(pred, final_held) - sp_base
-        entry["heldout_spearman_final_model"] = float(np.nanmean(spearman_per_prompt(pred, final_held)))
-        entry["heldout_top10pct_recall_final_model"] = float(topk_recall(pred, final_held, k_top).mean())
-        se = float(np.nanstd(diff, ddof=1) / np.sqrt(max(1, np.isfinite(diff).sum()))) if np.isfinite(diff).sum() > 1 else 0.0
-        entry["use"] = bool(not gate or float(np.nanmean(diff)) >= -se)
-    if acc.is_main_process:
-        from noisesearch.io import atomic_write_json
-
-        atomic_write_json(out / STATE, state)
 
 
 def _fallback_sigmas(S: int) -> list[float]:
@@ -539,4 +642,4 @@ def _fallback_sigmas(S: int) -> list[float]:
     return [float(S - s) for s in range(S - 1)] + [0.0]
 
 
-__all__ = ["TrainConfig", "train_noise_aware", "spearman_per_prompt", "topk_recall"]
+__all__ = ["TrainConfig", "train_noise_aware", "spearman_per_prompt", "topk_recall", "EstimateDataset"]

@@ -1,0 +1,86 @@
+"""Sizing that fits every knob: with a priced reward, every trajectory strategy runs wherever
+best-of-N affords 2 candidates, spends exactly what it planned, and shrinks its knobs (candidates per
+decision, scored decisions) rather than refusing.
+
+The toy of ``test_strategies``: 12 Euler-ancestral steps, 10 FLOPs per network call; the reward's
+price is given in NFEs (``price * 10`` FLOPs per call) and the budget in FLOPs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from noisesearch.budget import Budget, Cost, SizeOption
+from noisesearch.errors import BudgetError
+from noisesearch.search import make_strategy
+from test_strategies import STEPS, ModeReward, make_problem
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRAJECTORY = ["eps-greedy", "zero-order", "beam", "smc", "mcts", "evo", "rbf", "dts"]
+
+
+def priced_problem(price: float, budget_nfe_equivalents: float, n: int = 6):
+    problem = make_problem(flops=budget_nfe_equivalents * 10.0, n=n)
+    reward = ModeReward(problem.denoiser)
+    reward.flops_per_image = price * 10.0
+    problem.reward = reward
+    problem.budget.cost = problem.budget.cost.__class__(10.0, reward.flops_per_image, 0.0)
+    return problem
+
+
+def best_of_n_candidates(price: float, budget: float) -> int:
+    return int(budget // (STEPS + price))
+
+
+@pytest.mark.parametrize("name", TRAJECTORY)
+@pytest.mark.parametrize("price", [0.25, 1.0])
+def test_runs_wherever_best_of_n_has_two_candidates(name, price):
+    two = 2 * (STEPS + price)
+    for budget in (two, two * 1.3, two * 3, two * 10):
+        assert best_of_n_candidates(price, budget) >= 2
+        problem = priced_problem(price, budget)
+        with torch.no_grad():
+            result = make_strategy(name).search(problem)
+        b, plan = problem.budget, result.info["planned_per_sample"]
+        assert float(b.flops.max()) <= budget * 10.0 * (1 + 1e-12)
+        if name in ("mcts", "dts"):  # their plan is a bound
+            assert int(b.nfe.max()) <= plan["nfe"] and int(b.reward_calls.max()) <= plan["reward_calls"]
+        else:
+            assert b.nfe.tolist() == [plan["nfe"]] * 6 and b.reward_calls.tolist() == [plan["reward_calls"]] * 6
+
+
+@pytest.mark.parametrize("name", ["eps-greedy", "beam", "smc"])
+def test_an_expensive_reward_thins_the_knobs_instead_of_refusing(name):
+    # at 1 NFE per reward call and 3 trajectories' worth, the default configuration (4 candidates at
+    # every decision, or particles weighed at every decision) does not fit with 2 particles
+    problem = priced_problem(1.0, 3 * (STEPS + 1))
+    with torch.no_grad():
+        result = make_strategy(name).search(problem)
+    knobs = result.info["configuration"]
+    assert knobs["score_every"] > 1 or knobs.get("n_candidates", 4) < 4
+    # at an NFE budget the reward calls are free: the strategy's own configuration
+    problem = make_problem(nfe=5 * STEPS * 4, n=6)
+    with torch.no_grad():
+        result = make_strategy(name).search(problem)
+    assert result.info["configuration"]["score_every"] == 1
+    assert result.info["configuration"].get("n_candidates", 4) in (0, 4)
+
+
+def test_user_knobs_are_kept():
+    problem = priced_problem(1.0, 5 * (STEPS + 1))
+    with torch.no_grad():
+        result = make_strategy("beam", n_candidates=3, score_every=2).search(problem)
+    assert result.info["configuration"] == {"n_candidates": 3, "score_every": 2}
+
+
+def test_fit_options_rule():
+    # the affordable option whose smallest size uses the largest share of the budget, then its largest size
+    b = Budget(1, nfe=100)
+    options = [SizeOption(lambda n: Cost(nfe=60 * n), 2), SizeOption(lambda n: Cost(nfe=30 * n), 2),
+               SizeOption(lambda n: Cost(nfe=20 * n), 2), SizeOption(lambda n: Cost(nfe=10 * n), 1)]
+    assert b.fit_options(options) == (1, 3)
+    assert b.fit_options(options[:1] + options[3:]) == (1, 10)
+    assert b.fit_options([SizeOption(lambda n: Cost(nfe=10 * n), 1, fixed=4)]) == (0, 4)
+    with pytest.raises(BudgetError, match="budget too small"):
+        b.fit_options(options[:1])

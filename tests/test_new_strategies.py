@@ -1,0 +1,100 @@
+"""The newest methods (EvoSearch ``evo``, rollover budget forcing ``rbf``, Diffusion Tree Sampling
+``dts``) and ``auto``: their paper's mechanics on the toy of ``test_strategies``, and a run within
+budget on tiny FLUX and tiny SDXL pipelines (random weights, built from configs: tests/tiny.py).
+The shared checks (plan equals spend, budgets, seeds, improvement over naive) are in test_strategies.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from noisesearch import api
+from noisesearch.models import load_model
+from noisesearch.sampling.schedules import vp_sigmas
+from noisesearch.search import make_strategy
+from noisesearch.search.auto import TABLE, reward_price, table_choice
+from test_strategies import STEPS, ModeReward, make_problem, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_evo_population_schedule_and_elites():
+    problem, res = run("evo", {"population": 4, "generations": 3}, nfe=400, n=6)
+    info = res.info
+    assert info["population_schedule"] == [8, 4, 4] and info["elites"] == 1
+    assert info["evolution_schedule"][0] == 0 and info["evolution_schedule"] == sorted(info["evolution_schedule"])
+    # the plan: 8 trajectories, then 3 mutated children (1 NFE each) and 4 rollouts per later generation
+    s = problem.sampler
+    t1, t2 = info["evolution_schedule"][1:]
+    assert problem.budget.nfe.tolist() == [8 * STEPS + 3 + 4 * s.nfe_to_end(t1) + 3 + 4 * s.nfe_to_end(t2)] * 6
+    assert problem.budget.reward_calls.tolist() == [16] * 6
+
+
+def test_evo_elites_keep_the_best_reward():
+    # the returned reward is the best any generation scored: never below generation 0's best
+    _, one = run("evo", {"population": 4, "generations": 1}, nfe=400, n=6, seed=3)
+    _, many = run("evo", {"population": 4, "generations": 3, "first_population": 1.0}, nfe=400, n=6, seed=3)
+    assert one.info["population_schedule"] == [4]
+    assert (many.rewards >= one.rewards - 1e-6).all()  # same first generation (same streams), then only better
+
+
+def test_rbf_rolls_unused_budget_over():
+    problem, res = run("rbf", {"candidates": 44, "score_every": 1}, nfe=400, n=6)
+    assert res.info["rollovers"] > 0
+    # plan: one trajectory + 33 extra candidate steps (44 over 11 searched steps), 44 + 1 reward calls
+    assert problem.budget.nfe.tolist() == [STEPS + 44 - 11] * 6
+    assert problem.budget.reward_calls.tolist() == [45] * 6
+
+
+def test_vp_interpolant_schedule():
+    sig = vp_sigmas(10, 80.0)
+    assert len(sig) == 11 and sig[0] == 80.0 and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())
+    flow = vp_sigmas(6, float("inf"))
+    assert math.isinf(flow[0]) and bool(torch.isfinite(flow[1:]).all())
+    _, res = run("rbf", {"interpolant": "vp"}, nfe=120, n=4)
+    assert res.info["interpolant"] == "vp"
+
+
+def test_dts_reuses_the_tree():
+    problem, res = run("dts", {"iterations": 40}, nfe=400, n=6)
+    # rollouts from deeper nodes are cheaper: more rollouts than the allowance buys full ones
+    # (40 x 0.5 x 11 = 220 NFEs: 20 rollouts from the root)
+    assert res.info["rollouts_mean"] > 20
+    assert res.info["nodes_mean"] > 20
+    assert int(problem.budget.nfe.max()) <= res.info["planned_per_sample"]["nfe"]
+
+
+def test_auto_follows_the_table():
+    assert sorted(TABLE) == [0.0, 0.25, 1.0]
+    assert table_choice(0.0, 4)[0].name == "rbf"
+    assert table_choice(0.3, 5)[0].name == table_choice(1.0, 5)[0].name == "rbf"
+    assert table_choice(5.0, 100)[0].name == "smc"  # above the table: its most expensive row
+    assert table_choice(0.0, 1)[0].name == "rbf"  # below the table: its smallest budget
+    problem = make_problem(nfe=144, n=4)
+    assert reward_price(problem) == 0.0
+    res = make_strategy("auto").search(problem)
+    assert res.info["auto"]["strategy"] == table_choice(0.0, 144 / STEPS)[0].name
+    # under a FLOP budget the reward's price counts: 3 FLOPs per call over 10 per NFE
+    problem = make_problem(flops=144 * 10.0, n=4)
+    assert reward_price(problem) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("which", ["flux", "sdxl"])
+@pytest.mark.parametrize("strategy", ["evo", "rbf", "rbf-vp", "dts", "auto"])
+def test_runs_within_budget_on_tiny_pipelines(which, strategy, request):
+    path = request.getfixturevalue(f"tiny_{which}_dir")
+    d = load_model(path, height=32, width=32, guidance=1.0)
+    budget = 24  # 6 trajectories of 4 steps
+    options = {"interpolant": "vp"} if strategy == "rbf-vp" else {}  # on FLUX: from sigma = inf
+    run_ = api.generate(model=d, prompts=["a red bicycle"], reward="brightness", strategy=strategy.split("-")[0],
+                        budget_nfe=budget, steps=4, seed=0, evaluate=False, max_batch=8, num_samples=2,
+                        strategy_options=options)
+    assert run_.report["nfe_max"] <= budget
+    assert run_.images.shape[0] == 2 and torch.isfinite(run_.images).all()
+
+
+def test_mode_reward_is_the_toy_reward():
+    problem = make_problem(nfe=24, n=2)
+    assert isinstance(problem.reward, ModeReward)
