@@ -59,3 +59,12 @@ def test_demo_refuses_a_folder_holding_something_else(tmp_path, capsys):
     assert demo.main(["--quick", "--out", str(out)]) == 2
     assert "demo: error:" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_keep_freed_memory_is_taken_by_glibc():
+    import platform
+
+    kept = demo.keep_freed_memory()
+    assert isinstance(kept, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert kept  # mallopt accepted both settings

@@ -1,8 +1,6 @@
 """``load_model`` on objects: loaded diffusers pipelines of every supported family (options applied as
 for a folder), unconditional DDPM / DDIM pipelines, denoiser objects (guidance / device applied or
 refused), ``galaxygrad:`` dispatch and ``describe_denoiser``."""
-import sys
-import types
 
 import pytest
 import torch
@@ -186,7 +184,7 @@ def test_galaxygrad_dispatch(monkeypatch):
         calls.append((name, device, guidance))
         return "a galaxy denoiser"
 
-    monkeypatch.setitem(sys.modules, "noisesearch.models.galaxygrad", types.SimpleNamespace(load_galaxygrad=load_galaxygrad))
+    monkeypatch.setattr("noisesearch.models.load.load_galaxygrad", load_galaxygrad)
     assert load_model("galaxygrad:hsc32", device="cpu", guidance=0) == "a galaxy denoiser"
     assert calls == [("hsc32", "cpu", 0)]
     with pytest.raises(NoiseSearchError, match="bad option for galaxygrad:hsc32"):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_evo_population_schedule_and_elites():
-    problem, res = run("evo", {"population": 4, "generations": 3}, nfe=400, n=6)
+    problem, res = run("evo", {"population": 4, "generations": 3, "first_population": 2.0}, nfe=400, n=6)
     info = res.info
     assert info["population_schedule"] == [8, 4, 4] and info["elites"] == 1
     assert info["evolution_schedule"][0] == 0 and info["evolution_schedule"] == sorted(info["evolution_schedule"])

@@ -1,4 +1,6 @@
-"""Report import cycles (imports inside functions included) and functions over 60 lines in src/noisesearch.
+"""Report import cycles (imports inside functions included), functions over 60 lines and imports inside
+functions that do not say why they are deferred (a ``# deferred: <why>`` comment on the import's line or
+the line above) in src/noisesearch.
 
     python tools/check_layers.py            # prints problems, exit 1 if any
 Used by tests/test_structure.py.
@@ -122,13 +124,45 @@ def long_functions(mods: dict[str, Path], limit: int = MAX_LINES) -> list[str]:
     return out
 
 
+DEFERRED = "# deferred:"
+
+
+def undeclared_local_imports(source: str, name: str = "<source>") -> list[str]:
+    """``name:line import ...`` for every import inside a function of ``source`` without a
+    ``# deferred: <why>`` comment on its line or on the line just above (an import belongs at the top
+    of its module, unless it defers a heavy optional dependency or keeps the CLI's start light)."""
+    lines = source.splitlines()
+    tree = ast.parse(source, name)
+    out = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            line = lines[node.lineno - 1]
+            above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+            if DEFERRED not in line and not above.startswith(DEFERRED):
+                out.append(f"{name}:{node.lineno} {line.strip()}")
+    return sorted(set(out), key=lambda s: (s.split(":")[0], int(s.split(":")[1].split()[0])))
+
+
+def local_imports(mods: dict[str, Path]) -> list[str]:
+    """Imports inside functions without a ``# deferred:`` comment, over all modules."""
+    out = []
+    for path in mods.values():
+        out += undeclared_local_imports(path.read_text(), str(path.relative_to(ROOT.parent)))
+    return out
+
+
 def main() -> int:
     mods = modules()
     graph = imports(mods)
     problems = [f"layer cycle: {' <-> '.join(c)}" for c in layer_cycles(graph)]
     problems += [f"module cycle: {' <-> '.join(c)}" for c in module_cycles(graph)]
     problems += [f"long function: {f}" for f in long_functions(mods)]
-    print("\n".join(problems) or "no import cycle, no function over 60 lines")
+    problems += [f"import inside a function without '{DEFERRED} <why>': {f}" for f in local_imports(mods)]
+    print("\n".join(problems) or "no import cycle, no function over 60 lines, every import inside a function says why")
     return 1 if problems else 0
 
 

@@ -14,6 +14,7 @@ A model may be a name, a folder, a loaded diffusers pipeline or a denoiser objec
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,8 @@ from noisesearch.rewards.base import as_reward as _as_reward
 from noisesearch.rewards.noise_aware import is_noise_aware_dir, load_noise_aware
 from noisesearch.sampling.samplers import Sampler, make_sampler
 from noisesearch.search import STRATEGIES, Strategy, make_strategy
-from noisesearch.validate import MAX_NFE
+from noisesearch.search.base import Problem
+from noisesearch.validate import MAX_NFE, check_memory
 
 
 def as_denoiser(model: Any, device: str | None = None, guidance: float | None = None,
@@ -134,12 +136,6 @@ def check_search_memory(samp: Sampler, budget: Budget, num_searches: int, denois
     """Refuse a budget whose widest search cannot fit in memory, before allocating: best-of-N holds
     every candidate at once, budget / (cost of one trajectory) of them per search, each with its state,
     estimate and noise (and temporaries): about 4 copies of a sample."""
-    import math
-
-    import torch
-
-    from noisesearch.validate import check_memory, physical_memory
-
     per_traj_nfe = max(1, int(getattr(samp, "nfe_per_trajectory", 1) or 1))
     rows = 0.0
     if budget.nfe_limit is not None:
@@ -154,7 +150,7 @@ def check_search_memory(samp: Sampler, budget: Budget, num_searches: int, denois
     if dev.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(dev).total_memory
     check_memory(rows * num_searches * row_bytes, f"the search ({rows * num_searches:,.0f} candidates at once)",
-                 "--budget-nfe/--budget-flops or --num-samples", total=total or physical_memory())
+                 "--budget-nfe/--budget-flops or --num-samples", total=total)
 
 
 def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *, num_samples: int = 1,
@@ -168,8 +164,6 @@ def build_problem(denoiser: Denoiser, reward: Reward, prompts: Sequence[str], *,
     global search indices (one shard of a multi-process run): each keeps its stream, so a shard's
     samples are those of the single-process run. ``score_batch``: rows decoded and scored per chunk
     (default ``max_batch``, the denoiser's chunk)."""
-    from noisesearch.search.base import Problem
-
     all_prompts = expand_prompts(prompts, num_samples)
     fpc = float(getattr(denoiser, "flops_per_call", 0.0) or 0.0)
     if budget_flops is not None and fpc > 0 and budget_flops / fpc > MAX_NFE:

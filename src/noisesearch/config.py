@@ -18,6 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import tomllib
+import yaml
+from yaml.nodes import MappingNode, SequenceNode
+
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import read_text_limited
 
@@ -35,8 +39,6 @@ def _expanded_size(node, limit: int, path: Path) -> int:
     """The number of values ``node`` stands for once its aliases are expanded (shared nodes counted
     each time they are used), computed on the node graph with memoisation: it stops as soon as the
     count passes ``limit``, never expanding anything."""
-    from yaml.nodes import MappingNode, SequenceNode
-
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
@@ -80,8 +82,6 @@ def _flow_depth(text: str, limit: int) -> bool:
 
 
 def _load_yaml(text: str, path: Path) -> Any:
-    import yaml
-
     if ("[" in text or "{" in text) and _flow_depth(text, MAX_CONFIG_DEPTH):
         raise NoiseSearchError(f"--config {path} is nested too deeply (more than {MAX_CONFIG_DEPTH} levels of brackets); "
                                "give a flat mapping of options")
@@ -99,8 +99,6 @@ def _load_yaml(text: str, path: Path) -> Any:
 def _parse(text: str, path: Path) -> Any:
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
-
             return tomllib.loads(text)
         return _load_yaml(text, path)
     except NoiseSearchError:

@@ -118,7 +118,7 @@ def dist_state(device: str):
     if info is None:
         return None
     try:
-        from accelerate import PartialState
+        from accelerate import PartialState  # deferred: optional dependency (accelerate), multi-process runs only
     except ImportError:  # pragma: no cover - accelerate is an optional dependency
         raise NoiseSearchError("sharding over processes needs accelerate: pip install accelerate") from None
     rank, world = info

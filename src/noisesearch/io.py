@@ -6,11 +6,15 @@
 * :func:`output_lock`: one run at a time in an output folder; :func:`check_disk`: free space before work;
 * :func:`read_text_limited`: a text input file read within a size limit and decoded as UTF-8;
 * image grids; checked safetensors; official ``.pt`` state dicts read without unpickling code.
+
+The file helpers need no torch (``validate``, ``config`` and ``noisesearch --help`` use them); the
+tensor helpers import it when called (``# deferred:``).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io as _io
 import json
 import math
 import os
@@ -19,13 +23,17 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import numpy as np
-import torch
+from filelock import FileLock, Timeout
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from noisesearch.errors import NoiseSearchError
+
+if TYPE_CHECKING:
+    import torch
 
 # ---- reading bounded text ---------------------------------------------------------------------------
 MAX_TEXT_BYTES = 16 * 2**20  # a prompts or config file larger than this is not a prompts or config file
@@ -170,10 +178,8 @@ def atomic_save_figure(path: str | os.PathLike, fig, **savefig_kw) -> Path:
 
 
 def _jsonable(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (np.ndarray, np.generic)):
-        return obj.tolist()
+    if isinstance(obj, (np.ndarray, np.generic)) or type(obj).__module__.startswith("torch"):
+        return obj.tolist()  # tensors and arrays
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj)}")
@@ -185,7 +191,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     """One image [C, H, W] in [0, 1] to PIL, upscaled by ``scale`` (nearest neighbour)."""
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    arr = (image.detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
     pic = Image.fromarray(arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0)))
     if scale > 1:
         pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
@@ -207,8 +213,6 @@ def image_grid(images: torch.Tensor, ncol: int | None = None, scale: int | None 
 
 
 def save_png(path: str | os.PathLike, pic: Image.Image) -> None:
-    import io as _io
-
     buf = _io.BytesIO()
     pic.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -233,6 +237,9 @@ def load_torch_state_dict(path: str | os.PathLike, what: str) -> dict:
     """The state dict in an official PyTorch checkpoint (``*.pt`` / ``*.pth``), read with
     ``weights_only=True`` (never unpickling code); a dict holding it under ``state_dict`` is
     unwrapped. ``what`` names the reward for the one-line error of an unreadable file."""
+    # deferred: torch; the file helpers above serve `noisesearch --help` (validate, config) without it
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -244,6 +251,9 @@ def load_torch_state_dict(path: str | os.PathLike, what: str) -> dict:
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a state dict: detects corrupt weight files."""
+    # deferred: torch; the file helpers above serve `noisesearch --help` (validate, config) without it
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
@@ -257,6 +267,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_checked_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` atomically as safetensors with ``kind`` and a ``sha256`` digest in the
     metadata (plus ``metadata``), so that ``load_checked_safetensors`` can tell a wrong or corrupt file."""
+    # deferred: torch; the file helpers above serve `noisesearch --help` (validate, config) without it
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -268,8 +279,8 @@ def load_checked_safetensors(path: str | os.PathLike, kind: str, what: str, hint
     """(tensors, metadata) of a file written by ``save_checked_safetensors``. Raises
     ``NoiseSearchError`` (``what`` names the file for the user, ``hint`` says what to do) if it is
     missing, unreadable, truncated, of another kind or fails its checksum."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    # deferred: torch; the file helpers above serve `noisesearch --help` (validate, config) without it
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -332,8 +343,6 @@ def output_lock(folder: str | os.PathLike, command: str = "noisesearch", quiet_m
     holds it. Both files are removed at the end (before the lock is released), and a folder this
     call made is removed again if the run left nothing in it. ``quiet_mkdir``: when the folder
     cannot be made or locked, run without the lock (the caller's own check of the path says why)."""
-    from filelock import FileLock, Timeout
-
     folder = Path(folder)
     top = _missing_top(folder)
     lock = FileLock(str(folder / LOCK_NAME), timeout=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 INTERVAL = 5.0  # seconds between plain lines
 
 
@@ -30,8 +32,6 @@ class Progress:
         if tty is None:
             tty = bool(getattr(self.file, "isatty", lambda: False)())
         if tty:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, file=self.file, dynamic_ncols=True,
                             position=position)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import platform
 import shutil
@@ -30,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+import yaml
 
 from noisesearch import __version__
 from noisesearch.budget import Budget
@@ -45,10 +48,22 @@ from noisesearch.build import (  # noqa: F401 (as_denoiser, as_reward, expand_pr
     resolve_prompts,
 )
 from noisesearch.errors import NoiseSearchError
-from noisesearch.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_disk, output_lock, save_png, to_pil
+from noisesearch.figures import save_labelled_grid
+from noisesearch.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_disk,
+    keep_failed_writes,
+    output_lock,
+    save_png,
+    to_pil,
+)
 from noisesearch.models.base import Denoiser, describe_denoiser
+from noisesearch.progress import Progress
 from noisesearch.rewards.base import Reward, is_noise_aware, score
 from noisesearch.search import Strategy
+from noisesearch.search.trace import SearchTrace, plot_search
 from noisesearch.validate import output_dir
 
 
@@ -188,8 +203,6 @@ def make_problem(cfg: GenerateConfig, parts: Parts):
                             sampler=cfg.sampler, seed=cfg.seed, max_batch=cfg.max_batch, searches=searches,
                             score_batch=cfg.score_batch)
     if cfg.trace:
-        from noisesearch.search.trace import SearchTrace
-
         problem.trace = SearchTrace(owners=set(range(0, len(problem.prompts), cfg.num_samples)))
     return problem
 
@@ -400,8 +413,6 @@ def run_config_dict(cfg: GenerateConfig, parts: Parts) -> dict[str, Any]:
 
 
 def _config_text(config: dict[str, Any]) -> str:
-    import yaml  # deferred: only runs that are written need it
-
     head = ("# noisesearch generate: the options of this run; repeat it with\n"
             "#   noisesearch generate --config THIS_FILE [--out OTHER_FOLDER]\n"
             "# (models, rewards and strategies given as Python objects are recorded by name)\n")
@@ -417,8 +428,6 @@ def save_run(run: Run, out: str | Path, ncol: int | None = None) -> Path:
     ``report.json`` is written last and atomically: a folder whose report.json exists is complete.
     A stale report.json from an earlier run in the same folder is removed first. A write that fails
     (a full disk) keeps what was computed elsewhere and says where (``io.keep_failed_writes``)."""
-    from noisesearch.io import keep_failed_writes
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"
@@ -444,8 +453,6 @@ def save_samples_grid(run: Run, path: Path, ncol: int | None = None, max_rows: i
     """``samples.png``: the chosen samples with a row per prompt (labelled with the prompt, its mean
     reward and judge accuracy) and a column per sample (at most ``ncol``, default 16, and ``max_rows``
     prompts shown; images larger than ``max_side`` pixels shrunk to it)."""
-    from noisesearch.figures import save_labelled_grid
-
     r = run.report
     samples = r["samples"]
     n = max(1, int(r.get("num_samples", 1)))
@@ -476,10 +483,6 @@ def _short(text: str, n: int = 28) -> str:
 
 
 def _save_samples(run: Run, out: Path) -> None:
-    import io
-
-    import numpy as np
-
     sample_dir = out / "samples"
     if sample_dir.exists():
         shutil.rmtree(sample_dir)
@@ -496,7 +499,6 @@ def _save_samples(run: Run, out: Path) -> None:
 def _save_search_plot(run: Run, out: Path) -> None:
     if run.extra.get("trace") is None:
         return
-    from noisesearch.search.trace import plot_search
 
     n = run.report.get("num_samples", 1)
     prompts = [s["prompt"] for s in run.report["samples"]]
@@ -510,8 +512,6 @@ class _Progress:
     a bar on a terminal, a line every few seconds otherwise; whole units)."""
 
     def __init__(self, budget: Budget, enabled: bool, desc: str):
-        from noisesearch.progress import Progress
-
         self.bar = None
         if not enabled:
             return

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from noisesearch.build import as_denoiser
+
 
 def main(argv=None, prog=None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +29,6 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from noisesearch.build import as_denoiser
 
     den = as_denoiser("digits", guidance=0)
     g = torch.Generator().manual_seed(0)

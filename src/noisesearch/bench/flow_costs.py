@@ -8,6 +8,7 @@ Per image: one transformer / UNet evaluation (one CFG branch), one VAE decode, a
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -40,7 +41,7 @@ def params(m) -> int:
 
 
 def t5_xxl(tokens: int):
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel  # deferred: optional heavy dependency (transformers)
 
     cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
     with torch.device("meta"):
@@ -50,10 +51,13 @@ def t5_xxl(tokens: int):
 
 
 def main(argv=None, prog=None) -> int:
-    import argparse
-
     argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0]).parse_args(argv)
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (  # deferred: optional heavy dependency (diffusers)
+        AutoencoderKL,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     out = {}
     m = meta(FluxTransformer2DModel, FLUX_DEV)

@@ -125,7 +125,7 @@ def plot(cells: list[dict], strategies: list[str], reward: str, path: Path, comm
     import matplotlib  # deferred: plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, plots only (matplotlib)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in strategies:

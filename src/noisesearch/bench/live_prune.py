@@ -34,6 +34,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from noisesearch import api
+from noisesearch.build import as_denoiser, as_reward
+from noisesearch.io import atomic_write_text
+from noisesearch.pools import load_pool
+from noisesearch.pruning import CostSpec, FixedPolicy, PrunePlan, PruneSchedule
+from noisesearch.simulate.engine import Replay, simulate
+from noisesearch.simulate.metrics import auc_gain_with_se
 
 ROOT = Path.cwd()  # run from the repository: docs/ and ../shared are found from here
 
@@ -45,9 +54,6 @@ GRID_STEPS_EARLY = [(0,), (2,), (4,), (6,), (2, 6), (4, 8), (2, 8), (0, 6)]  # a
 def choose_schedules(pool, budgets, iters: int = 200, grid_steps=GRID_STEPS):
     """Best simulated schedule for TTSnap and for TTSp on ``pool`` (grid search), and the best TTSnap
     schedule whose checks all fall on steps the noise-aware reward covers (``na-steps``)."""
-    from noisesearch.pruning import CostSpec, FixedPolicy, PrunePlan, PruneSchedule
-    from noisesearch.simulate.engine import Replay, simulate
-
     rep = Replay(pool, ["digit"])
     cost = CostSpec.from_pool(pool, ["digit"])
     na = pool.noise_aware.get("digit")
@@ -90,8 +96,6 @@ def choose_schedules(pool, budgets, iters: int = 200, grid_steps=GRID_STEPS):
 
 
 def live(method: str, budget: float, seed: int, samples: int, options: dict, sampler: str = "euler-ancestral") -> dict:
-    from noisesearch import api
-
     run = api.generate(model="digits", prompts=[str(i) for i in range(10)], guidance=0, reward="digit",
                        sampler=sampler, strategy=method, budget_flops=budget, num_samples=samples, seed=seed,
                        strategy_options=options, evaluate=True)
@@ -103,10 +107,10 @@ def live(method: str, budget: float, seed: int, samples: int, options: dict, sam
 
 
 def plot(budget_units, curves: dict, sim: dict, gains: dict, path: Path, sampler: str = "euler-ancestral") -> None:
-    import matplotlib
+    import matplotlib  # deferred: heavy, plots only (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, plots only (matplotlib)
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     colors = {"best-of-n": "tab:gray", "ttsp": "tab:orange", "ttsnap": "tab:blue",
@@ -142,7 +146,6 @@ def _parser(prog) -> argparse.ArgumentParser:
 
 def main(argv=None, prog=None) -> int:
     args = _parser(prog).parse_args(argv)
-    import torch
 
     torch.set_num_threads(1)
     suffix = "" if args.sampler == "euler-ancestral" else f"-{args.sampler}"
@@ -181,9 +184,6 @@ def main(argv=None, prog=None) -> int:
 
 def _eval_pool(path: Path, sampler: str):
     """The evaluation pool, checked against the sampler and the live cost of one best-of-N candidate (returned)."""
-    from noisesearch.build import as_denoiser, as_reward
-    from noisesearch.pools import load_pool
-
     pool = load_pool(path)
     if pool.extra.get("sampler", "euler-ancestral") != sampler:
         raise SystemExit(f"the evaluation pool was sampled with {pool.extra.get('sampler')}, not {sampler}")
@@ -225,8 +225,6 @@ def _live_runs(opts: dict, units, budgets, seeds: list[int], args, t0: float):
 
 def _summaries(opts: dict, budgets, per: dict, judge: dict, starts: dict):
     """Curves (mean ± s.e. over seeds), AUC gains over best-of-N, and TTSnap - TTSp on the same schedule."""
-    from noisesearch.simulate.metrics import auc_gain_with_se
-
     n = next(iter(per.values())).shape[0]
     curves = {m: {"mean": per[m].mean(0).tolist(),
                   "se": (per[m].std(0, ddof=1) / np.sqrt(n)).tolist() if n > 1 else [0.0] * len(budgets),
@@ -262,8 +260,6 @@ def _print_results(opts: dict, units, curves: dict, gains: dict, sim: dict, pair
 
 
 def _write(d: Path, stem: str, out: dict, units, curves, sim, gains, sampler: str) -> None:
-    from noisesearch.io import atomic_write_text
-
     d.mkdir(parents=True, exist_ok=True)
     plot(units, curves, sim, gains, d / f"{stem}.png", sampler)
     atomic_write_text(d / f"{stem}_results.json", json.dumps(out, indent=1) + "\n")

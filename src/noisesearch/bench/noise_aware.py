@@ -30,9 +30,16 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+
+from noisesearch.api.pool import generate_pool
+from noisesearch.errors import NoiseSearchError
+from noisesearch.io import atomic_write_text
+from noisesearch.pools import load_pool
+from noisesearch.train.noise_aware import TrainConfig, spearman_per_prompt, topk_recall, train_noise_aware
 
 ROOT = Path.cwd()  # run from the repository: docs/ and ../shared are found from here
 
@@ -43,8 +50,6 @@ def make_pool(out: Path, rewards: list[str], candidates: int, seed: int, sampler
               save_images: bool = False) -> None:
     """A digits-uncond pool over the 10 targets (``noisesearch.api.pool.generate_pool``; a complete
     pool in ``out`` is reused, a partial one continued)."""
-    from noisesearch.api.pool import generate_pool
-
     command = (f"noisesearch pool --model digits --guidance 0 --reward {','.join(rewards)} --prompts {PROMPTS} "
                f"--sampler {sampler} --candidates {candidates} --seed {seed}"
                + (" --save-images" if save_images else "") + f" --out {out}")
@@ -58,11 +63,6 @@ def make_pool(out: Path, rewards: list[str], candidates: int, seed: int, sampler
 def train_config(train_args: str, **fields_):
     """A ``TrainConfig`` from ``fields_`` and the train-reward flags in ``train_args``
     (``"--iters 300 --lora-rank 8 --no-gate --step-conditioning"``; each flag names a field)."""
-    from dataclasses import fields
-
-    from noisesearch.errors import NoiseSearchError
-    from noisesearch.train.noise_aware import TrainConfig
-
     known = {f.name: f for f in fields(TrainConfig)}
     defaults = TrainConfig()
     tokens, values = shlex.split(train_args), dict(fields_)
@@ -93,8 +93,6 @@ def train_config(train_args: str, **fields_):
 
 def train_reward(pool: Path, out: Path, config) -> dict:
     """``noisesearch.train.noise_aware.train_noise_aware`` (a finished reward in ``out`` is reused)."""
-    from noisesearch.train.noise_aware import train_noise_aware
-
     print(f"$ train noise-aware reward {out} from {pool} ({config})", flush=True)
     t0 = time.perf_counter()
     manifest = train_noise_aware(pool, out, config, device="cpu", log=lambda msg: print(msg, file=sys.stderr))
@@ -103,8 +101,6 @@ def train_reward(pool: Path, out: Path, config) -> dict:
 
 
 def per_step_metrics(pool, name: str = "digit", top: float = 0.1) -> dict:
-    from noisesearch.train.noise_aware import spearman_per_prompt, topk_recall
-
     base = pool.rewards[name]
     na = pool.scores(name, noise_aware=True)
     final = base[:, :, -1]
@@ -133,10 +129,10 @@ def per_step_metrics(pool, name: str = "digit", top: float = 0.1) -> dict:
 
 
 def plot(results: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # deferred: heavy, plots only (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, plots only (matplotlib)
 
     rows = results["steps"]
     s = np.array([r["step"] for r in rows])
@@ -192,7 +188,6 @@ def _parser(prog) -> argparse.ArgumentParser:
 
 def main(argv=None, prog=None) -> int:
     args = _parser(prog).parse_args(argv)
-    from noisesearch.pools import load_pool
 
     suffix = "" if args.sampler == "euler-ancestral" else f"-{args.sampler}"
     train_pool, eval_pool = args.root / f"pools/digits{suffix}", args.root / f"pools/digits{suffix}-eval"
@@ -242,8 +237,6 @@ def _report(res: dict, stages: int) -> None:
 
 
 def _write(res: dict, docs: Path) -> None:
-    from noisesearch.io import atomic_write_text
-
     docs.mkdir(parents=True, exist_ok=True)
     for f in plot(res, docs):
         print(f"wrote {f}")

@@ -48,11 +48,14 @@ from typing import Callable
 import torch
 
 from noisesearch.build import as_denoiser, as_reward, build_problem
-from noisesearch.errors import BudgetError
+from noisesearch.errors import BudgetError, NoiseSearchError
 from noisesearch.figures import save_labelled_grid
 from noisesearch.io import atomic_save_figure, atomic_write_text
 from noisesearch.models.digits import parse_digits
+from noisesearch.progress import Progress
+from noisesearch.rewards.digit import load_classifier, load_judge
 from noisesearch.search import make_strategy
+from noisesearch.validate import check_memory, int_in, int_list, output_dir, positive_int
 
 TRAJ = 18  # NFEs of one 18-step Euler-ancestral trajectory on digits
 # Overheads are measured in CPU time of this process (one torch thread): on a CPU shared with other
@@ -69,11 +72,12 @@ def _n(budget: int, cap: int = 4) -> int:
 CONFIGS = {
     "naive": ("naive", lambda b: {}),
     "best-of-n": ("best-of-n", lambda b: {}),
-    "eps-greedy": ("eps-greedy", lambda b: {"n_candidates": _n(b)}),
-    "eps-greedy-elitist": ("eps-greedy", lambda b: {"n_candidates": _n(b), "elitist": True}),
-    "eps-greedy-window": ("eps-greedy", lambda b: {"n_candidates": _n(b), "sigma_window": (0.01, 1.0)}),
-    "zero-order": ("zero-order", lambda b: {"n_candidates": _n(b)}),
-    "beam": ("beam", lambda b: {"n_candidates": _n(b)}),
+    # candidates per decision and scored decisions chosen by the sizer (4 and every one when affordable)
+    "eps-greedy": ("eps-greedy", lambda b: {}),
+    "eps-greedy-elitist": ("eps-greedy", lambda b: {"elitist": True}),
+    "eps-greedy-window": ("eps-greedy", lambda b: {"sigma_window": (0.01, 1.0)}),
+    "zero-order": ("zero-order", lambda b: {}),
+    "beam": ("beam", lambda b: {}),
     "greedy": ("beam", lambda b: {"beams": 1, "n_candidates": max(1, b // TRAJ)}),
     "mcts": ("mcts", lambda b: {"n_candidates": 4}),
     # lambda must match the reward's spread: 10 for log-probabilities, 300 for rewards in [0, 1]
@@ -81,7 +85,14 @@ CONFIGS = {
 }
 # extra configurations, not in the default sweep (--strategies eps-greedy,eps-greedy-init)
 EXTRA_CONFIGS = {
-    "eps-greedy-init": ("eps-greedy", lambda b: {"n_candidates": _n(b), "search_init": True}),
+    "eps-greedy-init": ("eps-greedy", lambda b: {"search_init": True}),
+    # the newest methods and auto (issue 19), every knob left to the sizer
+    "evo": ("evo", lambda b: {}),
+    "evo-first2": ("evo", lambda b: {"first_population": 2.0}),  # a generation 0 twice as large
+    "evo-first4": ("evo", lambda b: {"first_population": 4.0}),
+    "rbf": ("rbf", lambda b: {}),
+    "dts": ("dts", lambda b: {}),
+    "auto": ("auto", lambda b: {}),
     # MCTS as published (raw rewards in UCT, the last move's terminal node returned), and each change alone
     "mcts-paper": ("mcts", lambda b: {"n_candidates": 4, "normalize": False, "return_best": False}),
     "mcts-normalized": ("mcts", lambda b: {"n_candidates": 4, "normalize": True, "return_best": False}),
@@ -339,10 +350,10 @@ def pivot(cells: list[dict], key: str, fmt: str, budgets: list[int], labels: lis
 
 
 def plot(groups: dict[str, list[dict]], path: Path, keys: list[tuple[str, str]], ncols: int = 3) -> None:
-    import matplotlib
+    import matplotlib  # deferred: heavy, plots only (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, plots only (matplotlib)
 
     panels = [(reward, key, title) for reward in groups for key, title in keys]
     nrows = -(-len(panels) // ncols)
@@ -441,8 +452,6 @@ def sample_grid(path: Path, cells: list[dict], samples: dict, kind: str = "nfe")
 def build_parser(prog: str = "noisesearch bench search", parser_class=argparse.ArgumentParser,
                  default_out: Path = Path("runs/bench-search")) -> argparse.ArgumentParser:
     """The benchmark's options (``noisesearch bench search`` adds ``--config FILE`` and one-line errors)."""
-    from noisesearch.validate import int_in, positive_int
-
     p = parser_class(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Every option is optional: with none, the full benchmark runs (about 9 min on one thread). "
                      "A budget below one trajectory (18 NFEs) is refused. Not resumable: a rerun recomputes every cell.")
@@ -461,6 +470,9 @@ def build_parser(prog: str = "noisesearch bench search", parser_class=argparse.A
     p.add_argument("--out", type=Path, default=default_out, help=f"output folder: new, empty or a previous bench search run (default: {default_out})")
     p.add_argument("--weights-dir", type=Path, default=None, help="folder with digits_denoiser / digit_classifier / digit_judge .safetensors (default: the shipped weights)")
     p.add_argument("--budget-kind", choices=("nfe", "flops"), default="nfe", help="budgets in NFEs (default) or in FLOPs (network + reward) expressed in NFE-equivalents")
+    p.add_argument("--reward-price", type=float, default=None,
+                   help="price of one reward call in NFEs of the denoiser (with --budget-kind flops): the reward is wrapped "
+                   "with flops_per_image = PRICE x the denoiser's FLOPs per call (default: the reward's own)")
     p.add_argument("--prefix", default=None, help="output file prefix (default: search, or search_flops with --budget-kind flops)")
     p.add_argument("--no-paired-timing", dest="paired", action="store_false",
                    help="skip the paired timing of every denoiser call (halves the denoiser time of the benchmark)")
@@ -471,8 +483,6 @@ def build_parser(prog: str = "noisesearch bench search", parser_class=argparse.A
 
 def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = Path("runs/bench-search")) -> int:
     """``python -m noisesearch.bench.search [OPTIONS]`` (``noisesearch bench search`` also takes ``--config FILE``)."""
-    from noisesearch.errors import NoiseSearchError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog, default_out=default_out).parse_args(argv)
     try:
@@ -485,9 +495,6 @@ def main(argv=None, prog: str = "noisesearch bench search", default_out: Path = 
 def run(args: argparse.Namespace, command: str, save_config: Callable[[Path], object] | None = None) -> int:
     """Run the sweeps of ``args`` (from :func:`build_parser`); ``command`` is recorded in the results and
     ``save_config(path)``, when given, writes the resolved options next to them."""
-    from noisesearch.progress import Progress
-    from noisesearch.validate import output_dir
-
     prefix = args.prefix or ("search_flops" if args.budget_kind == "flops" else "search")
     if args.replot:
         return _replot(args.out, prefix)
@@ -513,8 +520,6 @@ def run(args: argparse.Namespace, command: str, save_config: Callable[[Path], ob
 
 
 def _replot(out: Path, prefix: str) -> int:
-    from noisesearch.errors import NoiseSearchError
-
     src = out / f"{prefix}_results.json"
     try:
         data = json.loads(src.read_text())
@@ -540,9 +545,6 @@ def _names(text: str) -> list[str]:
 
 def _plan(args) -> _Plan:
     """The sweeps, checked before any work (budgets, configurations, rewards, memory)."""
-    from noisesearch.errors import NoiseSearchError
-    from noisesearch.validate import check_memory, int_list
-
     plan = _Plan(int_list(args.budgets, "--budgets", TRAJ, 10**6), _names(args.strategies), _names(args.other_rewards),
                  int_list(args.other_budgets, "--other-budgets", TRAJ, 10**6), _names(args.other_strategies))
     if not plan.labels:
@@ -552,6 +554,11 @@ def _plan(args) -> _Plan:
             raise NoiseSearchError(f"unknown strategy configuration {label!r}; choose among {', '.join(CONFIGS)}")
     for r in [args.reward, *plan.others]:
         as_reward(r)
+    price = getattr(args, "reward_price", None)
+    if price is not None and not 0 <= price < float("inf"):
+        raise NoiseSearchError(f"--reward-price must be a finite number >= 0 (NFEs per reward call), got {price}")
+    if price is not None and args.budget_kind != "flops":
+        raise NoiseSearchError("--reward-price prices the reward calls of a FLOP budget: add --budget-kind flops")
     # memory: best-of-N holds every candidate of every search at once (8x8 digits: x, x0, noise and
     # decoded images, float32, with headroom): 10 targets x seeds x budget / 18 rows
     rows = max(10 * args.seeds * max(plan.budgets), 10 * args.other_seeds * max(plan.other_budgets)) / TRAJ
@@ -563,8 +570,6 @@ class Sweep:
     """The models, the call timer and the progress shared by every cell of a run."""
 
     def __init__(self, args, bar):
-        from noisesearch.rewards.digit import load_classifier, load_judge
-
         w = self.weights = args.weights_dir
         self.args, self.bar = args, bar
         self.den = as_denoiser("digits", guidance=0, options={"weights": w / "digits_denoiser.safetensors"} if w else None)
@@ -577,6 +582,8 @@ class Sweep:
     def run(self, reward_name: str, budgets: list[int], labels: list[str], seeds: int) -> list[dict]:
         """Every configuration at every budget (naive ignores the budget: run once, repeated)."""
         reward = self.classifier if reward_name == "digit" and self.weights else as_reward(reward_name)
+        if getattr(self.args, "reward_price", None) is not None:  # the reward priced in NFEs (issue 19)
+            reward = as_reward(reward, flops_per_image=self.args.reward_price * self.den.flops_per_call)
         samples = self.samples.setdefault(reward_name, {})
         cells: list[dict] = []
         for label in labels:
@@ -610,6 +617,7 @@ def _meta(args, command: str, sweep: Sweep) -> dict:
         "command": command,
         "model": "digits (guidance 0, unconditional), 18 Euler-ancestral steps",
         "budget_kind": args.budget_kind,
+        "reward_price_nfe": getattr(args, "reward_price", None),
         "searches_per_cell": 10 * args.seeds,
         "other_searches_per_cell": 10 * args.other_seeds,
         "seed": args.seed,

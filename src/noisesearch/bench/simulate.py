@@ -26,6 +26,7 @@ import numpy as np
 REPO = Path.cwd()  # run from the repository: ../shared is found from here
 SHARED = REPO / ".." / "shared" / "data" / "ttsnap-flux"
 
+from noisesearch.pools import load_pool
 from noisesearch.pruning import (  # noqa: E402  # noqa: E402
     BestOfNPolicy,
     CostSpec,  # noqa: E402
@@ -242,7 +243,6 @@ def main(argv=None, prog=None) -> int:
     if not (SHARED / "prompts.json").exists():
         print(f"skipped: shared pools not found at {SHARED}")
         return 0
-    from noisesearch.pools import load_pool
 
     pool = load_pool(SHARED)
     figures = {}

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from noisesearch.bench.noise_aware import make_pool, per_step_metrics, train_config, train_reward
+from noisesearch.pools import load_pool
 
 ROOT = Path.cwd()  # run from the repository: docs/ is found from here
 
@@ -39,7 +40,6 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--train-args", default="--iters 150")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     args = ap.parse_args(argv)
-    from noisesearch.pools import load_pool
 
     root = args.root
     train_pool = root / "pools/digits-sc"

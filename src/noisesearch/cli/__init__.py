@@ -1,21 +1,27 @@
 """Command line interface: ``noisesearch <command> ...``.
 
-Each command lives in its own module under ``noisesearch.cli`` with two functions:
+Each command lives in its own module under ``noisesearch.cli`` with a one-line ``HELP`` and two functions:
 ``add_parser(subparsers)`` (registers the sub-command and calls ``set_defaults(func=run)``) and
-``run(args) -> int``. Add a module name to ``COMMANDS`` to plug a new command in.
+``run(args) -> int``. Add a module name to ``COMMANDS`` to plug a new command in. A command module imports
+at its top only what its parser needs without torch; what ``add_parser`` and ``run`` need beyond that is
+imported inside them (``# deferred:``), so that ``noisesearch --help`` stays light.
 
 Errors the user can fix (``NoiseSearchError``) print one line and exit with code 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from noisesearch import __version__
 from noisesearch.cli.config import expand_config
+from noisesearch.dist import launch_info
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import output_lock
 
 COMMANDS = ["generate", "simulate", "tune", "pool", "train_reward", "train_digits", "bench"]
 
@@ -34,7 +40,13 @@ def add_config_option(p: argparse.ArgumentParser) -> None:
                         "flags on the command line override it. Every run writes its resolved config.yaml")
 
 
-def build_parser() -> argparse.ArgumentParser:
+ALL = "all"
+
+
+def build_parser(full: str | None = ALL) -> argparse.ArgumentParser:
+    """The ``noisesearch`` parser. ``full``: the command whose own options are built (its module's
+    ``add_parser``), or ``ALL`` (default); the other commands are listed with their one-line ``HELP`` only,
+    so that ``noisesearch --help`` imports none of the commands' dependencies (torch among them)."""
     parser = OneLineParser(
         prog="noisesearch",
         description="Test-time scaling for diffusion and flow image models: search the injected noise, "
@@ -49,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"noisesearch.cli.{name}":
                 continue  # command not built yet
             raise
-        module.add_parser(sub)
+        command = name.replace("_", "-")
+        if full in (ALL, command):
+            module.add_parser(sub)
+        else:
+            sub.add_parser(command, help=module.HELP)
     for name, p in sub.choices.items():
         if name != "bench":  # bench passes --config on to the benchmark's own parser
             add_config_option(p)
@@ -62,12 +78,6 @@ LOCKED = {"generate", "pool", "train-reward", "train-digits"}  # commands whose 
 def held_output(args):
     """``output_lock(args.out)`` for the commands that write a run folder, taken by the main process
     only; a no-op where ``--out`` cannot be a folder (the command's own check says why)."""
-    import contextlib
-    from pathlib import Path
-
-    from noisesearch.dist import launch_info
-    from noisesearch.io import output_lock
-
     out = getattr(args, "out", None)
     if args.command not in LOCKED or out is None or (Path(out).exists() and not Path(out).is_dir()):
         return contextlib.nullcontext()
@@ -82,10 +92,11 @@ def held_output(args):
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in {n.replace("_", "-") for n in COMMANDS} else None
+    parser = build_parser(full=command)  # only the command run builds its options (and imports its needs)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command = argv[0] if argv and argv[0] in sub.choices else None
+    command = command if command in sub.choices else None
     try:
         if command and command != "bench":
             argv_full = [command] + expand_config(sub.choices[command], argv[1:], command)

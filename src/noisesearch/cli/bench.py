@@ -6,13 +6,18 @@ import importlib
 import shlex
 
 from noisesearch.bench import BENCHMARKS
+from noisesearch.cli import OneLineParser, add_config_option
+from noisesearch.cli.config import expand_config, write_config
 from noisesearch.errors import NoiseSearchError, unknown_name
+
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "run a benchmark (search: strategies at equal NFEs on digits-uncond)"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (search: strategies at equal NFEs on digits-uncond)",
+        help=HELP,
         description="Run a shipped benchmark; the options after NAME are the benchmark's own "
         "(noisesearch bench NAME --help lists them).",
         epilog="benchmarks:\n" + "\n".join(f"  {k}: {v}" for k, v in BENCHMARKS.items()),
@@ -40,9 +45,6 @@ def run(args) -> int:
 def _run_with_config(module, prog: str, argv: list[str]) -> int:
     """A benchmark that exposes ``build_parser`` / ``run``: parsed here with one-line errors and
     ``--config FILE``; its resolved options are written beside its results."""
-    from noisesearch.cli import OneLineParser, add_config_option
-    from noisesearch.cli.config import expand_config, write_config
-
     command = prog.removeprefix("noisesearch ")
     p = module.build_parser(prog, OneLineParser)
     add_config_option(p)

@@ -1,6 +1,9 @@
 """Options shared by several commands."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from noisesearch.cli.config import write_config
 from noisesearch.errors import NoiseSearchError
 from noisesearch.validate import finite_float, int_in, positive_int
 
@@ -19,7 +22,7 @@ def apply_threads(args) -> None:
         return
     if n < 1:
         raise NoiseSearchError("--threads must be at least 1")
-    import torch
+    import torch  # deferred: keeps `noisesearch --help` free of torch
 
     torch.set_num_threads(n)
 
@@ -29,9 +32,6 @@ def write_run_config(args, folder) -> None:
     parser = getattr(args, "cli_parser", None)
     if parser is None:
         return
-    from pathlib import Path
-
-    from noisesearch.cli.config import write_config
 
     write_config(Path(folder) / "config.yaml", parser, args, args.command)
 
@@ -41,9 +41,6 @@ def write_config_beside(args, file) -> None:
     parser = getattr(args, "cli_parser", None)
     if parser is None:
         return
-    from pathlib import Path
-
-    from noisesearch.cli.config import write_config
 
     file = Path(file)
     write_config(file.with_name(file.stem + ".config.yaml"), parser, args, args.command)
@@ -51,7 +48,7 @@ def write_config_beside(args, file) -> None:
 
 def resolve_device(name: str) -> str:
     """``--device``: ``auto`` picks CUDA when available; a CUDA device that is not there is a clear error."""
-    import torch
+    import torch  # deferred: keeps `noisesearch --help` free of torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,8 +18,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from noisesearch.config import load_config_file
 from noisesearch.errors import NoiseSearchError
+from noisesearch.io import atomic_write_text
 
 _SKIP = {"help", "config", "version"}
 
@@ -150,8 +153,6 @@ def resolved_config(parser: argparse.ArgumentParser, args: argparse.Namespace, c
 
 
 def config_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
-    import yaml
-
     head = f"# noisesearch {command}: the fully resolved options of this run; repeat it with\n" \
            f"#   noisesearch {command} --config THIS_FILE [--out OTHER_FOLDER]\n"
     return head + yaml.safe_dump(resolved_config(parser, args, command), sort_keys=False, default_flow_style=False)
@@ -159,6 +160,4 @@ def config_text(parser: argparse.ArgumentParser, args: argparse.Namespace, comma
 
 def write_config(path, parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> Path:
     """Write the resolved configuration (0644, atomically) to ``path``."""
-    from noisesearch.io import atomic_write_text
-
     return atomic_write_text(path, config_text(parser, args, command))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from noisesearch.cli.common import (
     pipeline_model_options,
     resolve_device,
 )
+from noisesearch.cli.config import resolved_config
 from noisesearch.dist import dist_state
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import read_text_limited
@@ -61,9 +64,6 @@ _KIND = {"int": "whole number", "float": "number", "bool": "true/false", "str": 
 
 def _field_comments(cls) -> dict[str, str]:
     """{field: the comment on its line} from a strategy dataclass's source (its documentation)."""
-    import inspect
-    import re
-
     out = {}
     for klass in reversed(cls.__mro__):  # subclasses override their bases' notes
         try:
@@ -84,7 +84,7 @@ _CLI_NOTES = {"prune_reward": "reward scoring the checks: a reward spec, e.g. no
 def strategy_option_fields():
     """{option name: (parse type, [(strategy, default), ...], kind, [what it does, ...])} over every
     registered strategy (descriptions from the comments of the strategies' dataclass fields)."""
-    from noisesearch.search import STRATEGIES
+    from noisesearch.search import STRATEGIES  # deferred: torch; only this command's parser needs it
 
     opts: dict[str, tuple] = {}
     for sname, cls in STRATEGIES.items():
@@ -115,10 +115,14 @@ def _fmt_default(v) -> str:
     return str(v)
 
 
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "search for samples that score high on a reward, within a compute budget"
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
-        help="search for samples that score high on a reward, within a compute budget",
+        help=HELP,
         description="Run a search strategy on a model for a reward within a budget; write samples, a grid and report.json.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -191,7 +195,7 @@ def read_prompts(args) -> list[str]:
 
 def generate_kwargs(args, prompts: list[str], device: str, dist) -> dict:
     """The keyword arguments of ``noisesearch.generate`` from the parsed options."""
-    from noisesearch.rewards.base import split_specs
+    from noisesearch.rewards.base import split_specs  # deferred: keeps `noisesearch --help` free of torch
 
     return dict(
         model=args.model, prompts=prompts or None, reward=args.reward, reward_flops=args.reward_flops,
@@ -211,7 +215,7 @@ def generate_kwargs(args, prompts: list[str], device: str, dist) -> dict:
 def run(args) -> int:
     """Check the options, hold --out, search (each process its shard under ``accelerate launch``),
     and write the run folder with ``save_run`` (the main process, once)."""
-    from noisesearch import api
+    from noisesearch import api  # deferred: keeps `noisesearch --help` free of torch
 
     prompts = read_prompts(args)
     apply_threads(args)
@@ -225,7 +229,7 @@ def run(args) -> int:
     # --out is held by the CLI's main (noisesearch.cli.held_output) for the whole command
     result = api.generate(**generate_kwargs(args, prompts, device, dist))
     if dist is not None:  # the main process merges the shards and writes the one run
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object  # deferred: optional dependency (accelerate), multi-process runs only
 
         shards = gather_object([result])
         if not dist.is_main_process:
@@ -246,7 +250,6 @@ def run_config(args) -> dict | None:
     parser = getattr(args, "cli_parser", None)
     if parser is None:
         return None
-    from noisesearch.cli.config import resolved_config
 
     return resolved_config(parser, args, args.command)
 

@@ -14,6 +14,7 @@ from noisesearch.cli.common import (
     resolve_device,
     write_run_config,
 )
+from noisesearch.cli.generate import read_prompts
 from noisesearch.errors import NoiseSearchError
 from noisesearch.validate import finite_float, int_in, nonneg_int, output_dir, positive_int
 
@@ -33,10 +34,14 @@ estimated (from the encoded size of a probe estimate) and checked before the wor
 """
 
 
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "sample candidates and record the reward of every step's Tweedie estimate (a reward pool)"
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pool",
-        help="sample candidates and record the reward of every step's Tweedie estimate (a reward pool)",
+        help=HELP,
         description="Sample --candidates trajectories per prompt and store the reward of the Tweedie estimate at "
         "every step, for each reward, in the simulator's pool format (resumable, shardable with accelerate).",
         epilog=EPILOG,
@@ -76,8 +81,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def read_pool_prompts(args) -> list[str]:
-    from noisesearch.cli.generate import read_prompts
-
     prompts = [s.strip() for s in (args.prompts or "").split(",") if s.strip()]
     args_copy = argparse.Namespace(prompt=list(args.prompt), prompts_file=args.prompts_file)
     if args.prompt or args.prompts_file:
@@ -89,8 +92,8 @@ def read_pool_prompts(args) -> list[str]:
 
 def run(args) -> int:
     apply_threads(args)
-    from noisesearch.api.pool import PoolConfig, generate_pool
-    from noisesearch.rewards.base import split_specs
+    from noisesearch.api.pool import PoolConfig, generate_pool  # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.rewards.base import split_specs  # deferred: keeps `noisesearch --help` free of torch
 
     prompts = read_pool_prompts(args)
     rewards = [s for text in (args.reward or ["digit"]) for s in split_specs(text)]
@@ -114,7 +117,7 @@ def run(args) -> int:
 
 def _report(args, pool, prompts) -> None:
     if pool is None:
-        from noisesearch.pools.parts import PARTS
+        from noisesearch.pools.parts import PARTS  # deferred: keeps `noisesearch --help` free of torch
 
         done = len(list((args.out / PARTS).glob("prompt_*.npz")))
         if done < len(prompts):

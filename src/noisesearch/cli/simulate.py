@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import sys
 
+from noisesearch.cli.common import write_config_beside
 from noisesearch.errors import NoiseSearchError, unknown_name
-from noisesearch.io import read_text_limited
-from noisesearch.validate import int_in, nonneg_int
+from noisesearch.io import atomic_write_json, read_text_limited
+from noisesearch.validate import check_memory, int_in, nonneg_int, output_file
 
 METHODS = ("best-of-n", "ttsp", "ttsnap", "tuned", "budget-aware")
 
 
 def add_pool_arguments(p) -> None:
     """The pool, reward, cost and budget flags shared by ``simulate`` and ``tune``."""
-    from noisesearch.pruning import COST_MODELS
-    from noisesearch.simulate.options import BUDGET_UNITS
+    from noisesearch.pruning import COST_MODELS  # deferred: torch; only this command's parser needs it
+    from noisesearch.simulate.options import BUDGET_UNITS  # deferred: torch; only this command's parser needs it
 
     p.add_argument("--pool", required=True, help="pool folder (noisesearch-pool format or <model>_<reward>_<base|naft>.npy layout)")
     p.add_argument("--pool-model", default=None, help="model prefix to use when a shared-layout folder holds several")
@@ -43,24 +44,28 @@ def add_pool_arguments(p) -> None:
 
 def load_pool_args(args):
     """The pool and reward names from the pool flags (``simulate.options.load_pool_rewards``)."""
-    from noisesearch.simulate.options import load_pool_rewards
+    from noisesearch.simulate.options import load_pool_rewards  # deferred: keeps `noisesearch --help` free of torch
 
     return load_pool_rewards(args.pool, args.reward, args.pool_model, args.flops_per_step, args.flops_per_reward)
 
 
 def budget_args(args, cost, num_rewards: int):
     """Budgets in FLOPs per prompt from ``--budgets`` / ``--budget-unit``."""
-    from noisesearch.simulate.options import budget_grid
+    from noisesearch.simulate.options import budget_grid  # deferred: keeps `noisesearch --help` free of torch
 
     return budget_grid(args.budgets, args.budget_unit, cost, num_rewards)
 
 
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "Monte Carlo replay of strategies (best-of-N, TTSp, TTSnap, tuned) on a reward pool"
+
+
 def add_parser(sub):
-    from noisesearch.pruning import AGGREGATES
+    from noisesearch.pruning import AGGREGATES  # deferred: torch; only this command's parser needs it
 
     p = sub.add_parser(
         "simulate",
-        help="Monte Carlo replay of strategies (best-of-N, TTSp, TTSnap, tuned) on a reward pool",
+        help=HELP,
         description="Replay strategies on a reward pool under a compute model; report reward-vs-budget curves "
         "and the relative AUC gain over best-of-N (the TTSnap paper's protocol).",
     )
@@ -85,7 +90,15 @@ def add_parser(sub):
 
 def build_strategies(args, pool, rewards):
     """Strategy objects for ``--method``, plus warnings to report."""
-    from noisesearch.pruning import BestOfNPolicy, BudgetAwarePolicy, FixedPolicy, PrunePlan, PruneSchedule, published_schedule
+    # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.pruning import (
+        BestOfNPolicy,
+        BudgetAwarePolicy,
+        FixedPolicy,
+        PrunePlan,
+        PruneSchedule,
+        published_schedule,
+    )
 
     names = [m.strip() for m in args.method.split(",") if m.strip()]
     if not names:
@@ -134,9 +147,8 @@ def build_strategies(args, pool, rewards):
 
 
 def run(args) -> int:
-    from noisesearch.simulate.engine import Replay, simulate
-    from noisesearch.simulate.report import simulation_report
-    from noisesearch.validate import output_file
+    from noisesearch.simulate.engine import Replay, simulate  # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.simulate.report import simulation_report  # deferred: keeps `noisesearch --help` free of torch
 
     output_file(args.json, "--json", "simulate")
     output_file(args.plot, "--plot")
@@ -160,9 +172,9 @@ def run(args) -> int:
 
 def _inputs(args):
     """Pool, reward names, prompt range, budgets (FLOPs) and cost model, checked."""
-    from noisesearch.pruning import CostSpec
-    from noisesearch.simulate.engine import check_budgets
-    from noisesearch.simulate.options import parse_range
+    from noisesearch.pruning import CostSpec  # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.simulate.engine import check_budgets  # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.simulate.options import parse_range  # deferred: keeps `noisesearch --help` free of torch
 
     pool, rewards = load_pool_args(args)
     sl = parse_range(args.prompts, pool.num_prompts, "prompts")
@@ -172,8 +184,7 @@ def _inputs(args):
 
 
 def _check_memory(args, pool, sub, budgets, rewards, strategies) -> None:
-    from noisesearch.simulate.options import simulation_bytes
-    from noisesearch.validate import check_memory
+    from noisesearch.simulate.options import simulation_bytes  # deferred: keeps `noisesearch --help` free of torch
 
     check_memory(simulation_bytes(args.iters, pool.num_candidates, sub.num_prompts, len(budgets), len(rewards),
                                   len(strategies) + 1), f"simulate ({args.iters} iterations x {len(budgets)} budgets)",
@@ -199,14 +210,11 @@ def _result(args, pool, rewards, sl, sub, report, warnings) -> dict:
 def _write(args, out, pool, sub, sim, rewards) -> None:
     """``--json`` (with its config beside) and ``--plot``."""
     if args.json:
-        from noisesearch.cli.common import write_config_beside
-        from noisesearch.io import atomic_write_json
-
         write_config_beside(args, args.json)
         atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:
-        from noisesearch.simulate.plots import plot_curves
+        from noisesearch.simulate.plots import plot_curves  # deferred: keeps `noisesearch --help` free of torch
 
         curves = {n: m.curve for n, m in sim.methods.items()}
         stderr = {n: m.stderr for n, m in sim.methods.items()}

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import time
 
+from noisesearch.cli.common import write_run_config
 from noisesearch.errors import NoiseSearchError
 from noisesearch.validate import int_in, nonneg_int, output_dir
+
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "train the built-in 8x8 digits model, reward classifier and judge"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train-digits",
-        help="train the built-in 8x8 digits model, reward classifier and judge",
+        help=HELP,
         description="Train the built-in digits diffusion model (EDM), the 'digit' reward classifier and the judge "
         "on scikit-learn's digits, seeded; writes the split and safetensors weights to --out.",
     )
@@ -29,7 +33,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from noisesearch.train.digits import train_all
+    from noisesearch.train.digits import train_all  # deferred: keeps `noisesearch --help` free of torch
 
     for name in ("epochs", "classifier_epochs", "threads"):
         v = getattr(args, name)
@@ -41,7 +45,6 @@ def run(args) -> int:
         train_all(args.out, args.what, args.seed, args.epochs, args.classifier_epochs, progress=not args.no_progress, threads=args.threads)
     except OSError as e:
         raise NoiseSearchError(f"cannot write to {args.out}: {e}") from None
-    from noisesearch.cli.common import write_run_config
 
     write_run_config(args, args.out)
     print(f"done in {time.perf_counter() - t0:.0f} s; files in {args.out}")

@@ -25,13 +25,17 @@ pool's stored estimates one batch at a time: its memory does not grow with the p
 """
 
 
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "fine-tune a noise-aware reward model on a pool's Tweedie estimates"
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
-    from noisesearch.train.noise_aware import TrainConfig
+    from noisesearch.train.noise_aware import TrainConfig  # deferred: torch; only this command's parser needs it
 
     d = TrainConfig()
     p = sub.add_parser(
         "train-reward",
-        help="fine-tune a noise-aware reward model on a pool's Tweedie estimates",
+        help=HELP,
         description="Curriculum self-distillation (TTSnap): the student (a copy of the reward model) learns to predict "
         "the reward of the finished image from the Tweedie estimate of each step, one stage per step from late to early.",
         epilog=EPILOG,
@@ -72,7 +76,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     apply_threads(args)
-    from noisesearch.train.noise_aware import TrainConfig, train_noise_aware
+    # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.train.noise_aware import (
+        TrainConfig,
+        train_noise_aware,
+    )
 
     try:
         steps = tuple(int(s) for s in args.steps.split(",") if s.strip())

@@ -16,16 +16,22 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from noisesearch.cli.common import write_config_beside
+from noisesearch.cli.simulate import add_pool_arguments, budget_args, load_pool_args
 from noisesearch.errors import NoiseSearchError
-from noisesearch.validate import int_in
+from noisesearch.io import atomic_write_json
+from noisesearch.validate import check_memory, int_in, output_file
+
+# the command's line in `noisesearch --help` (read without building its parser)
+HELP = "search pruning schedules / adaptive strategies on training prompts, report held-out AUC gain"
 
 
 def add_parser(sub):
-    from noisesearch.cli.simulate import add_pool_arguments
-
     p = sub.add_parser(
         "tune",
-        help="search pruning schedules / adaptive strategies on training prompts, report held-out AUC gain",
+        help=HELP,
         description="Search pruning plans (number of checks, check steps, keep fractions, noise-aware or base "
         "scoring, multi-reward aggregation) and a budget-aware strategy on --train-prompts only; report the "
         "chosen strategy and the paper's schedule on --test-prompts under the same protocol.",
@@ -45,8 +51,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from noisesearch.simulate.tuning import TuneConfig, tune
-    from noisesearch.validate import output_file
+    from noisesearch.simulate.tuning import TuneConfig, tune  # deferred: keeps `noisesearch --help` free of torch
 
     output_file(args.json, "--json", "tune")
     output_file(args.plot, "--plot")
@@ -62,7 +67,7 @@ def run(args) -> int:
 
 
 def _prompt_ranges(args, pool):
-    from noisesearch.simulate.options import parse_range
+    from noisesearch.simulate.options import parse_range  # deferred: keeps `noisesearch --help` free of torch
 
     train_sl = parse_range(args.train_prompts, pool.num_prompts, "train-prompts")
     test_sl = parse_range(args.test_prompts, pool.num_prompts, "test-prompts") if args.test_prompts else None
@@ -87,11 +92,9 @@ class _Inputs:
 
 def _inputs(args) -> _Inputs:
     """Pool, rewards, the train and held-out replays, cost model and budgets, checked before any work."""
-    from noisesearch.cli.simulate import budget_args, load_pool_args
-    from noisesearch.pruning import CostSpec
-    from noisesearch.simulate.engine import Replay, check_budgets
-    from noisesearch.simulate.options import simulation_bytes
-    from noisesearch.validate import check_memory
+    from noisesearch.pruning import CostSpec  # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.simulate.engine import Replay, check_budgets  # deferred: keeps `noisesearch --help` free of torch
+    from noisesearch.simulate.options import simulation_bytes  # deferred: keeps `noisesearch --help` free of torch
 
     pool, rewards = load_pool_args(args)
     train_sl, test_sl = _prompt_ranges(args, pool)
@@ -108,9 +111,7 @@ def _inputs(args) -> _Inputs:
 def _per_reward_layout(res: dict, rewards) -> dict:
     """Gains and curves of ``res`` rewritten per reward (a number for one reward, a dict for several),
     in place; returns the raw held-out curves [B, R] and gains for the plot."""
-    import numpy as np
-
-    from noisesearch.simulate.report import per_reward
+    from noisesearch.simulate.report import per_reward  # deferred: keeps `noisesearch --help` free of torch
 
     strategies = res["strategies"]
     raw = {"curves": {k: np.asarray(v["test_curve"]).T for k, v in strategies.items() if "test_curve" in v},
@@ -128,7 +129,7 @@ def _per_reward_layout(res: dict, rewards) -> dict:
 
 
 def _result(args, inp: _Inputs, res: dict) -> dict:
-    from noisesearch.simulate.report import per_reward
+    from noisesearch.simulate.report import per_reward  # deferred: keeps `noisesearch --help` free of torch
 
     strategies, chosen, rewards = res["strategies"], res["chosen"], inp.rewards
     train_sl, test_sl = inp.train_range, inp.test_range
@@ -159,16 +160,11 @@ def _result(args, inp: _Inputs, res: dict) -> dict:
 def _write(args, inp: _Inputs, out: dict, res: dict, raw: dict) -> None:
     """``--json`` (with its config beside) and ``--plot``."""
     if args.json:
-        from noisesearch.cli.common import write_config_beside
-        from noisesearch.io import atomic_write_json
-
         write_config_beside(args, args.json)
         atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:
-        import numpy as np
-
-        from noisesearch.simulate.plots import plot_curves
+        from noisesearch.simulate.plots import plot_curves  # deferred: keeps `noisesearch --help` free of torch
 
         curves = {"best-of-n": np.asarray(res["best_of_n_test_curve"]).T, **raw["curves"]}
         test_sl, pool = inp.test_range, inp.pool

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
@@ -95,13 +96,30 @@ def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], path, kind: 
     return module
 
 
+class _NoRandomInit(TorchFunctionMode):
+    """Skips the random in-place initialisers (``normal_``, ``uniform_``, ...) on ``meta`` tensors: only
+    shapes matter there, and ``normal_`` on ``meta`` imports torch's Python meta kernels (sympy,
+    dynamo: about 2 s of CPU time on first use)."""
+
+    SKIP = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                      "xavier_uniform_", "xavier_normal_", "orthogonal_", "random_", "bernoulli_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.SKIP:
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))  # torch.nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def build_checked(build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], path, kind: str) -> nn.Module:
     """``build()`` loaded with ``tensors``, checked before anything is allocated: the network is
     first built on ``meta`` and its tensor names and shapes must equal the file's (a config cannot
     make the loader allocate without bound); then built for real and loaded strictly."""
     hint = RETRAIN_HINT.format(name=Path(path).name, dir=Path(path).parent)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoRandomInit():
             meta = build()
     except NoiseSearchError:
         raise
@@ -121,6 +139,9 @@ class FourierEmbedding(nn.Module):
     def __init__(self, dim: int, max_period: float = 100.0):
         super().__init__()
         half = dim // 2
+        if torch.empty(0).device.type == "meta":  # the loader's shape check: arithmetic on meta is slow (seconds)
+            self.register_buffer("freqs", torch.empty(half), persistent=False)
+            return
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs * 2 * math.pi, persistent=False)
 

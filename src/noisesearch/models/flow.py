@@ -148,7 +148,7 @@ class FlowFamily:
         return int(sample_shape[1] * sample_shape[2] // 4)
 
     def mu(self, sample_shape) -> float:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # deferred: optional heavy dependency (diffusers)
 
         c = self.pipe.scheduler.config
         return calculate_shift(self.image_seq_len(sample_shape), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),

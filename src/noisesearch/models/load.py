@@ -27,6 +27,7 @@ from noisesearch.errors import NoiseSearchError, unknown_name
 from noisesearch.models.base import Denoiser
 from noisesearch.models.digits import DigitsDenoiser
 from noisesearch.models.flow import FLOW_FAMILIES, FlowPipelineDenoiser
+from noisesearch.models.galaxygrad import load_galaxygrad
 from noisesearch.models.pipeline import parse_dtype, quiet_library_notices
 from noisesearch.models.sd import SD_PIPELINES, DiffusersDenoiser
 from noisesearch.models.strict import check_tokenizers, load_pipeline_components, quiet_libraries
@@ -71,9 +72,6 @@ def _load_named(name: str, device, guidance, options: dict) -> Denoiser:
             )
         return DigitsDenoiser(guidance=guidance, device=device, **options)
     if name.startswith("galaxygrad:"):
-        # deferred: galaxygrad.py reads the installed galaxygrad package's weight files on use
-        from noisesearch.models.galaxygrad import load_galaxygrad
-
         try:
             return load_galaxygrad(name.split(":", 1)[1], device=device, guidance=guidance, **options)
         except TypeError as e:

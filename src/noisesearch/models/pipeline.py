@@ -27,7 +27,7 @@ class _NoTorchvisionNotice:
 def quiet_library_notices() -> None:
     """Install :class:`_NoTorchvisionNotice` on transformers' log handlers (once)."""
     try:
-        from transformers.utils import logging as tlog
+        from transformers.utils import logging as tlog  # deferred: optional heavy dependency (transformers)
     except ImportError:  # pragma: no cover
         return
     for h in tlog.get_logger().handlers:

@@ -14,6 +14,7 @@ file and what differs. Nothing loads "mostly".
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from noisesearch.errors import NoiseSearchError
 
@@ -81,8 +83,6 @@ def state_shapes(module: torch.nn.Module) -> dict[str, tuple]:
 
 def safetensors_shapes(paths) -> dict[str, tuple]:
     """Names and shapes of the tensors in safetensors files (headers only; nothing is loaded)."""
-    from safetensors import SafetensorError, safe_open  # deferred: only folders of weights need it
-
     out = {}
     for path in paths:
         try:
@@ -148,8 +148,6 @@ def weight_files(comp_dir: Path, library: str, variant: str | None) -> list[Path
 
 def model_class(library: str, class_name: str):
     """The network class of a ``model_index.json`` entry, or None for tokenizers, schedulers, ..."""
-    import importlib
-
     try:
         lib = importlib.import_module(library)  # deferred: diffusers / transformers are optional and heavy
         cls = getattr(lib, class_name)
@@ -226,8 +224,6 @@ def _mismatched(info: dict) -> list[tuple[str, tuple, tuple]]:
 def dtype_kwarg(library: str) -> str:
     """The name of the dtype argument of ``from_pretrained``: ``dtype`` where the library has moved
     to it (transformers 5, recent diffusers), ``torch_dtype`` before."""
-    import importlib
-
     try:
         if library == "transformers":
             major = int(importlib.import_module("transformers").__version__.split(".")[0])

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 
 Network = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -499,8 +500,6 @@ class NetworkDenoiser:
         self.flops_per_call = float(flops_per_call) if flops_per_call is not None else self._count_flops(flops_prompt)
 
     def _count_flops(self, prompt: str) -> float:
-        from noisesearch.flops import count_flops
-
         x = torch.zeros(1, *self.sample_shape, device=self.device, dtype=self.dtype)
         sigma = torch.ones(1, dtype=torch.float64)
         cond = self.encode([prompt]) if self.conditional else None

@@ -39,6 +39,7 @@ from PIL import Image
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import atomic_write
+from noisesearch.pools.load import load_pool
 
 IMAGES_DIR = "images"
 LEGACY_IMAGES = "images.npz"
@@ -281,8 +282,6 @@ def _read_legacy(path: Path, shape) -> np.ndarray:
 def load_pool_images(path) -> np.ndarray:
     """All uint8 estimates ``[P, N, S, C, H, W]`` saved with a pool, in memory (for small pools;
     :class:`PoolImages` reads them one at a time)."""
-    from noisesearch.pools.load import load_pool
-
     pool = load_pool(path)
     d = Path(path)
     reader = PoolImages(d.parent if d.is_file() else d, pool)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import load_torch_state_dict
+from noisesearch.rewards.clip import load_clip_folder
 from noisesearch.rewards.preprocess import ImagePreprocess, count_flops, freeze
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
@@ -117,9 +118,7 @@ class AestheticScore:
 
 def aesthetic_reward(arg: str | None = None, device="cpu") -> AestheticScore:
     """Factory for ``aesthetic@DIR`` (a CLIP ViT-L/14 folder + the head's .pth) or ``aesthetic@DIR/HEAD.pth``."""
-    from transformers import CLIPVisionModelWithProjection
-
-    from noisesearch.rewards.clip import load_clip_folder
+    from transformers import CLIPVisionModelWithProjection  # deferred: optional heavy dependency (transformers)
 
     if not arg:
         raise NoiseSearchError(

@@ -36,6 +36,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from noisesearch.errors import NoiseSearchError, unknown_name
+from noisesearch.pruning.select import rank_sum
 
 
 @runtime_checkable
@@ -317,8 +318,6 @@ class RankSum(Comparative):
         self.flops_per_image = sum(r.flops_per_image for r in self.rewards)
 
     def combine(self, values, groups):
-        from noisesearch.pruning.select import rank_sum
-
         groups = torch.as_tensor(groups).cpu().long()
         total = torch.zeros(groups.numel(), dtype=torch.float64)
         for gid in torch.unique(groups).tolist():

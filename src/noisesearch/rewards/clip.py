@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import describe_load_error
@@ -43,6 +44,7 @@ from noisesearch.rewards.preprocess import (
     count_flops,
     features,
     freeze,
+    hub_error,
     load_error,
     read_json,
     shapes,
@@ -182,7 +184,7 @@ def _is_hub_name(source: str) -> bool:
 def quiet_transformers():
     """No loading reports or progress bars from transformers while a reward loads (its findings are
     checked here and become one-line errors)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: optional heavy dependency (transformers)
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -215,8 +217,6 @@ def check_clip_config(reward: str, folder: str) -> dict:
 def safetensors_shapes(folder: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
     """(file name, {tensor: shape}) of the folder's safetensors weights (one file or shards), read
     from their headers only; None when the folder holds none."""
-    from safetensors import safe_open
-
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = read_json(index, "weights", "index").get("weight_map", {})
@@ -243,8 +243,6 @@ def _text_side(key: str) -> bool:
 def check_clip_weights(reward: str, folder: str, model_cls, config) -> None:
     """The model ``config`` describes (built on the meta device: no memory) against the tensors in the
     folder's weights: same names, same shapes, nothing left over; its size within this machine."""
-    import torch
-
     with torch.device("meta"):
         try:
             meta = model_cls(config)
@@ -285,7 +283,7 @@ def _tokenizer_files(reward: str, folder: str) -> None:
 
 def load_tokenizer(reward: str, source: str, text_config):
     """The CLIP tokenizer of ``source``, present (local folders) and fitting the text tower."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: optional heavy dependency (transformers)
 
     if os.path.isdir(source):
         _tokenizer_files(reward, source)
@@ -295,7 +293,6 @@ def load_tokenizer(reward: str, source: str, text_config):
     except Exception as e:
         if os.path.isdir(source):
             raise load_error(reward, f"the tokenizer in {source}", e) from None
-        from noisesearch.rewards.preprocess import hub_error
 
         raise hub_error(reward, source, f"{reward}@/local/path", e) from e
     check_tokenizer(reward, source, tok, text_config.vocab_size, getattr(text_config, "eos_token_id", None))
@@ -314,7 +311,6 @@ def _load_model(reward: str, source: str, model_cls, local: bool):
     except Exception as e:
         if local:
             raise NoiseSearchError(f"{reward} reward: {source}/config.json: {describe_load_error(e)}") from None
-        from noisesearch.rewards.preprocess import hub_error
 
         raise hub_error(reward, source, f"{reward}@/local/path", e) from e
     if local:
@@ -328,7 +324,6 @@ def _load_model(reward: str, source: str, model_cls, local: bool):
                                    "(tensors of another shape); use the config the weights were saved with") from None
         if local:
             raise load_error(reward, source, e) from None
-        from noisesearch.rewards.preprocess import hub_error
 
         raise hub_error(reward, source, f"{reward}@/local/path", e) from e
     check_loading_info(reward, source, info, vision_only=not hasattr(model, "text_model"))
@@ -345,7 +340,7 @@ def load_clip_folder(reward: str, source: str, processor_source: str | None = No
     ``processor_source``: where the tokenizer and ``preprocessor_config.json`` live when not with the
     model (PickScore's hub model uses LAION's processor). ``model_cls``: ``CLIPModel`` by default."""
     try:
-        from transformers import CLIPModel
+        from transformers import CLIPModel  # deferred: optional heavy dependency (transformers)
     except ImportError as e:
         raise NoiseSearchError(f"the {reward} reward needs `pip install transformers` (or 'noisesearch[diffusers]')") from e
     model_cls = model_cls or CLIPModel
@@ -365,7 +360,7 @@ def _processor_norm(reward: str, proc: str) -> tuple[tuple, tuple]:
     if os.path.isdir(proc):
         return _read_norm(reward, proc)
     try:  # the processor's own mean / std from the hub cache
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # deferred: optional dependency (huggingface_hub, comes with diffusers)
 
         cfg_file = hf_hub_download(proc, "preprocessor_config.json")
     except Exception:

@@ -96,7 +96,7 @@ def read_open_clip_config(directory) -> tuple[dict, tuple, tuple]:
 
 def hf_clip_config(model_cfg: dict, tokenizer=None):
     """The ``CLIPConfig`` of an open_clip ``model_cfg`` (plain ViT image tower + transformer text tower)."""
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig  # deferred: optional heavy dependency (transformers)
 
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     unsupported = [k for k in ("timm_model_name", "hf_model_name") if v.get(k) or t.get(k)]
@@ -193,7 +193,7 @@ def load_open_clip_checkpoint(path) -> dict[str, torch.Tensor]:
 
 
 def _tokenizer(d: Path, context: int, model_cfg: dict):
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # deferred: optional heavy dependency (transformers)
 
     if not ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
         raise NoiseSearchError(f"hps reward: {d} needs the CLIP BPE tokenizer files vocab.json and merges.txt")
@@ -228,7 +228,7 @@ def build_hps(checkpoint, directory, name: str, device="cpu", batch_size: int = 
     """The HPS reward from an open_clip checkpoint + the folder with its config and tokenizer; the
     config's sizes are checked first, the model is built on the meta device and must match the
     checkpoint exactly (names and shapes) before it takes the weights."""
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # deferred: optional heavy dependency (transformers)
 
     model_cfg, mean, std = read_open_clip_config(directory)
     context = int(model_cfg["text_cfg"].get("context_length", 77))
@@ -260,7 +260,7 @@ def hps_reward(arg: str | None = None, device="cpu") -> ClipScore:
     source = arg or "v2.1"
     if source in HUB_FILES:
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # deferred: optional dependency (huggingface_hub, comes with diffusers)
 
             ckpt = hf_hub_download(HUB_REPO, HUB_FILES[source])
             cfg = hf_hub_download(HUB_CLIP, "open_clip_config.json")

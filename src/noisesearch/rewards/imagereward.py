@@ -104,7 +104,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 def init_tokenizer(vocab_file):
     """BLIP's ``init_tokenizer``: BERT uncased WordPiece + ``[DEC]`` (bos) + ``[ENC]`` (extra special)."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # deferred: optional heavy dependency (transformers)
 
     tok = BertTokenizer.from_pretrained(os.path.dirname(os.path.abspath(vocab_file)))  # reads vocab.txt there
     tok.add_special_tokens({"bos_token": "[DEC]"})
@@ -176,7 +176,7 @@ def _check_configs(vc: dict, med: dict, vision_where: str, med_where: str) -> No
     check_towers("imagereward", f"{vision_where} and {med_where}",
                  [(int(vc["layers"]), vw, vw * float(vc.get("mlp_ratio", 4.0))),
                   (int(med["num_hidden_layers"]), tw, int(med["intermediate_size"]) + tw)])  # + cross-attention
-    from transformers.activations import ACT2FN
+    from transformers.activations import ACT2FN  # deferred: optional heavy dependency (transformers)
 
     act = med.get("hidden_act", "gelu")
     if not isinstance(act, str) or act not in ACT2FN:
@@ -187,7 +187,7 @@ def _check_configs(vc: dict, med: dict, vision_where: str, med_where: str) -> No
 
 
 def _hf_configs(vc: dict, med: dict):
-    from transformers import BlipTextConfig, BlipVisionConfig
+    from transformers import BlipTextConfig, BlipVisionConfig  # deferred: optional heavy dependency (transformers)
 
     width = int(vc["width"])
     vision_cfg = BlipVisionConfig(hidden_size=width, intermediate_size=int(width * float(vc.get("mlp_ratio", 4.0))),
@@ -209,7 +209,7 @@ def _hf_configs(vc: dict, med: dict):
 
 def _towers(vc: dict, med: dict, where: str):
     """(vision, text) built from the configs, checked on the meta device first (size within this machine)."""
-    from transformers import BlipTextModel, BlipVisionModel
+    from transformers import BlipTextModel, BlipVisionModel  # deferred: optional heavy dependency (transformers)
 
     try:
         vision_cfg, text_cfg = _hf_configs(vc, med)
@@ -237,7 +237,7 @@ def build_imagereward(checkpoint, med_config, vocab, vision_config=None, name="i
     """ImageReward from its checkpoint, ``med_config.json``, BERT vocabulary and optional vision config:
     the configs' sizes are checked first, the towers built on the meta device must match the
     checkpoint exactly (names and shapes), the tokenizer must fit the text tower."""
-    from transformers import BlipTextModel, BlipVisionModel
+    from transformers import BlipTextModel, BlipVisionModel  # deferred: optional heavy dependency (transformers)
 
     vc = dict(VIT_L_16, **(_read_json(Path(vision_config), "vision config") if vision_config else {}))
     med = _read_json(Path(med_config), "med_config")
@@ -270,7 +270,7 @@ def imagereward_reward(arg: str | None = None, device="cpu") -> ImageRewardScore
     name = "imagereward" if arg is None else f"imagereward@{arg}"
     if arg is None:
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # deferred: optional dependency (huggingface_hub, comes with diffusers)
 
             ckpt = hf_hub_download(HUB_REPO, "ImageReward.pt")
             med = hf_hub_download(HUB_REPO, "med_config.json")

@@ -37,6 +37,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import load_checked_safetensors, save_checked_safetensors
+from noisesearch.rewards.base import make_reward
 from noisesearch.rewards.step_conditioning import StepConditioned, set_condition
 
 MANIFEST = "noise_aware.json"
@@ -212,8 +213,6 @@ class NoiseAwareReward:
 
 def load_noise_aware(arg: str | None, device: str | torch.device = "cpu") -> NoiseAwareReward:
     """Reward spec ``noise-aware@DIR``: the noise-aware reward trained into ``DIR``."""
-    from noisesearch.rewards.base import make_reward
-
     if not arg:
         raise NoiseSearchError("reward 'noise-aware' needs its checkpoint folder: noise-aware@DIR")
     d = Path(arg).expanduser()

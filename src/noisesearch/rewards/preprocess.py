@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops  # noqa: F401 (re-export)
 from noisesearch.io import describe_load_error, read_text_limited
+from noisesearch.validate import check_memory
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -143,7 +144,7 @@ def features(out) -> torch.Tensor:
 def hub_error(reward: str, source: str, example: str, exc: Exception) -> NoiseSearchError:
     """The error for a hub name that could not be loaded (offline, or no such repository)."""
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # deferred: optional dependency (huggingface_hub, comes with diffusers)
 
         offline = constants.HF_HUB_OFFLINE
     except ImportError:  # pragma: no cover
@@ -264,8 +265,6 @@ def check_towers(reward: str, where: str, towers: Sequence[tuple[int, int, float
 def check_params(reward: str, where: str, model: torch.nn.Module) -> None:
     """Refuse a model (built on the meta device) with more than :data:`MAX_PARAMS` parameters or
     more than half of this machine's memory, before it is built for real."""
-    from noisesearch.validate import check_memory
-
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMS:
         raise NoiseSearchError(f"{reward} reward: {where} describes a model of {n:.3g} parameters (at most {MAX_PARAMS:.0g}); "

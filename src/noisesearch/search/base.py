@@ -31,6 +31,7 @@ from noisesearch.models.base import Cond, cond_index, cond_repeat
 from noisesearch.noise import NoiseSource
 from noisesearch.rewards.base import Reward, at_step, is_comparative, score
 from noisesearch.sampling.samplers import Sampler, State
+from noisesearch.search.trace import thumbnails
 
 
 @dataclass
@@ -101,8 +102,6 @@ class Problem:
             for v, r in zip(values, parts):
                 v.append(score(r, images, prompts[lo : lo + mb]))
             if self.trace is not None:
-                from noisesearch.search.trace import thumbnails
-
                 thumbs.append(thumbnails(images))
         values = [torch.cat(v) for v in values]
         out = reward.combine(values, state.owner) if is_comparative(reward) else values[0]

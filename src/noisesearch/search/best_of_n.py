@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from noisesearch.budget import Cost
+from noisesearch.errors import NoiseSearchError
 from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner
 
 
@@ -37,8 +38,6 @@ class BestOfN(Strategy):
     n_candidates: int = 0  # N: candidates per search, the best final sample is kept; 0 = fit to the budget
 
     def validate(self) -> None:
-        from noisesearch.errors import NoiseSearchError
-
         if self.n_candidates < 0:
             raise NoiseSearchError("--n-candidates must be >= 0 (0 = fit to the budget)")
 

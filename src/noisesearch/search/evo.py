@@ -6,8 +6,10 @@ The paper's terms:
 * **evolution schedule**: the sampler steps ``t_0 < t_1 < ... < t_{G-1}`` at which a generation lives;
   ``t_0`` is the initial noise ``x_T``, the later ones are evenly spaced noise steps. Generation ``g``
   is a population of states at ``t_g``.
-* **population size schedule**: generation 0 has ``first_population x n`` individuals (a wide look
-  at ``x_T``), every later one ``n`` (the size the budget fits).
+* **population size schedule**: generation 0 has ``first_population x n`` individuals (a wider look
+  at ``x_T`` when above 1), every later one ``n`` (the size the budget fits). The default 1 was chosen
+  on digits (seed 1, 360 NFEs: judge accuracy 0.887 with 1, 0.775 with 2, 0.812 with 4; 80 searches):
+  at ``sigma_0`` there is little to select on, and the trajectories go further in later generations.
 * **fitness**: each individual is denoised to the end with fresh noise and its final sample scored
   by the reward (one reward call); on the way its state at the next evolution step is kept.
 * **elitism**: the best ``elites x n`` individuals of a generation pass to the next unchanged (their
@@ -51,7 +53,7 @@ class EvoSearch(Strategy):
     size_option = "population"
     population: int = 0  # n: individuals per generation after the first; 0 = fit to the budget
     generations: int = 0  # G: generations on the evolution schedule; 0 = chosen with the size (4 when affordable)
-    first_population: float = 2.0  # population size schedule: generation 0 has this many times n
+    first_population: float = 1.0  # population size schedule: generation 0 has this many times n
     elites: float = 0.25  # fraction of a generation passed on unchanged (at least one, fewer than n)
     tournament: int = 2  # individuals per tournament
     mutation_rate: float = 0.5  # beta: the share of a parent's noise replaced by fresh noise

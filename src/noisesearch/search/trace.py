@@ -15,10 +15,15 @@ were dropped: at a check whose next scoring sees fewer rows, the lowest-scored o
 """
 from __future__ import annotations
 
+import math
+import textwrap
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from noisesearch.io import atomic_save_figure
 
 THUMB = 32
 
@@ -68,60 +73,131 @@ class SearchTrace:
 
 def plot_search(path, trace: SearchTrace, final_images: torch.Tensor, prompts: list[str], panels: list[int],
                 strategy: str, mark_drops: bool, max_panels: int = 8) -> None:
-    """Write ``search.png``: one panel per search in ``panels`` (the chosen sample of each prompt)."""
-    import matplotlib
+    """Write ``search.png``: one panel per search in ``panels`` (the chosen sample of each prompt), two
+    columns; above each panel, the chosen path's estimates as a strip of thumbnails aligned with the steps.
+    A fixed layout on a bare ``Figure`` (Agg, no pyplot state, no tight_layout): a fraction of a second."""
+    from matplotlib.figure import Figure  # deferred: matplotlib (0.3 s to import) is only for this figure
+    from matplotlib.ticker import MaxNLocator  # deferred: as above
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-
-    from noisesearch.io import atomic_save_figure
-
-    panels = panels[:max_panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
     finals = thumbnails(final_images)
-    for ax, o in zip(axes[:, 0], panels):
-        recs = [(r, (r.owner == o).nonzero().flatten()) for r in trace.records]
-        recs = [(r, idx) for r, idx in recs if len(idx)]
-        if not recs:
-            ax.text(0.5, 0.5, "no scored candidates", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"prompt {prompts[o]!r}")
+    data = [_panel_data(trace, o, finals[o]) for o in panels[:max_panels]]
+    steps = [r.step for r in trace.records] or [0]
+    xlim = (min(0, min(steps)) - 0.5, max(steps) + 0.5)
+    xticks = [t for t in MaxNLocator(nbins=4, integer=True).tick_values(*xlim) if xlim[0] <= t <= xlim[1]]
+    ncol = 1 if len(data) == 1 else 2
+    nrow = math.ceil(len(data) / ncol)
+    handles = _legend_handles(trace, mark_drops and any(d is not None and d.drops[0] for d in data))
+    width, dpi = 5.2 * ncol + 0.3, 90  # inches, pixels per inch
+    title = textwrap.wrap(f"{strategy}: the reward of every scored candidate's Tweedie estimate, step by step. "
+                          "Chosen path: at each step, the candidate nearest the final sample (exact for best-of-N, "
+                          "approximate for branching searches).", width=int(width * 16))
+    legend_rows = math.ceil(len(handles) / (len(handles) if ncol == 2 else 2))
+    top, bottom, row_h = 0.15 * len(title) + 0.2 * legend_rows + 0.25, 0.45, 2.2
+    height = top + bottom + row_h * nrow
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    for i, (o, d) in enumerate(zip(panels, data)):
+        r_, c_ = divmod(i, ncol)
+        left, base = 0.55 + c_ * 5.2, bottom + (nrow - 1 - r_) * row_h + 0.3  # inches
+        ax = fig.add_axes((left / width, base / height, 4.5 / width, 1.25 / height))
+        _draw_panel(ax, d, xlim, mark_drops)
+        if d is not None and d.path:  # the strip: pixels placed on the figure, no axes to lay out
+            fig.figimage(_thumb_strip(d.path, xlim, round(4.5 * dpi), round(0.4 * dpi)),
+                         xo=round(left * dpi), yo=round((base + 1.3) * dpi), origin="upper")
+        fig.text((left + 2.25) / width, (base + 1.75) / height, f"prompt {_short(prompts[o])!r} (search {o})",
+                 fontsize=8, ha="center", va="bottom")
+        ax.set_xticks(xticks)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
+        last_row = r_ == nrow - 1 or i + ncol >= len(data)
+        ax.tick_params(labelsize=7, labelbottom=last_row)
+        if c_ == 0:
+            ax.set_ylabel("reward", fontsize=8)
+        if last_row:
+            ax.set_xlabel("sampling step of the scored estimate", fontsize=8)
+    fig.text(0.5, 1 - 0.08 / height, "\n".join(title), fontsize=8, ha="center", va="top", linespacing=1.3)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.12 + 0.15 * len(title)) / height),
+               ncol=len(handles) if ncol == 2 else 2, fontsize=7, frameon=False)
+    atomic_save_figure(path, fig, dpi=dpi, pil_kwargs={"compress_level": 1})  # figimage: the figure's own dpi
+
+
+def _legend_handles(trace: SearchTrace, drops: bool) -> list:
+    from matplotlib.lines import Line2D  # deferred: matplotlib is only for search.png
+
+    handles = [Line2D([], [], ls="", marker="o", ms=4, c="0.6", label="every scored candidate (its estimate's reward)"),
+               Line2D([], [], ls="-", marker="o", ms=3, c="tab:blue", label="chosen path (nearest estimate, shown above)")]
+    if any(not r.main for r in trace.records):
+        handles.insert(1, Line2D([], [], ls="", marker="o", ms=4, c="tab:orange", label="prune reward"))
+    if drops:
+        handles.append(Line2D([], [], ls="", marker="x", ms=5, c="tab:red", label="pruned here"))
+    return handles
+
+
+@dataclass
+class _Panel:
+    points: dict[bool, tuple[list[float], list[float]]]  # main? -> (steps, scores)
+    drops: tuple[list[float], list[float]]
+    path: list[tuple[int, float, torch.Tensor]]  # (step, score, thumbnail)
+
+
+def _panel_data(trace: SearchTrace, o: int, target: torch.Tensor) -> _Panel | None:
+    """One search's scored candidates, the ones pruned and its chosen path (nearest estimate per step)."""
+    recs = [(r, (r.owner == o).nonzero().flatten()) for r in trace.records]
+    recs = [(r, idx) for r, idx in recs if len(idx)]
+    if not recs:
+        return None
+    data = _Panel({}, ([], []), [])
+    target = target.float()
+    for j, (r, idx) in enumerate(recs):
+        sc = r.scores[idx]
+        xs, ys = data.points.setdefault(r.main, ([], []))
+        xs.extend([float(r.step)] * len(idx))
+        ys.extend(sc.tolist())
+        if j + 1 < len(recs) and len(recs[j + 1][1]) < len(idx):
+            dropped = torch.argsort(sc.double(), stable=True)[: len(idx) - len(recs[j + 1][1])]
+            data.drops[0].extend([float(r.step)] * len(dropped))
+            data.drops[1].extend(sc[dropped].tolist())
+        th = r.thumbs[idx]
+        if th.shape[1:] == target.shape:
+            k = int(torch.argmin(((th.float() - target) ** 2).flatten(1).sum(1)))
+            data.path.append((r.step, float(sc[k]), th[k]))
+    return data
+
+
+def _draw_panel(ax, data: _Panel | None, xlim, mark_drops: bool) -> None:
+    """Draw one search's rewards on ``ax``: its scored candidates, those pruned (``mark_drops``), its path."""
+    ax.set_xlim(*xlim)
+    if data is None:
+        ax.text(0.5, 0.5, "no scored candidates", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        return
+    for main, (xs, ys) in data.points.items():  # one scatter per colour: a collection per step is slow to draw
+        ax.scatter(xs, ys, s=8, c="0.6" if main else "tab:orange", alpha=0.6, linewidths=0, zorder=1)
+    if mark_drops and data.drops[0]:
+        ax.scatter(*data.drops, s=22, marker="x", c="tab:red", zorder=2)
+    if data.path:
+        xs, ys, _ = zip(*data.path)
+        ax.plot(xs, ys, "-o", c="tab:blue", ms=3, lw=1.2, zorder=3)
+
+
+def _thumb_strip(path: list[tuple[int, float, torch.Tensor]], xlim, width: int, height: int) -> np.ndarray:
+    """An RGB image of ``width`` x at most ``height`` pixels: the path's thumbnails (grey frame, enlarged by a
+    whole factor) centred on their steps, on white; kept right to left (the final estimate first) where they
+    would overlap."""
+    c, h, w = path[0][2].shape
+    scale = max(1, height // (h + 2))
+    cols = max(w + 2, width // scale)
+    canvas = np.full((h + 2, cols, 3), 255, dtype=np.uint8)
+    right = cols + 1
+    for step, _, th in sorted(path, key=lambda p: p[0], reverse=True):
+        x = round((step - xlim[0]) / (xlim[1] - xlim[0]) * cols - (w + 2) / 2)
+        x = min(max(x, 0), cols - w - 2)
+        if x + w + 2 > right:
             continue
-        target = finals[o].float()
-        path_pts = []
-        for main in {r.main for r, _ in recs}:  # one scatter per colour: a collection per step is slow to draw
-            pts = [(float(r.step), r.scores[idx].float()) for r, idx in recs if r.main == main]
-            ax.scatter(torch.cat([torch.full_like(sc, st) for st, sc in pts]).numpy(), torch.cat([sc for _, sc in pts]).numpy(),
-                       s=8, c="0.6" if main else "tab:orange", alpha=0.6, linewidths=0, zorder=1)
-        for j, (r, idx) in enumerate(recs):
-            sc = r.scores[idx]
-            if mark_drops and j + 1 < len(recs) and len(recs[j + 1][1]) < len(idx):
-                dropped = torch.argsort(sc.double(), stable=True)[: len(idx) - len(recs[j + 1][1])]
-                ax.scatter([r.step] * len(dropped), sc[dropped].numpy(), s=22, marker="x", c="tab:red", zorder=2,
-                           label="pruned here" if not any(t.get_label() == "pruned here" for t in ax.collections) else None)
-            th = r.thumbs[idx].float()
-            if th.shape[1:] == target.shape:
-                dist = ((th - target) ** 2).flatten(1).sum(1)
-                k = int(torch.argmin(dist))
-                path_pts.append((r.step, float(sc[k]), r.thumbs[idx[k]]))
-        if path_pts:
-            xs, ys, ims = zip(*path_pts)
-            ax.plot(xs, ys, "-o", c="tab:blue", ms=4, lw=1.5, zorder=3, label="chosen path (nearest estimate)")
-            every = max(1, len(ims) // 8)
-            for x, y, im in list(zip(xs, ys, ims))[::every]:
-                arr = im.permute(1, 2, 0).numpy()
-                arr = arr[..., 0] if arr.shape[-1] == 1 else arr
-                zoom = 24 / max(arr.shape[:2])
-                box = OffsetImage(arr, zoom=zoom, cmap="gray" if arr.ndim == 2 else None)
-                ax.add_artist(AnnotationBbox(box, (x, y), xybox=(0, 22), xycoords="data", boxcoords="offset points",
-                                             frameon=True, pad=0.1, zorder=4))
-        ax.set_title(f"{strategy}: prompt {prompts[o]!r} (search {o})", fontsize=9, pad=30)
-        ax.set_xlabel("sampling step of the scored estimate")
-        ax.set_ylabel("reward")
-        ax.margins(y=0.35)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("grey: the reward of every scored candidate's Tweedie estimate (orange: prune reward); "
-                 "blue: the chosen sample's path", fontsize=8)
-    fig.tight_layout()
-    atomic_save_figure(path, fig, dpi=90)
-    plt.close(fig)
+        arr = th.permute(1, 2, 0).numpy()
+        canvas[:, x:x + w + 2] = 150
+        canvas[1:h + 1, x + 1:x + w + 1] = arr if c == 3 else arr[..., :1]
+        right = x
+    return canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _short(text: str, n: int = 40) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.pruning import CostSpec, keep_count, order_keys, zscore_sum
+from noisesearch.progress import Progress
+from noisesearch.pruning import BestOfNPolicy, CostSpec, keep_count, order_keys, zscore_sum
 from noisesearch.simulate.metrics import auc_gain_with_se
 
 
@@ -259,8 +260,6 @@ def simulate(replay: Replay, strategies, budgets, cost: CostSpec, iters: int = 5
     """Replay ``strategies`` (see :mod:`noisesearch.pruning`) over ``budgets`` (FLOPs per
     prompt). Best-of-N is added as the baseline when absent (unless ``add_baseline`` is False).
     ``perms`` ([I, N] permutations, see :func:`draw_subsets`) fixes the random subsets."""
-    from noisesearch.pruning import BestOfNPolicy
-
     if iters < 1:
         raise NoiseSearchError("iterations must be >= 1")
     budgets = check_budgets(budgets, cost)
@@ -275,7 +274,6 @@ def simulate(replay: Replay, strategies, budgets, cost: CostSpec, iters: int = 5
     P = replay.num_prompts
     chunk = max(1, int(4_000_000 // max(P * N, 1)))  # iterations per batch, bounds the memory
     results = {}
-    from noisesearch.progress import Progress
 
     bar = Progress(len(strategies) * len(budgets), desc="simulate", unit="budget", enabled=progress)
     for strat in strategies:

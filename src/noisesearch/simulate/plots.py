@@ -14,10 +14,10 @@ def plot_curves(path, budgets_tflops, curves: dict, rewards, stderr: dict | None
     """One panel per reward; one line per method (``curves[name]`` is [B, R]), with +-1 standard
     error bands when ``stderr`` is given. Rewards are shown in the pool's display units when it has
     them (e.g. the TTSnap authors' rescaling); ``gains[name]`` (per reward) goes into the legend."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, plots only (matplotlib)
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, plots only (matplotlib)
 
     display = display or {}
     x = np.asarray(budgets_tflops, float)

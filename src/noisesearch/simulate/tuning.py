@@ -41,6 +41,7 @@ import numpy as np
 from scipy.integrate import simpson
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.progress import Progress
 from noisesearch.pruning import (
     NO_PRUNING,
     BestOfNPolicy,
@@ -243,8 +244,6 @@ def tune(train: Replay, test: Replay | None, cost: CostSpec, budgets, config: Tu
     Returns a JSON-ready dict; gains are lists with one entry per reward (see ``cli/tune.py`` for
     the user-facing layout).
     """
-    from noisesearch.progress import Progress
-
     sp = _space(train, config)
     rng = np.random.default_rng(config.seed)
     budgets = np.asarray(budgets, float)

@@ -34,10 +34,22 @@ from noisesearch.models.digits import (
     NULL_LABEL,
     SPLIT_FILE,
     WEIGHTS_DIR,
+    DigitsDenoiser,
     EDMDigits,
     measure_call_flops,
     save_weights,
 )
+from noisesearch.noise import NoiseSource
+from noisesearch.progress import Progress
+from noisesearch.rewards.digit import (
+    CLASSIFIER_FILE,
+    JUDGE_FILE,
+    build_classifier,
+    load_classifier,
+    load_judge,
+    measure_image_flops,
+)
+from noisesearch.sampling import EulerAncestral
 
 N_TEST = 300
 P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal training distribution of sigma
@@ -51,7 +63,7 @@ CLASSIFIER_DEFAULTS = dict(epochs=150, batch_size=64, lr=1e-3, weight_decay=1e-4
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: heavy (scikit-learn), only training the digits models reads its data set
 
     d = load_digits()
     return d.images, d.target
@@ -108,8 +120,6 @@ def split_data(split: dict, part: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from noisesearch.progress import Progress
-
     return Progress(total, desc=desc, enabled=enabled)
 
 
@@ -227,8 +237,6 @@ def train_classifier(
 ):
     """Train a digit classifier (``build_classifier(config)``) on images in [0, 1] with
     cross-entropy, AdamW and cosine decay, with ``augment``ed batches."""
-    from noisesearch.rewards.digit import build_classifier
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     module = build_classifier(config)
@@ -270,10 +278,7 @@ def accuracy(module, x01: torch.Tensor, y: torch.Tensor) -> float:
 def sample_digits(denoiser, labels: torch.Tensor, seed: int = 0, steps: int = 18) -> torch.Tensor:
     """Decoded samples [B, 1, 8, 8] in [0, 1] for digit ``labels`` with EulerAncestral (Karras
     schedule, ``steps`` steps); one noise stream per sample (``noisesearch.noise``) under ``seed``."""
-    from noisesearch.sampling import EulerAncestral
-
     sampler = EulerAncestral(denoiser, steps)
-    from noisesearch.noise import NoiseSource
 
     noise = NoiseSource(seed, sampler.noise_shape, [(i, 0) for i in range(len(labels))], denoiser.device, denoiser.dtype)
     cond = denoiser.encode([str(int(c)) for c in labels])
@@ -284,9 +289,6 @@ def sample_digits(denoiser, labels: torch.Tensor, seed: int = 0, steps: int = 18
 
 def evaluate(weights_dir: str | os.PathLike | None = None, n_per_digit: int = 100, seed: int = 0) -> dict:
     """Every figure in docs/digits.md, computed from the files in ``weights_dir``."""
-    from noisesearch.models.digits import DigitsDenoiser
-    from noisesearch.rewards.digit import CLASSIFIER_FILE, JUDGE_FILE, load_classifier, load_judge
-
     wdir = Path(weights_dir) if weights_dir else WEIGHTS_DIR
     split = load_split(wdir / SPLIT_FILE)
     clf = load_classifier(weights=wdir / CLASSIFIER_FILE)
@@ -375,8 +377,6 @@ def train_all(
 
 
 def _train_all(out: Path, what, seed, epochs, classifier_epochs, progress, log) -> dict:
-    from noisesearch.rewards.digit import CLASSIFIER_FILE, JUDGE_FILE, measure_image_flops
-
     out.mkdir(parents=True, exist_ok=True)
     split = make_split(seed)
     save_split(split, out / SPLIT_FILE, seed)

@@ -67,6 +67,7 @@ from noisesearch.io import atomic_write_json, output_lock
 from noisesearch.pools import load_pool
 from noisesearch.pools.images import PoolImages
 from noisesearch.progress import Progress
+from noisesearch.pruning import select_top
 from noisesearch.rewards.base import make_reward
 from noisesearch.rewards.noise_aware import (
     FORMAT_NAME,
@@ -127,7 +128,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Average ranks along the last axis (ties get their mean rank), as in Spearman's rho."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # deferred: heavy (scipy), only this rank statistic needs it
 
     return rankdata(x, axis=-1)
 
@@ -145,8 +146,6 @@ def spearman_per_prompt(scores: np.ndarray, final: np.ndarray) -> np.ndarray:
 def topk_recall(scores: np.ndarray, final: np.ndarray, k: int) -> np.ndarray:
     """Per prompt: share of the ``k`` best candidates by ``final`` found among the ``k`` best by
     ``scores`` (ties to the lower index, as in pruning)."""
-    from noisesearch.pruning import select_top
-
     top_s = select_top(np.asarray(scores), k, axis=-1)
     top_f = select_top(np.asarray(final), k, axis=-1)
     return np.array([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top_s, top_f)])
@@ -179,7 +178,7 @@ def _lora_targets(module: torch.nn.Module) -> list[str]:
 
 def _wrap_lora(module: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module:
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # deferred: optional heavy dependency (peft)
     except ImportError:  # pragma: no cover
         raise NoiseSearchError("LoRA needs peft: pip install peft (or use --lora-rank 0)") from None
     targets = _lora_targets(module)
