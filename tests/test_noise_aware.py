@@ -270,3 +270,15 @@ def test_training_data_is_read_from_the_stored_images(pool_dir):
     xb, yb, prompts = data.batch(rows_p, rows_c, steps, "cpu")
     assert torch.equal(xb, torch.from_numpy(images[rows_p, rows_c, steps]).float() / 255)
     assert prompts == [pool.prompts[i] for i in rows_p]
+
+
+def test_a_stage_that_does_not_fit_the_reward_is_refused_at_load(trained):
+    out, m = trained
+    r = make_reward(f"noise-aware@{out}")
+    stage = dict(r.stages[1])
+    name = next(iter(stage))
+    for broken in ({**stage, name: torch.zeros(3, 3)}, {k: v for k, v in stage.items() if k != name},
+                   {**stage, "extra.weight": torch.zeros(2)}):
+        with pytest.raises(NoiseSearchError, match="step 1 do not fit") as e:
+            NoiseAwareReward(make_reward("digit"), "digit", {1: broken, 3: r.stages[3]}, r.manifest, out)
+        assert "\n" not in str(e.value)

@@ -152,9 +152,25 @@ class NoiseAwareReward:
             # the modulation MLPs run per image too (a multiply-add per weight)
             extra = self._scorer.module.embed.parameters(), self._scorer.module.heads.parameters()
             self.flops_per_image += float(sum(2 * p.numel() for ps in extra for p in ps if p.ndim == 2))
+        self._check_stages()
         self._active: int | None = None
         self.step: int | None = None  # set to score at a step when called as a plain reward
         self.sigma: float | None = None
+
+    def _check_stages(self) -> None:
+        """Every stage must fit the reward's module exactly (names and shapes), checked at load: a
+        stage that does not fit is refused before any search, never half-loaded at a later step."""
+        expected = {k: tuple(v.shape) for k, v in self._scorer.module.state_dict().items()}
+        where = self.directory or "the noise-aware reward"
+        for step, state in sorted(self.stages.items()):
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            shaped = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+            if missing or unexpected or shaped:
+                diff = "; ".join(f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names in
+                                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if names)
+                raise NoiseSearchError(f"{where}: the weights of step {step} do not fit reward {self.base_name!r} "
+                                       f"({diff}); retrain them with train-reward")
 
     @property
     def steps(self) -> list[int]:
