@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noisesearch.budget import Budget, Cost, SizeOption
+from noisesearch.budget import Budget, Cost, CostModel, SizeOption
 from noisesearch.errors import BudgetError
 from noisesearch.search import make_strategy
 from test_strategies import STEPS, ModeReward, make_problem
@@ -84,3 +84,14 @@ def test_fit_options_rule():
     assert b.fit_options([SizeOption(lambda n: Cost(nfe=10 * n), 1, fixed=4)]) == (0, 4)
     with pytest.raises(BudgetError, match="budget too small"):
         b.fit_options(options[:1])
+
+
+def test_flop_charges_keep_float64_precision():
+    """int64 counts times a float price is float32 in torch: a FLUX-sized decode price charged to 24 rows
+    lost 2048 FLOPs and failed the plan-equals-spend check (ttsp on a 256 px tiny FLUX)."""
+    price = 18560843776.0
+    b = Budget(2, flops=1e15, cost=CostModel(5671823360.0, 0.0, price))
+    owner = torch.tensor([0] * 24 + [1] * 24)
+    b.charge(owner, Cost(0, 1, price), "reward")
+    assert b.flops.dtype == torch.float64
+    assert b.flops.tolist() == [24 * price, 24 * price]

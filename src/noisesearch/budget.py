@@ -209,7 +209,7 @@ class Budget:
         counts = torch.bincount(owner, minlength=self.num_searches)
         new_nfe = self.nfe + counts * per_row.nfe
         new_calls = self.reward_calls + counts * per_row.reward_calls
-        new_flops = self.flops + counts * per_row.flops
+        new_flops = self.flops + counts.to(torch.float64) * per_row.flops  # int64 * float would round to float32
         if self.num_searches and not within(float(new_nfe.max()), self.nfe_limit, nfe=True):
             raise BudgetError(f"budget exceeded: a search would use {int(new_nfe.max())} NFEs, limit {self.nfe_limit:g}")
         if self.num_searches and not within(float(new_flops.max()), self.flops_limit):

@@ -124,6 +124,10 @@ def dist_state(device: str):
     rank, world = info
     if rank > 0:
         wait_for_rank0(rank, world)
+    else:  # torch's rendezvous waits for the others without a word: say so, as the other ranks do
+        where = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '') or DEFAULT_PORT}"
+        print(f"noisesearch: process 0 of {world} waiting for the other {world - 1} at {where} (torch's rendezvous timeout)",
+              file=sys.stderr, flush=True)
     try:
         return PartialState(cpu=not str(device).startswith("cuda"))
     except (ValueError, RuntimeError) as e:  # the rendezvous failed (torch.distributed's errors are RuntimeErrors)

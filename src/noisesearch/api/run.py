@@ -143,6 +143,7 @@ def generate(model: Any = "digits", prompts: Sequence[str] | str | None = None, 
 def run_generate(cfg: GenerateConfig) -> Run:
     """:func:`generate` from a :class:`GenerateConfig`: the named steps in order."""
     _check_shard(cfg)
+    _check_device(cfg.device)
     hold = cfg.out is not None and cfg.save
     if hold:  # new, empty or an earlier run's folder (checked before it is locked, which adds the lock files)
         output_dir(Path(cfg.out), "generate", ["report.json"])
@@ -162,9 +163,24 @@ def run_generate(cfg: GenerateConfig) -> Run:
 def _check_shard(cfg: GenerateConfig) -> None:
     if cfg.shard is None:
         return
-    rank, world = (int(v) for v in cfg.shard)
+    try:
+        rank, world = (int(v) for v in cfg.shard)
+    except (TypeError, ValueError):
+        raise NoiseSearchError(f"shard=(rank, world) takes two whole numbers, got {cfg.shard!r}") from None
     if world < 1 or not 0 <= rank < world:
         raise NoiseSearchError(f"shard=(rank, world) needs 0 <= rank < world, got {tuple(cfg.shard)}")
+
+
+def _check_device(device) -> None:
+    """``device=``: a torch device that is there (a missing GPU is one line, not torch's assertion)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NoiseSearchError(f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NoiseSearchError(f"device={device!r}: no CUDA device is available here; use 'cpu'")
 
 
 @dataclass
