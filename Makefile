@@ -1,5 +1,5 @@
 # make demo: set up .venv (CPU torch pinned by constraints.txt) and run the demo: strategies at equal NFEs on
-#   digits-uncond, one torch thread, about 15 s after the install (the long benchmark: noisesearch bench search).
+#   digits-uncond, one torch thread, about 10 s after the install (the long benchmark: noisesearch bench search).
 # make test: set up .venv and run the test suite.
 PY ?= python3
 VENV := .venv

@@ -912,3 +912,55 @@ def test_outputs_never_replace_special_files(root, tmp_path, capsys):
     with pytest.raises(NoiseSearchError, match="not a regular file"):
         atomic_write_text(fifo, "x")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+# ---- QA round 3 (issues 18, 20): variants found by hand ----------------------------------------------
+@pytest.mark.parametrize("kw, message", [
+    ({"device": "cpux"}, "device='cpux' is not a device"),
+    ({"device": "cuda"}, "no CUDA device is available here"),
+    ({"shard": (0, "x")}, "shard=.* takes two whole numbers"),
+], ids=["device-typo", "device-cuda-absent", "shard-text"])
+def test_api_device_and_shard_are_one_line(kw, message):
+    import torch
+
+    import noisesearch
+    from noisesearch.errors import NoiseSearchError
+
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(NoiseSearchError, match=message):
+        noisesearch.generate(model="digits", prompts=["3"], reward="digit", guidance=0, steps=6, budget_nfe=12, **kw)
+
+
+def test_rank_0_says_it_waits_for_the_others(monkeypatch, capsys, tmp_path):
+    """Rank 0's rendezvous waits for the other ranks (torch's timeout): it says so, as rank > 0 does."""
+    import accelerate
+
+    for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+
+    def no_rendezvous(*a, **k):
+        raise RuntimeError("timed out waiting for the other ranks")
+
+    monkeypatch.setattr(accelerate, "PartialState", no_rendezvous)
+    capsys.readouterr()
+    code = main(GEN + ["--budget-nfe", "36", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "process 0 of 2 waiting for the other 1" in err[0], err
+    assert len(err) == 2 and "cannot start process 0 of 2" in err[1], err
+    assert not (tmp_path / "g").exists()
+
+
+def test_heldout_mean_of_all_nan_is_quiet():
+    import warnings
+
+    from noisesearch.train.noise_aware import _nanmean
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(_nanmean(np.array([np.nan, np.nan])))
+        assert _nanmean(np.array([np.nan, 0.5])) == 0.5

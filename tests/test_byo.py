@@ -294,3 +294,21 @@ def test_import_noisesearch_is_cheap_and_exports_the_parts():
     from noisesearch import Reward, generate  # noqa: F401
     with pytest.raises(AttributeError):
         noisesearch.no_such_thing  # noqa: B018
+
+
+def test_a_model_without_a_default_reward_asks_for_one(ddpm, tmp_path, capsys):
+    """The digits model scores with ``digit`` by default; any other model needs a reward: one line, exit 2."""
+    with pytest.raises(NoiseSearchError, match="give a reward"):
+        noisesearch.generate(model=ddpm, strategy="best-of-n", budget_nfe=6, steps=3)
+    ddpm.save_pretrained(tmp_path / "ddpm")
+    assert main(["generate", "--model", str(tmp_path / "ddpm"), "--budget-nfe", "6", "--steps", "3",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "give a reward" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_api_run_folder_has_search_png_by_default(tmp_path):
+    run = noisesearch.generate(model="digits", prompts=["3"], guidance=0, strategy="eps-greedy", budget_nfe=72, num_samples=2)
+    noisesearch.save_run(run, tmp_path / "api")
+    assert {"report.json", "config.yaml", "samples.png", "search.png"} <= {p.name for p in (tmp_path / "api").iterdir()}

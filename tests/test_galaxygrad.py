@@ -222,3 +222,32 @@ def test_galaxies_benchmark_writes_its_figures(tmp_path):
     assert (out / "galaxies_samples.png").stat().st_size > 0 and (out / "galaxies_reward_vs_nfe.png").stat().st_size > 0
     with pytest.raises(NoiseSearchError, match="unknown"):
         galaxies.main(["--strategies", "best-of-n,magic", "--out", str(out)])
+
+
+@needs_galaxygrad
+@needs_astro
+def test_galaxies_benchmark_prices_the_reward_and_runs_the_new_strategies(tmp_path):
+    """--reward-price P: FLOP budgets in NFE-equivalents, each reward call priced at P NFEs, spent within budget."""
+    import json
+
+    from noisesearch.bench import galaxies
+
+    out = tmp_path / "g"
+    argv = ["--reward-price", "1", "--budgets", "40", "--seeds", "2", "--steps", "8", "--grid", "2",
+            "--strategies", "best-of-n,evo,rbf,dts,auto", "--out", str(out)]
+    assert galaxies.main(argv) == 0
+    res = json.loads((out / "galaxies_results.json").read_text())
+    assert res["meta"]["reward_price_nfe"] == 1.0 and res["meta"]["budget_kind"] == "flops"
+    cells = {c["strategy"]: c for c in res["cells"]}
+    assert set(cells) == {"naive", "best-of-n", "evo", "rbf", "dts", "auto"}
+    for c in cells.values():
+        assert "refused" not in c, c
+        # every reward call costs one NFE: FLOPs spent = NFEs + reward calls, within the budget
+        assert c["flops_mean_in_nfe"] == pytest.approx(c["nfe_mean"] + c["reward_calls_mean"], rel=1e-6)
+        assert c["flops_mean_in_nfe"] <= c["budget"] * (1 + 1e-9)
+    assert cells["naive"]["budget"] == 9 and cells["best-of-n"]["strategy_info"]["candidates"] == 4  # 4 x (8 + 1) <= 40
+    assert cells["auto"]["strategy_info"]["auto"]["strategy"] in ("best-of-n", "eps-greedy", "beam", "smc", "evo", "rbf", "dts")
+    assert "reward 1 NFE" in (out / "galaxies_results.md").read_text()
+    for bad in ("-1", "nan"):
+        with pytest.raises(NoiseSearchError, match="reward-price"):
+            galaxies.main(["--reward-price", bad, "--out", str(out)])

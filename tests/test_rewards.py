@@ -62,3 +62,69 @@ def test_nan_and_wrong_shape_are_clear_errors():
         score(Const([1.0, 2.0]), imgs, ["p"] * 3)
     with pytest.raises(NoiseSearchError, match="prompts"):
         score(Const([1.0, 2.0, 3.0]), imgs, ["p"] * 2)
+
+
+# ---- the digit reward's fast inference path (issue 19, overhead) -------------------------------
+def _reference_digit_logits(module, images01):
+    """DigitCNN's forward as it was before the oneDNN inference path (kept here to compare with)."""
+    from torch.nn import functional as F
+
+    from noisesearch.rewards.digit import max_pool2
+
+    h = images01 * 2 - 1
+    h = F.relu(module.conv1(h))
+    h = max_pool2(F.relu(module.conv2(h)))
+    h = max_pool2(F.relu(module.conv3(h)))
+    h = F.relu(module.fc1(module.dropout(h.flatten(1))))
+    return module.fc2(module.dropout(h))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 17, 80, 320])
+def test_digit_reward_is_bitwise_the_reference_implementation(batch):
+    from torch.nn import functional as F
+
+    from noisesearch.rewards.digit import blocked_ok, load_classifier
+
+    clf = load_classifier()
+    g = torch.Generator().manual_seed(batch)
+    images = (torch.randn(batch, 1, 8, 8, generator=g) * 0.6 + 0.5).clamp(0, 1)
+    prompts = [str(i % 10) for i in range(batch)]
+    targets = torch.tensor([i % 10 for i in range(batch)])
+    with torch.no_grad():  # the scoring path (Problem.score) runs without gradients
+        assert blocked_ok(clf.module, images) == (batch >= 16 and torch.backends.mkldnn.is_available())
+        ref = _reference_digit_logits(clf.module, images)
+        assert torch.equal(clf.logits(images), ref)
+        want = F.log_softmax(ref, dim=1).gather(1, targets[:, None]).squeeze(1)
+        assert torch.equal(clf(images, prompts), want)
+        assert torch.equal(score(clf, images, prompts), want)
+        assert torch.equal(clf.predict(images)[0], ref.argmax(1))
+    # with gradients on, the plain path: the same values
+    assert torch.equal(clf.logits(images), ref)
+
+
+def test_digit_classifier_still_trains_with_dropout():
+    from noisesearch.rewards.digit import DigitCNN
+
+    torch.manual_seed(0)
+    m = DigitCNN().train()
+    x = torch.rand(20, 1, 8, 8)
+    a, b = m(x), m(x)
+    assert not torch.equal(a, b)  # dropout is active in training mode
+    a.sum().backward()
+    assert m.conv1.weight.grad is not None and m.conv1.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), _reference_digit_logits(m, x))
+
+
+def test_digit_targets_fast_lookup_and_errors():
+    from noisesearch.rewards.digit import parse_targets
+
+    assert parse_targets(["3", " 7 ", "0"], "r").tolist() == [3, 7, 0]
+    assert parse_targets("5", "r").tolist() == [5]
+    with pytest.raises(NoiseSearchError, match="r does not know the prompt '12'"):
+        parse_targets(["1", "12"], "r")
+    with pytest.raises(NoiseSearchError):
+        parse_targets("12", "r")
+    with pytest.raises(NoiseSearchError):
+        parse_targets([None], "r")

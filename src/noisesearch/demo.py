@@ -121,8 +121,9 @@ def _binomial_se(p: float | None, n: int) -> float | None:
 
 
 def write_comparison(cfg: DemoConfig, rows: list[dict], firsts: list[torch.Tensor]) -> Path:
-    """``comparison.png``: a row per strategy (NFEs spent per sample, judge accuracy), a column per target."""
+    """``comparison.png``: a row per strategy (NFEs spent per sample, mean reward, judge accuracy), a column per target."""
     labels = [f"{r['strategy']}\n{r['nfe_max']} NFEs/sample\n"
+              + f"reward {r['reward_mean']:.2f} ± {r['reward_se'] or 0:.2f}\n"
               + (f"judge acc {r['judge_accuracy']:.2f} ± {r['judge_accuracy_se'] or 0:.2f}"
                  if r["judge_accuracy"] is not None else "judge n/a")
               for r in rows]

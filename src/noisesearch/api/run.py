@@ -103,7 +103,7 @@ class GenerateConfig:
 
     model: Any = "digits"
     prompts: Sequence[str] | str | None = None
-    reward: Any = "digit"
+    reward: Any = None  # None: the model's default_reward (digit for the digits model)
     strategy: Any = "best-of-n"
     budget_nfe: float | None = None
     budget_flops: float | None = None
@@ -121,19 +121,19 @@ class GenerateConfig:
     shard: tuple[int, int] | None = None
     score_batch: int | None = None
     eval_rewards: Sequence[Any] | str = ()
-    trace: bool = False
+    trace: bool = True
     reward_flops: float | None = None
     out: str | Path | None = None
     save: bool = True
 
 
-def generate(model: Any = "digits", prompts: Sequence[str] | str | None = None, reward: Any = "digit",
+def generate(model: Any = "digits", prompts: Sequence[str] | str | None = None, reward: Any = None,
              strategy: str | Strategy = "best-of-n", budget_nfe: float | None = None, budget_flops: float | None = None,
              num_samples: int = 1, guidance: float | None = None, steps: int | None = None,
              sampler: str = "euler-ancestral", seed: int = 0, device: str | None = None, max_batch: int = 512,
              strategy_options: dict[str, Any] | None = None, progress: bool = False, evaluate: bool = True,
              model_options: dict[str, Any] | None = None, shard: tuple[int, int] | None = None,
-             score_batch: int | None = None, eval_rewards: Sequence[Any] | str = (), trace: bool = False,
+             score_batch: int | None = None, eval_rewards: Sequence[Any] | str = (), trace: bool = True,
              reward_flops: float | None = None, out: str | Path | None = None, save: bool = True) -> Run:
     """Run one search (see the module docstring; every argument is described on
     :class:`GenerateConfig`). Raises ``NoiseSearchError`` (one line) on bad input, before any search."""
@@ -202,12 +202,25 @@ def load_parts(cfg: GenerateConfig) -> Parts:
     denoiser = as_denoiser(cfg.model, device=device, guidance=cfg.guidance, options=cfg.model_options)
     rdevice = device or str(getattr(denoiser, "device", "cpu") or "cpu")
     prompts = resolve_prompts(cfg.prompts, denoiser)
-    reward = as_reward(cfg.reward, device=rdevice, flops_per_image=cfg.reward_flops)
+    reward = as_reward(model_reward(cfg.reward, denoiser), device=rdevice, flops_per_image=cfg.reward_flops)
     specs = list(as_eval_rewards(cfg.eval_rewards, rdevice))
     if cfg.evaluate:
         specs += [(s, r) for s, r in as_eval_rewards(list(getattr(denoiser, "eval_rewards", ()) or ()), rdevice)
                   if s not in dict(specs)]
     return Parts(strat, denoiser, reward, specs, prompts)
+
+
+def model_reward(reward: Any, denoiser) -> Any:
+    """The reward as given; None: the model's own default (``denoiser.default_reward``: ``digit`` for the
+    built-in digits model), else a one-line error asking for one."""
+    if reward is not None:
+        return reward
+    default = getattr(denoiser, "default_reward", None)
+    if default is None:
+        raise NoiseSearchError(f"give a reward (--reward) for model {getattr(denoiser, 'name', type(denoiser).__name__)}: "
+                               "a name, a spec such as clip@DIR, a function f(images, prompts) -> [B] "
+                               "(on the command line mypackage.rewards:f)")
+    return default
 
 
 def make_problem(cfg: GenerateConfig, parts: Parts):
@@ -218,7 +231,7 @@ def make_problem(cfg: GenerateConfig, parts: Parts):
                             budget_nfe=cfg.budget_nfe, budget_flops=cfg.budget_flops, steps=cfg.steps,
                             sampler=cfg.sampler, seed=cfg.seed, max_batch=cfg.max_batch, searches=searches,
                             score_batch=cfg.score_batch)
-    if cfg.trace:
+    if cfg.trace and cfg.shard is None:  # search.png is drawn for single-process runs only
         problem.trace = SearchTrace(owners=set(range(0, len(problem.prompts), cfg.num_samples)))
     return problem
 

@@ -13,6 +13,12 @@ are reported on the chosen samples as unoptimised side effects.
     noisesearch bench galaxies                                      # the default run (a few minutes, 1 thread)
     noisesearch bench galaxies --reward galaxy-size@4 --budgets 64,256 --seeds 8 --out /tmp/g
     noisesearch bench galaxies --out docs                           # the figures of docs/galaxies.md
+    noisesearch bench galaxies --reward-price 1 --strategies best-of-n,evo,auto --out /tmp/g1   # at equal FLOPs
+
+``--reward-price P`` (issue 19) prices one reward call at ``P`` NFEs of the denoiser (the reward's
+``flops_per_image`` = P x the model's FLOPs per call) and makes the budgets FLOP budgets given in
+NFE-equivalents (``budget x flops_per_call``, network and reward together); every strategy fits
+itself to what it can afford at that price. Without it the budgets are NFEs and the reward is free.
 
 Outputs in ``--out``: ``galaxies_results.json`` (every cell), ``galaxies_results.md`` (the table),
 ``galaxies_reward_vs_nfe.png`` (mean reward +- standard error against NFEs) and
@@ -46,6 +52,11 @@ CONFIGS = {
     "eps-greedy": ("eps-greedy", {}),
     "beam": ("beam", {}),
     "smc": ("smc", {}),
+    # the newest methods and auto (issue 19), every knob left to the sizer
+    "evo": ("evo", {}),
+    "rbf": ("rbf", {}),
+    "dts": ("dts", {}),
+    "auto": ("auto", {}),
 }
 SIDE_REWARDS = ("ellipticity", "galaxy-size", "concentration")
 
@@ -55,7 +66,11 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     p.add_argument("--model", default="galaxygrad:hsc32", help="a galaxygrad model (default galaxygrad:hsc32)")
     p.add_argument("--reward", default="ellipticity", help="the optimised reward (default ellipticity)")
     p.add_argument("--strategies", default="best-of-n,eps-greedy,beam,smc", help=f"from {', '.join(CONFIGS)}")
-    p.add_argument("--budgets", default="64,128,256", help="NFEs per output sample (default 64,128,256)")
+    p.add_argument("--budgets", default="64,128,256",
+                   help="NFEs per output sample, or NFE-equivalents of FLOPs with --reward-price (default 64,128,256)")
+    p.add_argument("--reward-price", type=float, default=None,
+                   help="price of one reward call in NFEs of the denoiser: budgets become FLOP budgets (network + reward) "
+                   "in NFE-equivalents (default: NFE budgets, the reward free)")
     p.add_argument("--seeds", type=int, default=16, help="searches (output galaxies) per cell (default 16)")
     p.add_argument("--steps", type=int, default=16, help="sampling steps of one trajectory (default 16)")
     p.add_argument("--sampler", default="euler-ancestral")
@@ -90,17 +105,19 @@ def run_cell(denoiser, reward, side_rewards, name: str, budget: int, args) -> di
     t0 = time.perf_counter()
     try:
         run = generate(model=denoiser, prompts=[""], reward=reward, strategy=make_strategy(strategy, **options),
-                       budget_nfe=budget, num_samples=args.seeds, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                       evaluate=False, eval_rewards=side_rewards)
+                       num_samples=args.seeds, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                       evaluate=False, eval_rewards=side_rewards, **limits(denoiser, budget, args.reward_price))
     except BudgetError as e:
         return {"strategy": name, "budget": budget, "refused": str(e)}
     rewards = [s["reward"] for s in run.report["samples"]]
+    spend = {"flops_mean_in_nfe": statistics.fmean(s["flops"] for s in run.report["samples"]) / denoiser.flops_per_call,
+             "reward_calls_mean": statistics.fmean(s["reward_calls"] for s in run.report["samples"])}
     cell = {"strategy": name, "budget": budget, "params": run.report["params"], "reward_mean": statistics.fmean(rewards),
             "reward_se": statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else 0.0,
             "rewards": rewards, "nfe_mean": statistics.fmean(s["nfe"] for s in run.report["samples"]),
-            "wall_seconds": time.perf_counter() - t0,
+            **spend, "wall_seconds": time.perf_counter() - t0,
             "strategy_info": {k: v for k, v in run.report["strategy_info"].items()
-                              if isinstance(v, (int, float, str, bool)) or k == "configuration"}}
+                              if isinstance(v, (int, float, str, bool)) or k in ("configuration", "auto")}}
     for r in side_rewards:
         values = [s["eval_rewards"][r.name] for s in run.report["samples"]]
         cell[f"eval:{r.name}"] = {"mean": statistics.fmean(values), "se": statistics.stdev(values) / math.sqrt(len(values))}
@@ -108,9 +125,17 @@ def run_cell(denoiser, reward, side_rewards, name: str, budget: int, args) -> di
     return cell
 
 
-def table(cells: list[dict], strategies: list[str], budgets: list[int], reward: str) -> str:
+def limits(denoiser, budget: int, price: float | None) -> dict:
+    """``generate``'s budget arguments: NFEs, or with a reward price FLOPs (budget NFE-equivalents) and the reward's price."""
+    if price is None:
+        return {"budget_nfe": budget}
+    return {"budget_flops": budget * denoiser.flops_per_call, "reward_flops": price * denoiser.flops_per_call}
+
+
+def table(cells: list[dict], strategies: list[str], budgets: list[int], reward: str, price: float | None = None) -> str:
     """Markdown: rows = budgets, columns = strategies, mean reward +- standard error."""
-    lines = [f"| NFEs / sample | {' | '.join(strategies)} |", "|---:|" + "---:|" * len(strategies)]
+    unit = "NFEs / sample" if price is None else f"NFE-eq. FLOPs / sample (reward {price:g} NFE)"
+    lines = [f"| {unit} | {' | '.join(strategies)} |", "|---:|" + "---:|" * len(strategies)]
     index = {(c["strategy"], c["budget"]): c for c in cells}
     for b in budgets:
         row = []
@@ -162,10 +187,17 @@ def image_grid(cells: list[dict], strategies: list[str], budget: int, path: Path
     save_labelled_grid(path, images, len(rows), labels, [f"search {j}" for j in range(n)], title=title)
 
 
+def naive_budget(args) -> int:
+    """One plain sample: its steps, plus its one reward call (rounded up) when the reward is priced."""
+    return args.steps + (math.ceil(args.reward_price) if args.reward_price else 0)
+
+
 def run(args, command: str, save_config=None) -> int:
     strategies, budgets = _strategies(args.strategies), _ints(args.budgets, "budgets")
     if args.seeds < 2 or args.grid < 1 or args.threads < 1 or args.steps < 1:
         raise NoiseSearchError("--seeds must be at least 2 (standard errors), --grid, --threads and --steps at least 1")
+    if args.reward_price is not None and not (math.isfinite(args.reward_price) and args.reward_price >= 0):
+        raise NoiseSearchError(f"--reward-price must be a finite number >= 0 (NFEs per reward call), got {args.reward_price}")
     torch.set_num_threads(args.threads)
     denoiser = as_denoiser(args.model)
     reward = as_reward(args.reward)
@@ -176,7 +208,7 @@ def run(args, command: str, save_config=None) -> int:
     with output_lock(out, command="noisesearch bench galaxies"):
         t0, cells = time.perf_counter(), []
         for name in strategies:
-            for budget in [args.steps] if name == "naive" else budgets:
+            for budget in [naive_budget(args)] if name == "naive" else budgets:
                 cells.append(run_cell(denoiser, reward, side, name, budget, args))
                 c = cells[-1]
                 print(f"{name:>12} {budget:>5} NFE: " + (c["refused"] if "refused" in c else
@@ -188,17 +220,37 @@ def run(args, command: str, save_config=None) -> int:
 
 
 def write_outputs(cells, strategies, budgets, reward: str, out: Path, command: str, args, seconds: float) -> None:
-    meta = {"command": command, "model": args.model, "reward": reward, "steps": args.steps, "sampler": args.sampler,
+    meta = {"command": command, "model": args.model, "reward": reward, "reward_price_nfe": args.reward_price,
+            "budget_kind": "nfe" if args.reward_price is None else "flops", "steps": args.steps, "sampler": args.sampler,
             "seeds": args.seeds, "seed": args.seed, "threads": args.threads, "total_seconds": seconds}
     atomic_write_json(out / f"{PREFIX}_results.json",
                       {"meta": meta, "cells": [{k: v for k, v in c.items() if k != "images"} for c in cells]})
     head = (f"`{command}`: {args.model}, {args.steps} {args.sampler} steps per trajectory, {args.seeds} searches per cell, "
             f"seed {args.seed}, {args.threads} thread(s), {seconds:.0f} s in all.\n\n")
-    atomic_write_text(out / f"{PREFIX}_results.md", head + table(cells, strategies, budgets, reward) + side_table(cells))
+    atomic_write_text(out / f"{PREFIX}_results.md", head + table(cells, strategies, budgets, reward, args.reward_price)
+                      + spend_table(cells) + side_table(cells))
     plot(cells, strategies, reward, out / f"{PREFIX}_reward_vs_nfe.png", command)
     image_grid(cells, strategies, max(budgets), out / f"{PREFIX}_samples.png",
                f"{args.model}, reward {reward}, {max(budgets)} NFEs per sample", args.grid)
     print(json.dumps({"out": str(out), "seconds": round(seconds, 1)}))
+
+
+def spend_table(cells: list[dict]) -> str:
+    """What each cell spent (mean per search): NFEs, FLOPs in NFE-equivalents, reward calls, and its fitted sizes."""
+    lines = ["", "Spent per search (mean) and the sizes each strategy fitted:", "",
+             "| strategy | budget | NFEs | NFE-eq. FLOPs | reward calls | sizes |", "|---|---:|---:|---:|---:|---|"]
+    for c in cells:
+        if "refused" in c:
+            lines.append(f"| {c['strategy']} | {c['budget']} | refused | | | {c['refused'][:80]} |")
+            continue
+        info = c["strategy_info"]
+        sizes = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("configuration", "nfe", "reward_calls")
+                          and isinstance(v, (int, str)) and len(str(v)) < 24)
+        if "auto" in info:  # the strategy auto chose
+            sizes = f"chose {info['auto'].get('strategy')}: {sizes}"
+        lines.append(f"| {c['strategy']} | {c['budget']} | {c['nfe_mean']:.0f} | {c['flops_mean_in_nfe']:.1f} | "
+                     f"{c['reward_calls_mean']:.0f} | {sizes[:120]} |")
+    return "\n".join(lines) + "\n"
 
 
 def side_table(cells: list[dict]) -> str:

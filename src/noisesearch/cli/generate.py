@@ -145,7 +145,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_pipeline_options(g)
 
     g = p.add_argument_group("search")
-    g.add_argument("--reward", default="digit", help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH, pickscore@DIR, hps@DIR, imagereward@DIR, aesthetic@DIR), a function by import path (mypackage.rewards:sharpness, f(images, prompts) -> [B]), 0.7*a+0.3*b, or ranksum(a,b) (default: digit)")
+    g.add_argument("--reward", default=None, help="reward spec: a name (digit, judge, brightness, compressibility, clip@PATH, pickscore@DIR, hps@DIR, imagereward@DIR, aesthetic@DIR), a function by import path (mypackage.rewards:sharpness, f(images, prompts) -> [B]), 0.7*a+0.3*b, or ranksum(a,b) (default: digit, for --model digits; required for other models)")
     g.add_argument("--reward-flops", type=finite_float(0, 1e30), default=None, metavar="F",
                    help="declare or override the reward's price in FLOPs per image (a function by import path costs 0 "
                    "unless declared: a FLOP budget then pays only for network evaluations and decodes)")
@@ -262,3 +262,4 @@ def summary_line(r: dict) -> str:
         if spec != "judge":
             line += f"  eval[{spec}] {e['mean']:.4f}"
     return line + f"  nfe_max {r['nfe_max']}  reward_calls {r['reward_calls']}  flops {r['flops']:.3g}  wall {r['wall_seconds']:.2f}s"
+

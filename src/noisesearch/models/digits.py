@@ -298,6 +298,7 @@ class DigitsDenoiser:
     flops_per_decode = 0.0  # pixel model: decoding is a rescale
     dtype = torch.float32
     prompts = DIGIT_PROMPTS
+    default_reward = "digit"  # the reward of generate without one: log p(target digit | image)
     eval_rewards = ("judge",)  # scored after every search with evaluate=True (generate): the independent judge
 
     family = "digits"

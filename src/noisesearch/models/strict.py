@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,11 +102,18 @@ def quiet_libraries():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    # their "Loading pipeline components / weights" bars too (the libraries are imported by the caller)
+    bars = [m for m in (sys.modules.get(f"{lib}.utils.logging") for lib in ("diffusers", "transformers"))
+            if m is not None and m.is_progress_bar_enabled()]
+    for m in bars:
+        m.disable_progress_bar()
     try:
         yield
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+        for m in bars:
+            m.enable_progress_bar()
 
 
 # ---- pipeline folders: before building ---------------------------------------------------------------

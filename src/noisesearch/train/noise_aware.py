@@ -546,6 +546,12 @@ def _paired_se(diff: np.ndarray) -> float:
     return float(np.nanstd(diff, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
+def _nanmean(x) -> float:
+    """``np.nanmean`` without its "Mean of empty slice" warning: NaN when every value is NaN."""
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if (~np.isnan(x)).any() else float("nan")
+
+
 def _heldout_metrics(run: _Run, scorer, step: int) -> dict:
     """Spearman and top-10% recall against the final reward on the held-out candidates, base vs student."""
     data, final_held = run.data, run.final_held
@@ -554,8 +560,8 @@ def _heldout_metrics(run: _Run, scorer, step: int) -> dict:
     sp_base = spearman_per_prompt(base_held, final_held)
     sp_student = spearman_per_prompt(pred_held, final_held)
     return {
-        "heldout_spearman_base": float(np.nanmean(sp_base)),
-        "heldout_spearman": float(np.nanmean(sp_student)),
+        "heldout_spearman_base": _nanmean(sp_base),
+        "heldout_spearman": _nanmean(sp_student),
         "heldout_spearman_diff_se": _paired_se(sp_student - sp_base),
         "heldout_top10pct_recall_base": float(topk_recall(base_held, final_held, run.k_top).mean()),
         "heldout_top10pct_recall": float(topk_recall(pred_held, final_held, run.k_top).mean()),
