@@ -66,46 +66,13 @@ class DigitCNN(nn.Module):
         self.fc2 = nn.Linear(hidden, 10)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        if not self.training and blocked_ok(self, images01):
-            h = blocked_features(self, images01)
-        else:
-            h = images01 * 2 - 1
-            h = F.relu(self.conv1(h))
-            h = max_pool2(F.relu(self.conv2(h)))
-            h = max_pool2(F.relu(self.conv3(h))).flatten(1)
+        h = images01 * 2 - 1
+        h = F.relu(self.conv1(h))
+        h = max_pool2(F.relu(self.conv2(h)))
+        h = max_pool2(F.relu(self.conv3(h))).flatten(1)
         if self.training:  # dropout is the identity in eval mode: skip the module calls
             return self.fc2(self.dropout(F.relu(self.fc1(self.dropout(h)))))
         return self.fc2(F.relu(self.fc1(h)))
-
-
-# The oneDNN ("mkldnn") path of DigitCNN in inference. ATen runs each Conv2d on a CPU through oneDNN
-# in its blocked layout and copies the result back to the plain layout; the next convolution copies it
-# into the blocked layout again. Those copies were a third of the classifier's time. Keeping the
-# activations in oneDNN's layout between the convolutions runs the same convolution primitives on the
-# same values (ReLU and 2x2 max pooling are exact in any layout), so the logits are bit for bit those of
-# the plain path (tests/test_rewards.py compares them at several batch sizes).
-BLOCKED_MIN_BATCH = 16  # below, ATen may pick another convolution path for a dense input
-
-
-def blocked_ok(module: "DigitCNN", images: torch.Tensor) -> bool:
-    """Whether the oneDNN path applies: plain Conv2d layers, float32 CPU input of at least
-    ``BLOCKED_MIN_BATCH`` rows, no gradients, oneDNN available."""
-    return (images.shape[0] >= BLOCKED_MIN_BATCH and images.dtype == torch.float32 and images.device.type == "cpu"
-            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" for c in (module.conv1, module.conv2, module.conv3)))
-
-
-def _blocked_conv_relu(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return torch.mkldnn_convolution(h, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups).relu_()
-
-
-def blocked_features(module: "DigitCNN", images01: torch.Tensor) -> torch.Tensor:
-    """The convolution stack of ``DigitCNN`` with oneDNN tensors in between: [B, 2ch*2*2] (dense)."""
-    h = torch.mul(images01, 2).sub_(1).to_mkldnn()
-    h = _blocked_conv_relu(h, module.conv1)
-    h = F.max_pool2d(_blocked_conv_relu(h, module.conv2), 2)
-    h = F.max_pool2d(_blocked_conv_relu(h, module.conv3), 2)
-    return h.to_dense().flatten(1)
 
 
 class DigitMLP(nn.Module):
