@@ -312,3 +312,19 @@ def test_api_run_folder_has_search_png_by_default(tmp_path):
     run = noisesearch.generate(model="digits", prompts=["3"], guidance=0, strategy="eps-greedy", budget_nfe=72, num_samples=2)
     noisesearch.save_run(run, tmp_path / "api")
     assert {"report.json", "config.yaml", "samples.png", "search.png"} <= {p.name for p in (tmp_path / "api").iterdir()}
+
+
+def test_an_eval_reward_failing_only_after_the_search_keeps_the_run(tmp_path, capsys):
+    calls = []
+
+    def late_nan(images, prompts):
+        calls.append(len(images))
+        out = torch.zeros(len(images))
+        return out if len(calls) == 1 else out + float("nan")  # fine at the probe, NaN on the results
+
+    run = noisesearch.generate(model="digits", prompts=["3"], guidance=0, strategy="best-of-n", budget_nfe=36,
+                               num_samples=2, eval_rewards=[late_nan], out=tmp_path / "run")
+    assert len(calls) == 2 and "late_nan" in run.report["eval_errors"]
+    assert "late_nan" not in run.report["eval_rewards"] and run.report["judge_accuracy"] is not None
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["eval_errors"]
+    assert "the run is kept" in capsys.readouterr().err

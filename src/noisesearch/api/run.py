@@ -26,6 +26,7 @@ import math
 import platform
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,10 +354,17 @@ def evaluate_rewards(report: dict, images: torch.Tensor, prompts: Sequence[str],
     the judge's ``judge_class`` and ``judge_prob``), the report ``"eval_rewards": {key: {mean, std,
     name, flops_per_image}}`` and, where the judge is among them, ``judge_accuracy`` (the mean of
     ``judge``). Not charged to the search budget: a reward the search hacked scores high on its own
-    reward, not on these."""
+    reward, not on these. An evaluation reward that fails on the chosen samples (NaN, wrong shape; it was
+    probed before the search) is left out with a warning and ``report["eval_errors"]``: the search is kept."""
     meta = {}
     for key, fn in rewards:
-        values = score(fn, images, list(prompts))
+        try:
+            values = score(fn, images, list(prompts))
+        except NoiseSearchError as e:  # probed fine before the search, failed on its results: keep the run
+            report.setdefault("eval_errors", {})[key] = str(e)
+            print(f"warning: evaluation reward {key!r} failed on the chosen samples, the run is kept without it: {e}",
+                  file=sys.stderr)
+            continue
         for s, v in zip(report["samples"], values.tolist()):
             s.setdefault("eval_rewards", {})[key] = float(v)
         details = getattr(fn, "details", None)
