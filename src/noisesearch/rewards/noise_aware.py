@@ -37,6 +37,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import load_checked_safetensors, save_checked_safetensors
+from noisesearch.models.strict import differences
 from noisesearch.rewards.base import make_reward
 from noisesearch.rewards.step_conditioning import StepConditioned, set_condition
 
@@ -167,8 +168,7 @@ class NoiseAwareReward:
             missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
             shaped = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
             if missing or unexpected or shaped:
-                diff = "; ".join(f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names in
-                                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if names)
+                diff = differences(missing, unexpected, [(k, got[k], expected[k]) for k in shaped])
                 raise NoiseSearchError(f"{where}: the weights of step {step} do not fit reward {self.base_name!r} "
                                        f"({diff}); retrain them with train-reward")
 

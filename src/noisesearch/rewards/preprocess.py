@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops  # noqa: F401 (re-export)
 from noisesearch.io import describe_load_error, read_text_limited
+from noisesearch.models.strict import differences
 from noisesearch.validate import check_memory
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -220,11 +221,6 @@ def check_sizes(reward: str, where: str, cfg: Mapping, required: Sequence[str] =
                                f"{prefix}{patch[0]} = {int(cfg[patch[0]])}")
 
 
-def _names(keys: Sequence[str], n: int = 3) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
 def check_tensors(reward: str, where: str, expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]],
                   ignore_missing: Callable[[str], bool] = lambda k: False,
                   ignore_unexpected: Callable[[str], bool] = lambda k: False, config: str = "its config") -> None:
@@ -236,16 +232,8 @@ def check_tensors(reward: str, where: str, expected: Mapping[str, Sequence[int]]
     shaped = [k for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
     if not (missing or unexpected or shaped):
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing ({_names(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
-    if shaped:
-        k = sorted(shaped)[0]
-        parts.append(f"{len(shaped)} of another shape ({k}: {tuple(found[k])} in the file, {tuple(expected[k])} "
-                     f"by {config}{f' and {len(shaped) - 1} more' if len(shaped) > 1 else ''})")
-    raise NoiseSearchError(f"{reward} reward: the weights {where} do not match {config}: {'; '.join(parts)}; "
+    diff = differences(missing, unexpected, [(k, tuple(found[k]), tuple(expected[k])) for k in shaped])
+    raise NoiseSearchError(f"{reward} reward: the weights {where} do not match {config}: {diff}; "
                            "use the config the weights were saved with")
 
 
