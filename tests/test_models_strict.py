@@ -88,6 +88,7 @@ SD_CASES = [
     ("tokenizer", "", remove, r"tokenizer does not fit text_encoder: 2 tokens"),
     ("tokenizer", "tokenizer_config.json", remove, r"tokenizer pads to \d+ tokens but text_encoder has 16 positions"),
     ("scheduler", "scheduler_config.json", _set("num_train_timesteps", 10**12), r"num_train_timesteps = 1000000000000 is out of range"),
+    ("scheduler", "scheduler_config.json", _set("beta_end", -1), r"beta_end = -1 is out of range"),
 ]
 
 

@@ -287,7 +287,7 @@ def load_pipeline_components(folder, model_index: dict, variant: str | None, dty
 
 def precheck_config_file(path: Path) -> None:
     """A scheduler's (or processor's) config: readable, sizes in range; a scheduler's training
-    timesteps from 1 to 100000 (they size its tables, built when the pipeline loads)."""
+    timesteps from 1 to 100000 (they size its tables, built when the pipeline loads), its betas in (0, 1)."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -298,6 +298,10 @@ def precheck_config_file(path: Path) -> None:
     n = config.get("num_train_timesteps", 1000)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100_000:
         raise NoiseSearchError(f"{path}: num_train_timesteps = {n!r} is out of range (1 to 100000)")
+    for key in ("beta_start", "beta_end"):  # a DDPM-style beta schedule: each beta is a variance in (0, 1)
+        b = config.get(key)
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1):
+            raise NoiseSearchError(f"{path}: {key} = {b!r} is out of range (a variance between 0 and 1)")
 
 
 # ---- tokenizers -------------------------------------------------------------------------------------
