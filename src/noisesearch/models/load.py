@@ -16,7 +16,6 @@ has; for names the CPU and guidance 1 (conditional).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from noisesearch.models.flow import FLOW_FAMILIES, FlowPipelineDenoiser
 from noisesearch.models.galaxygrad import load_galaxygrad
 from noisesearch.models.pipeline import parse_dtype, quiet_library_notices
 from noisesearch.models.sd import SD_PIPELINES, DiffusersDenoiser
-from noisesearch.models.strict import check_tokenizers, load_pipeline_components, quiet_libraries
+from noisesearch.models.strict import check_tokenizers, load_pipeline_components, quiet_libraries, read_json_object
 from noisesearch.models.unconditional import UNCONDITIONAL_PIPELINES, UnconditionalPipelineDenoiser
 
 BUILTIN_MODELS = {
@@ -125,13 +124,7 @@ def _read_model_index(folder: Path) -> dict:
             f"{folder} is not a diffusers pipeline directory (no model_index.json); "
             "save one with `pipe.save_pretrained(DIR)` or download a full pipeline repository"
         )
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise NoiseSearchError(f"cannot read {path}: {e}") from None
-    if not isinstance(index, dict):
-        raise NoiseSearchError(f"cannot read {path}: not a JSON object")
-    return index
+    return read_json_object(path, f"cannot read {path}", "{e}")
 
 
 def _check_class(class_name, what: str) -> str:

@@ -165,15 +165,22 @@ def model_class(library: str, class_name: str):
     return cls if bases & {"ModelMixin", "PreTrainedModel"} else None
 
 
-def _read_config(comp_dir: Path) -> dict:
-    path = comp_dir / "config.json"
+def read_json_object(path: Path, where: str, not_json: str = "not JSON ({e})",
+                     not_object: str = "not a JSON object") -> dict:
+    """The JSON object in ``path``, or a one-line ``NoiseSearchError`` "``where``: ``not_json``" (``{e}``
+    replaced by the reason) when it is unreadable or not JSON, "``where``: ``not_object``" when not an object."""
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise NoiseSearchError(f"cannot load {comp_dir}: config.json is missing or not JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise NoiseSearchError(f"cannot load {comp_dir}: config.json is not a JSON object")
-    return config
+        raise NoiseSearchError(f"{where}: {not_json.format(e=e)}") from None
+    if not isinstance(value, dict):
+        raise NoiseSearchError(f"{where}: {not_object}")
+    return value
+
+
+def _read_config(comp_dir: Path) -> dict:
+    return read_json_object(comp_dir / "config.json", f"cannot load {comp_dir}",
+                            "config.json is missing or not JSON ({e})", "config.json is not a JSON object")
 
 
 def _meta_build(cls, comp_dir: Path, config: dict) -> torch.nn.Module:
@@ -288,12 +295,7 @@ def load_pipeline_components(folder, model_index: dict, variant: str | None, dty
 def precheck_config_file(path: Path) -> None:
     """A scheduler's (or processor's) config: readable, sizes in range; a scheduler's training
     timesteps from 1 to 100000 (they size its tables, built when the pipeline loads), its betas in (0, 1)."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise NoiseSearchError(f"cannot load {path}: not JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise NoiseSearchError(f"cannot load {path}: not a JSON object")
+    config = read_json_object(path, f"cannot load {path}")
     check_config_numbers(config, path)
     n = config.get("num_train_timesteps", 1000)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100_000:
@@ -337,4 +339,4 @@ def check_tokenizers(pipe, where, is_folder: bool = True) -> None:
 
 __all__ = ["check_state", "state_shapes", "safetensors_shapes", "differences", "check_config_numbers", "weight_files",
            "precheck_component", "load_component", "load_pipeline_components", "precheck_config_file", "check_tokenizers",
-           "dtype_kwarg", "quiet_libraries", "MIN_VOCAB_FILL"]
+           "dtype_kwarg", "quiet_libraries", "read_json_object", "MIN_VOCAB_FILL"]
