@@ -40,6 +40,31 @@ def test_evo_elites_keep_the_best_reward():
     assert (many.rewards >= one.rewards - 1e-6).all()  # same first generation (same streams), then only better
 
 
+def test_evo_selects_from_the_archive_of_every_generation():
+    # generation g picks its parents among all states recorded at its step: gen 0's 8 at t1, then
+    # gen 0's 8 and gen 1's 4 at t2
+    _, res = run("evo", {"population": 4, "generations": 3, "first_population": 2.0}, nfe=400, n=6)
+    t1, t2 = res.info["evolution_schedule"][1:]
+    assert res.info["archive_sizes"] == {t1: 8, t2: 12}
+
+
+def test_evo_archive_keeps_rows_with_their_fitness():
+    from noisesearch.sampling.samplers import State
+    from noisesearch.search.evo import _Archive
+
+    def batch(values, per):  # 2 searches, ``per`` rows each; x carries the row's own fitness value
+        v = torch.tensor(values, dtype=torch.float32)
+        return State(v.view(-1, 1), v.view(-1, 1), 3, None, torch.arange(2).repeat_interleave(per)), v
+
+    archive = _Archive(2)
+    archive.add(3, *batch([1.0, 2.0, 10.0, 20.0], 2))
+    archive.add(3, *batch([3.0, 4.0, 5.0, 30.0, 40.0, 50.0], 3))
+    states, fitness = archive.at(3)
+    assert fitness.tolist() == [[1, 2, 3, 4, 5], [10, 20, 30, 40, 50]]
+    assert states.x.flatten().tolist() == fitness.flatten().tolist()
+    assert states.owner.tolist() == [0] * 5 + [1] * 5
+
+
 def test_rbf_rolls_unused_budget_over():
     problem, res = run("rbf", {"candidates": 44, "score_every": 1}, nfe=400, n=6)
     assert res.info["rollovers"] > 0

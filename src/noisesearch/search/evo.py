@@ -11,11 +11,16 @@ The paper's terms:
   on digits (seed 1, 360 NFEs: judge accuracy 0.887 with 1, 0.775 with 2, 0.812 with 4; 80 searches):
   at ``sigma_0`` there is little to select on, and the trajectories go further in later generations.
 * **fitness**: each individual is denoised to the end with fresh noise and its final sample scored
-  by the reward (one reward call); on the way its state at the next evolution step is kept.
-* **elitism**: the best ``elites x n`` individuals of a generation pass to the next unchanged (their
-  kept state at the next step).
-* **tournament selection**: every other child's parent is the fittest of ``tournament`` individuals
-  drawn uniformly from the generation.
+  by the reward (one reward call).
+* **archive**: every rollout records the states it passes at the later evolution steps, with its
+  final reward as their fitness; generation ``g`` selects its parents among all the states recorded
+  at ``t_g`` so far (those of every earlier generation's rollouts), as the authors' code does. A
+  larger pool to select from at no extra network or reward call (digits-uncond, 360 NFEs, 400
+  searches, seed 0: judge accuracy 0.860 without it, 0.897 with it; docs/search.md).
+* **elitism**: the best ``elites x n`` states of the archive at ``t_g`` pass to generation ``g``
+  unchanged (and are rolled out again with fresh noise).
+* **tournament selection**: every other child's parent is the fittest of ``tournament`` states
+  drawn uniformly from that archive.
 * **mutation**: a parent's state ``x`` at noise level ``sigma`` with Tweedie estimate ``x0`` becomes
   ``x0 + sqrt(1 - beta^2) (x - x0) + beta sigma eps`` (``x_T``: ``sqrt(1 - beta^2) x + beta eps``), a
   Gaussian-preserving move of its noise part; the child's estimate is recomputed (one network call).
@@ -110,32 +115,37 @@ class EvoSearch(Strategy):
     def run(self, problem: Problem, size: int) -> SearchResult:
         schedule, sizes = self.schedule(problem), self.sizes(problem, size)
         P = problem.num_searches
-        best = _Best(P)
+        best, archive = _Best(P), _Archive(P)
         state = problem.start(sizes[0])
         for g in range(len(schedule)):
-            nxt = schedule[g + 1] if g + 1 < len(schedule) else None
-            kept, fitness = self.fitness(problem, state, nxt, best)
-            if nxt is None:
+            self.fitness(problem, state, schedule[g + 1:], best, archive)
+            if g + 1 == len(schedule):
                 break
-            parents = self.select(problem, fitness.view(P, -1), sizes[g + 1])
-            state = self.mutate(problem, kept.select(parents), self.elite_count(size))
+            pool, fitness = archive.at(schedule[g + 1])
+            parents = self.select(problem, fitness, sizes[g + 1])
+            state = self.mutate(problem, pool.select(parents), self.elite_count(size))
         return SearchResult(x0=best.x0, rewards=best.value.float(), info={
             "population": size, "generations": len(schedule), "evolution_schedule": schedule,
-            "population_schedule": sizes, "elites": self.elite_count(size)})
+            "population_schedule": sizes, "elites": self.elite_count(size),
+            "archive_sizes": archive.sizes()})
 
-    def fitness(self, problem: Problem, state: State, keep_at: int | None, best: "_Best"):
-        """Denoise every individual to the end (keeping its state at ``keep_at``) and score it."""
-        kept = None
-        if keep_at is not None:
-            state = kept = problem.rollout(state, until=keep_at)
+    def fitness(self, problem: Problem, state: State, keep_at: list[int], best: "_Best", archive: "_Archive") -> None:
+        """Denoise every individual to the end and score it; its states at the later evolution
+        steps ``keep_at`` join the archive with that fitness."""
+        kept = []
+        for t in keep_at:
+            state = problem.rollout(state, until=t)
+            kept.append(state)
         final = problem.rollout(state)
         rewards = problem.score(final)
         best.update(final.owner, rewards, final.x0)
-        return kept, rewards
+        for t, s in zip(keep_at, kept):
+            archive.add(t, s, rewards)
 
     def select(self, problem: Problem, fitness: torch.Tensor, n: int) -> torch.Tensor:
-        """Rows of the next generation's parents, grouped by search: the elites first (best first),
-        then one tournament winner per other child."""
+        """Rows (of the archive at the next evolution step, ``fitness`` [P, m]) of the next
+        generation's parents, grouped by search: the elites first (best first), then one tournament
+        winner per other child."""
         P, m = fitness.shape
         e = self.elite_count(n)
         elites = topk_per_owner(fitness.flatten(), torch.arange(P).repeat_interleave(m), e).view(P, e)
@@ -165,6 +175,34 @@ class EvoSearch(Strategy):
         out_x, out_x0 = parents.x.clone(), parents.x0.clone()
         out_x[rows.to(dev)], out_x0[rows.to(dev)] = x, x0
         return replace(parents, x=out_x, x0=out_x0, x0_at_x=parents.x0_at_x)
+
+
+class _Archive:
+    """Every state any rollout passed at each evolution step, with the final reward of that rollout
+    (rows grouped by search). Generation ``g`` selects its parents from all the states recorded at
+    its step so far, those of earlier generations' rollouts included (as the authors' code does):
+    a larger pool at no extra network or reward call."""
+
+    def __init__(self, P: int):
+        self.P, self.states, self.fitness = P, {}, {}
+
+    def add(self, step: int, state: State, rewards: torch.Tensor) -> None:
+        new = rewards.double().view(self.P, -1)
+        if step not in self.states:
+            self.states[step], self.fitness[step] = state, new
+            return
+        old = self.fitness[step]
+        m, n = old.shape[1], new.shape[1]
+        search = torch.arange(self.P).view(-1, 1)
+        order = torch.cat([search * m + torch.arange(m), self.P * m + search * n + torch.arange(n)], 1)
+        self.states[step] = State.cat([self.states[step], state]).select(order.flatten())
+        self.fitness[step] = torch.cat([old, new], 1)
+
+    def at(self, step: int) -> tuple[State, torch.Tensor]:
+        return self.states[step], self.fitness[step]
+
+    def sizes(self) -> dict[int, int]:
+        return {t: int(f.shape[1]) for t, f in self.fitness.items()}
 
 
 class _Best:
