@@ -21,6 +21,9 @@ def test_bench_search_tiny_sweep(tmp_path, capsys):
         assert 0.0 <= c["judge_accuracy"] <= 1.0 and c["overhead_ratio_in_run"] > 0
         # paired timing: one extra timed call per denoiser call, none of it charged to the strategy
         assert c["denoiser_cpu_seconds_paired"] > 0 and c["overhead_ratio_paired"] > 0
+        # reward calls paired too: the ratio over denoiser + reward time is below the one over the denoiser alone
+        assert c["reward_cpu_seconds_paired"] > 0
+        assert 0 < c["overhead_ratio_paired_compute"] < c["overhead_ratio_paired"]
     # 18 NFEs is one trajectory: no choice anywhere, so only the final image is scored
     assert cells[("eps-greedy", 18)]["reward_calls_mean"] == 1 and cells[("smc", 18)]["reward_calls_mean"] == 1
     # 40 NFEs buy two trajectories' worth: best-of-2 and two SMC particles

@@ -208,13 +208,24 @@ class TimedDenoiser:
 
 
 class TimedReward:
-    def __init__(self, reward):
+    """The reward with its calls timed (``seconds``). ``paired=True``: like :class:`TimedDenoiser`,
+    each call is made once more right after it and timed (``paired_seconds``), and that second call
+    is taken out of the run's CPU time (``shadow_seconds``)."""
+
+    def __init__(self, reward, paired: bool = False):
         self.reward, self.name, self.flops_per_image, self.seconds = reward, reward.name, reward.flops_per_image, 0.0
+        self.paired, self.paired_seconds, self.shadow_seconds = paired, 0.0, 0.0
 
     def __call__(self, images, prompts):
         t0 = CLOCK()
         out = self.reward(images, prompts)
-        self.seconds += CLOCK() - t0
+        t1 = CLOCK()
+        self.seconds += t1 - t0
+        if self.paired:
+            self.reward(images, prompts)
+            t2 = CLOCK()
+            self.paired_seconds += t2 - t1
+            self.shadow_seconds += CLOCK() - t1
         return out
 
 
@@ -226,7 +237,7 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
     receives the first search's image per target under ``(label, budget)``."""
     strategy_name, options = CONFIGS[label]
     opts = _options(options, den, reward, budget, kind)
-    tden, timed = TimedDenoiser(den, paired=paired), TimedReward(reward)
+    tden, timed = TimedDenoiser(den, paired=paired), TimedReward(reward, paired=paired)
     limits = {"budget_flops": budget * den.flops_per_call} if kind == "flops" else {"budget_nfe": budget}
     problem = build_problem(tden, timed, [str(d) for d in range(10)], num_samples=seeds, steps=TRAJ,
                             sampler="euler-ancestral", seed=seed, max_batch=max_batch, **limits)
@@ -242,7 +253,8 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
         cell.update(status="n/a", reason=str(e))
         return cell
     wall, cpu = time.perf_counter() - t0, CLOCK() - c0
-    wall, cpu = wall - tden.shadow_seconds, cpu - tden.shadow_seconds  # the paired calls are not the strategy's
+    shadow = tden.shadow_seconds + timed.shadow_seconds  # the paired calls are not the strategy's
+    wall, cpu = wall - shadow, cpu - shadow
     images = den.decode(result.x0).float().cpu()
     if samples is not None:
         samples[(label, budget)] = images.view(10, seeds, *images.shape[1:])[:, 0]
@@ -251,7 +263,7 @@ def run_cell(den, reward, classifier, judge, timer, label: str, budget: int, see
                 reward_mean=float(result.rewards.mean()),
                 reward_sem=float(result.rewards.std() / math.sqrt(len(problem.prompts))),
                 **_quality(images, problem.prompts, classifier, judge),
-                **_overheads(wall, cpu, timed.seconds, tden, timer.expected(calls, max_batch), paired),
+                **_overheads(wall, cpu, timed, tden, timer.expected(calls, max_batch), paired),
                 **_spend(problem.budget, den.flops_per_call, calls, len(problem.prompts)),
                 info=info, params=strat.params())
     return cell
@@ -288,8 +300,12 @@ def _ratio(a: float, b: float | None) -> float:
     return a / b if b else float("nan")
 
 
-def _overheads(wall: float, cpu: float, reward_seconds: float, tden: TimedDenoiser, expected: float, paired: bool) -> dict:
-    """CPU and wall time of the search against its denoiser time, measured the three ways."""
+def _overheads(wall: float, cpu: float, timed: TimedReward, tden: TimedDenoiser, expected: float, paired: bool) -> dict:
+    """CPU and wall time of the search against its denoiser time, measured the three ways; with
+    paired timing also against its denoiser and reward time together (``..._paired_compute``: the
+    search's own bookkeeping, reward calls counted as compute, as a FLOP budget counts them)."""
+    reward_seconds = timed.seconds
+    compute = tden.paired_seconds + timed.paired_seconds
     return {
         "wall_seconds": wall,
         "cpu_seconds": cpu,
@@ -302,6 +318,8 @@ def _overheads(wall: float, cpu: float, reward_seconds: float, tden: TimedDenois
         "overhead_ratio_without_reward": _ratio(cpu - reward_seconds, tden.seconds if tden.seconds > 0 else None),
         "denoiser_cpu_seconds_paired": tden.paired_seconds if paired else None,
         "overhead_ratio_paired": _ratio(cpu, tden.paired_seconds if paired and tden.paired_seconds > 0 else None),
+        "reward_cpu_seconds_paired": timed.paired_seconds if paired else None,
+        "overhead_ratio_paired_compute": _ratio(cpu, compute if paired and compute > 0 else None),
     }
 
 
@@ -409,6 +427,8 @@ def write_outputs(data: dict, out: Path, prefix: str = "search", samples: dict |
     md.append("## Diversity (mean pairwise L2 distance within a target)\n\n" + pivot(main_cells, "diversity", ".2f", budgets, labels))
     md.append("## Overhead ratio (paired timing): CPU time / (sum over the run's denoiser calls of the time of the same call made once more, right after it)\n\n"
               + pivot(main_cells, "overhead_ratio_paired", ".2f", budgets, labels))
+    md.append("## Overhead ratio over the charged compute (paired timing of denoiser and reward calls): CPU time / (paired denoiser time + paired reward time)\n\n"
+              + pivot(main_cells, "overhead_ratio_paired_compute", ".2f", budgets, labels))
     md.append("## Overhead ratio: CPU time / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_in_run", ".2f", budgets, labels))
     md.append("## Overhead ratio without the reward calls: (CPU time - reward CPU time) / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_without_reward", ".3f", budgets, labels))
     md.append("## Overhead ratio: CPU time / (sum over calls of the CPU time of one denoiser call at that size, timed separately after the cell)\n\n" + pivot(main_cells, "overhead_ratio", ".2f", budgets, labels))
