@@ -45,16 +45,20 @@ class State:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def moved(self, x: torch.Tensor, x0: torch.Tensor, step: int, x0_at_x: bool) -> "State":
+        """The same rows (condition, owners) at other values: what a step returns."""
+        if type(self) is State:  # the constructor: dataclasses.replace costs more than a small step
+            return State(x, x0, step, self.cond, self.owner, x0_at_x)
+        return replace(self, x=x, x0=x0, step=step, x0_at_x=x0_at_x)
+
     def select(self, idx: torch.Tensor | Sequence[int]) -> "State":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        dev = self.x.device
-        return replace(
-            self,
-            x=self.x[idx.to(dev)],
-            x0=self.x0[idx.to(dev)],
-            cond=cond_index(self.cond, idx),
-            owner=self.owner[idx.to(self.owner.device)],
-        )
+        on_x = idx.to(self.x.device)
+        x, x0 = self.x[on_x], self.x0[on_x]
+        cond, owner = cond_index(self.cond, idx), self.owner[idx.to(self.owner.device)]
+        if type(self) is State:
+            return State(x, x0, self.step, cond, owner, self.x0_at_x)
+        return replace(self, x=x, x0=x0, cond=cond, owner=owner)
 
     def repeat(self, n: int) -> "State":
         """Each row repeated ``n`` times consecutively (row i -> rows i*n .. i*n+n-1)."""
@@ -110,6 +114,14 @@ class Sampler:
         self.budget = budget
         self.on_call: Callable[[int], None] | None = None  # observer of rows evaluated (e.g. timing)
 
+    def sigma(self, i: int) -> float:
+        """``float(self.sigmas[i])``, read from a list kept in step with ``sigmas`` (rebuilt when
+        ``sigmas`` is replaced): indexing a tensor costs more than a step's arithmetic on small samples."""
+        cache = self.__dict__.get("_sigma_list")
+        if cache is None or cache[0] is not self.sigmas:
+            cache = self._sigma_list = (self.sigmas, self.sigmas.tolist())
+        return cache[1][i]
+
     # ---- noise shape (the draws come from ``noisesearch.noise.NoiseSource``) ------------------
     @property
     def noise_shape(self) -> tuple[int, ...]:
@@ -124,24 +136,28 @@ class Sampler:
         """D(x, sigma, cond) for every row, in chunks, charged to the budget first."""
         if self.budget is not None:
             self.budget.charge(owner, self.budget.cost.nfe(1), "nfe")
-        outs = []
-        for lo in range(0, x.shape[0], self.max_batch):
-            hi = min(lo + self.max_batch, x.shape[0])
-            xs = x[lo:hi]
-            s = torch.full((hi - lo,), float(sigma), device=x.device, dtype=x.dtype)
-            outs.append(self.denoiser(xs, s, cond_index(cond, slice(lo, hi))))
+        n, sigma = x.shape[0], float(sigma)
+        if n <= self.max_batch:  # one chunk (the usual case): the rows as they are
+            out = self.denoiser(x, torch.full((n,), sigma, device=x.device, dtype=x.dtype), cond_index(cond, slice(0, n)))
+        else:
+            outs = []
+            for lo in range(0, n, self.max_batch):
+                hi = min(lo + self.max_batch, n)
+                s = torch.full((hi - lo,), sigma, device=x.device, dtype=x.dtype)
+                outs.append(self.denoiser(x[lo:hi], s, cond_index(cond, slice(lo, hi))))
+            out = torch.cat(outs)
         if self.on_call is not None:
-            self.on_call(x.shape[0])
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+            self.on_call(n)
+        return out
 
     # ---- the step rule (subclasses) -------------------------------------------------------------
     def start(self, cond: Cond, noise: torch.Tensor, owner: torch.Tensor | None = None) -> State:
         """Initial states ``x = sigma_0 * noise`` (``noise`` itself at sigma_0 = inf) and their x0."""
         if owner is None:
             owner = torch.arange(noise.shape[0])
-        s0 = float(self.sigmas[0])
+        s0 = self.sigma(0)
         x = noise.clone() if math.isinf(s0) else noise * s0
-        x0 = self.denoise(x, float(self.sigmas[0]), cond, owner)
+        x0 = self.denoise(x, self.sigma(0), cond, owner)
         return State(x=x, x0=x0, step=0, cond=cond, owner=owner, x0_at_x=True)
 
     start_nfe = 1
@@ -218,16 +234,16 @@ class EulerAncestral(Sampler):
         self.eta = eta
 
     def step_nfe(self, i: int) -> int:
-        return 1 if float(self.sigmas[i + 1]) > 0 else 0
+        return 1 if self.sigma(i + 1) > 0 else 0
 
     def uses_noise(self, i: int) -> bool:
-        return ancestral_split(float(self.sigmas[i]), float(self.sigmas[i + 1]), self.eta)[1] > 0
+        return ancestral_split(self.sigma(i), self.sigma(i + 1), self.eta)[1] > 0
 
     def step(self, state: State, noise: torch.Tensor | None) -> State:
         i = state.step
         if i >= self.num_steps:
             raise ValueError("state is already at the end of the schedule")
-        s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        s, s_next = self.sigma(i), self.sigma(i + 1)
         noise = self.check_noise(state, noise)
         sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
         if math.isinf(s):  # state.x is eps = lim x / sigma: the limit of the step below
@@ -236,10 +252,10 @@ class EulerAncestral(Sampler):
             d = (state.x - state.x0) / s
             x = state.x + d * (sigma_down - s)
         if s_next == 0:
-            return replace(state, x=x, x0=x, step=i + 1, x0_at_x=True)
+            return state.moved(x, x, i + 1, True)
         x = x + noise * sigma_up
         x0 = self.denoise(x, s_next, state.cond, state.owner)
-        return replace(state, x=x, x0=x0, step=i + 1, x0_at_x=True)
+        return state.moved(x, x0, i + 1, True)
 
 
 class Euler(EulerAncestral):
@@ -281,18 +297,18 @@ class HeunChurn(Sampler):
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
     def gamma(self, i: int) -> float:
-        t = float(self.sigmas[i])
+        t = self.sigma(i)
         if self.s_tmin <= t <= self.s_tmax and math.isfinite(t):
             return min(self.s_churn / self.num_steps, math.sqrt(2) - 1)
         return 0.0
 
     def step_nfe(self, i: int) -> int:
-        if math.isinf(float(self.sigmas[i])):
-            return 1 if float(self.sigmas[i + 1]) > 0 else 0
+        if math.isinf(self.sigma(i)):
+            return 1 if self.sigma(i + 1) > 0 else 0
         # no first call where the state's x0 is at x: the start, or after an Euler step from inf
-        at_x = i == 0 or math.isinf(float(self.sigmas[i - 1]))
+        at_x = i == 0 or math.isinf(self.sigma(i - 1))
         first = 0 if (at_x and self.gamma(i) == 0) else 1
-        return first + (1 if float(self.sigmas[i + 1]) > 0 else 0)
+        return first + (1 if self.sigma(i + 1) > 0 else 0)
 
     def uses_noise(self, i: int) -> bool:
         return self.gamma(i) > 0
@@ -301,14 +317,14 @@ class HeunChurn(Sampler):
         i = state.step
         if i >= self.num_steps:
             raise ValueError("state is already at the end of the schedule")
-        t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        t, t_next = self.sigma(i), self.sigma(i + 1)
         noise = self.check_noise(state, noise)
         if math.isinf(t):  # Euler from the pure noise (state.x is eps), no churn
             x_next = state.x0 + t_next * state.x
             if t_next == 0:
-                return replace(state, x=x_next, x0=x_next, step=i + 1, x0_at_x=True)
+                return state.moved(x_next, x_next, i + 1, True)
             x0 = self.denoise(x_next, t_next, state.cond, state.owner)
-            return replace(state, x=x_next, x0=x0, step=i + 1, x0_at_x=True)
+            return state.moved(x_next, x0, i + 1, True)
         gamma = self.gamma(i)
         t_hat = t * (1 + gamma)
         x_hat = state.x + math.sqrt(max(t_hat**2 - t**2, 0.0)) * self.s_noise * noise
@@ -319,11 +335,11 @@ class HeunChurn(Sampler):
         d = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d
         if t_next == 0:
-            return replace(state, x=x_next, x0=x_next, step=i + 1, x0_at_x=True)
+            return state.moved(x_next, x_next, i + 1, True)
         denoised2 = self.denoise(x_next, t_next, state.cond, state.owner)
         d2 = (x_next - denoised2) / t_next
         x_next = x_hat + (t_next - t_hat) * (d + d2) / 2
-        return replace(state, x=x_next, x0=denoised2, step=i + 1, x0_at_x=False)
+        return state.moved(x_next, denoised2, i + 1, False)
 
 
 def step_layout(sampler) -> dict[str, list]:

@@ -126,8 +126,8 @@ class EpsGreedy(Strategy):
     # -- planning --
     def levels(self, s: Sampler) -> list[tuple[int, float, int]]:
         """(step, sigma, nfe per candidate) of each searched level; step -1 is the initial noise."""
-        levels = [(-1, float(s.sigmas[0]), s.start_nfe)] if self.search_init else []
-        levels += [(i, float(s.sigmas[i]), s.step_nfe(i)) for i in noise_steps(s)]
+        levels = [(-1, s.sigma(0), s.start_nfe)] if self.search_init else []
+        levels += [(i, s.sigma(i), s.step_nfe(i)) for i in noise_steps(s)]
         return levels
 
     @property
@@ -240,10 +240,12 @@ class EpsGreedy(Strategy):
             scores = problem.score(new)
             rows = torch.arange(P) * N + scores.view(P, N).argmax(1)
             top = scores[rows]
-            better = top > best_score if self.elitist else torch.ones(P, dtype=torch.bool)
-            if not self.elitist:
-                worse += int((top < best_score).sum())
             chosen = new.select(rows)
+            if not self.elitist:  # the best candidate always replaces the pivot
+                worse += int((top < best_score).sum())
+                best, pivot, best_score = chosen, cand[rows.to(cand.device)], top
+                continue
+            better = top > best_score
             if best is None:
                 best = chosen
             else:

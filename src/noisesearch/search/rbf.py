@@ -125,34 +125,41 @@ class RBF(Strategy):
     def force_budget(self, problem: Problem, state: State, allowance: torch.Tensor, best: torch.Tensor, last: bool):
         """Budget forcing at one step: draw candidates until one beats ``best`` (then roll the unused
         allowance over) or the allowance is spent (then keep the step's best candidate).
-        Returns (chosen states, carried allowance, new best, searches that rolled over)."""
+        Returns (chosen states, carried allowance, new best, searches that rolled over).
+
+        A step runs many small waves, so the per-search bookkeeping is plain Python on lists (fewer
+        library calls than tensor or array operations on a few dozen rows) and the chosen rows are
+        written in place into one copy of the first wave's rows."""
         s, P = problem.sampler, problem.num_searches
         if last:  # nothing rolls over past the last step: all its candidates at once, the best kept
             return self.spend_the_rest(problem, state, allowance), torch.zeros(P, dtype=torch.long), best, 0
-        used = torch.zeros(P, dtype=torch.long)
-        active = torch.ones(P, dtype=torch.bool)
+        allowance, best = allowance.tolist(), best.tolist()
+        used, carry, rolled = [0] * P, [0] * P, [False] * P
+        step_best = [float("-inf")] * P
         chosen: State | None = None
-        step_best = torch.full((P,), float("-inf"), dtype=torch.float64)
-        carry = torch.zeros(P, dtype=torch.long)
-        rolled = torch.zeros(P, dtype=torch.bool)
-        while bool(active.any()):
-            rows = active.nonzero().flatten()
-            cand = s.step(state.select(rows), problem.noise.normal(rows))
-            r = problem.score(cand).double()
-            used[rows] += 1
-            chosen = cand if chosen is None else chosen
-            better = r > step_best[rows]  # the step's best candidate so far
-            chosen = _put(chosen, rows[better], cand.select(better.nonzero().flatten()))
-            step_best[rows] = torch.maximum(step_best[rows], r)
-            improved = r > best[rows]
-            spent = used[rows] >= allowance[rows]
-            stop = rows[improved | spent]
-            carry[rows[improved]] = (allowance - used)[rows[improved]]
-            rolled[rows[improved]] = True
-            active[stop] = False
-        best = torch.where(rolled, step_best, best)
-        return chosen, carry, best, int(rolled.sum())
-
+        rows = list(range(P))
+        while rows:
+            at = torch.tensor(rows, dtype=torch.long)
+            cand = s.step(state if len(rows) == len(state) else state.select(at), problem.noise.normal(at))
+            r = problem.score(cand).double().tolist()
+            better = [j for j, (p, v) in enumerate(zip(rows, r)) if v > step_best[p]]  # the step's best so far
+            if chosen is None:  # the first wave: every search (better everywhere)
+                chosen = cand.moved(cand.x.clone(), cand.x0.clone(), cand.step, cand.x0_at_x)
+            elif better:
+                into = torch.tensor([rows[j] for j in better], dtype=torch.long).to(chosen.x.device)
+                pick = torch.tensor(better, dtype=torch.long).to(cand.x.device)
+                chosen.x[into], chosen.x0[into] = cand.x[pick], cand.x0[pick]
+            still = []
+            for p, v in zip(rows, r):
+                used[p] += 1
+                step_best[p] = max(step_best[p], v)
+                if v > best[p]:  # improved: move on, the rest of the allowance rolls over
+                    carry[p], rolled[p] = allowance[p] - used[p], True
+                elif used[p] < allowance[p]:
+                    still.append(p)
+            rows = still
+        best = torch.tensor([b if rl else o for b, rl, o in zip(step_best, rolled, best)], dtype=torch.float64)
+        return chosen, torch.tensor(carry, dtype=torch.long), best, sum(rolled)
 
     def spend_the_rest(self, problem: Problem, state: State, allowance: torch.Tensor) -> State:
         """The last step: each search's remaining ``allowance`` candidates in one batch (the same
@@ -160,16 +167,6 @@ class RBF(Strategy):
         rows = torch.arange(problem.num_searches).repeat_interleave(allowance)
         cand = problem.sampler.step(state.select(rows), problem.noise.normal(rows))
         return cand.select(best_per_owner(problem.score(cand), cand.owner, problem.num_searches))
-
-
-def _put(into: State, rows: torch.Tensor, rows_state: State) -> State:
-    """``into`` with its rows ``rows`` replaced by ``rows_state`` (same step)."""
-    if not rows.numel():
-        return into
-    x, x0 = into.x.clone(), into.x0.clone()
-    dev = x.device
-    x[rows.to(dev)], x0[rows.to(dev)] = rows_state.x, rows_state.x0
-    return replace(into, x=x, x0=x0)
 
 
 __all__ = ["RBF", "INTERPOLANTS"]
