@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from noisesearch import api
 from noisesearch.models import load_model
 from noisesearch.sampling.schedules import vp_sigmas
-from noisesearch.search import make_strategy
+from noisesearch.search import dts, make_strategy
 from noisesearch.search.auto import TABLE, reward_price, table_choice
 from test_strategies import STEPS, ModeReward, make_problem, run
 
@@ -89,6 +90,53 @@ def test_dts_reuses_the_tree():
     assert res.info["rollouts_mean"] > 20
     assert res.info["nodes_mean"] > 20
     assert int(problem.budget.nfe.max()) <= res.info["planned_per_sample"]["nfe"]
+
+
+def test_dts_chain_value_is_the_soft_value_of_one_child():
+    # the new path's values are computed without the log-sum-exp: they must be what the backup computes
+    lam = 10.0
+    v = np.concatenate([np.random.default_rng(0).normal(0, 50, 2000), [0.0, -0.0, 1e-300, -1e300, np.inf, -np.inf]])
+    tree = dts.Tree(1, v.size + 1, 3, (1,), "cpu", torch.float32)
+    tree.child[: v.size, 0] = np.arange(v.size) + 1  # node i has the one child i + 1, holding v[i]
+    tree.n_children[: v.size] = 1
+    tree.value[1 : v.size + 1] = v
+    tree.backup_level(np.arange(v.size), lam, boltzmann=True)
+    expected = tree.value[: v.size]
+    got = dts.chain_value(v, lam)
+    assert np.array_equal(got, expected) and np.array_equal(np.signbit(got), np.signbit(expected))
+
+
+@pytest.mark.parametrize("selection", ["boltzmann", "greedy"])
+def test_dts_tree_holds_soft_values_and_selection_caches(selection, monkeypatch):
+    trees = []
+
+    class Recorded(dts.Tree):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            trees.append(self)
+
+    monkeypatch.setattr(dts, "Tree", Recorded)
+    problem, res = run("dts", {"iterations": 30, "children": 2, "selection": selection}, nfe=400, n=4)
+    tree, lam, T = trees[0], 10.0, STEPS - 1
+    assert torch.equal(res.rewards, torch.from_numpy(tree.best_value).float())
+    for p in range(4):
+        rows = np.arange(tree.base[p], tree.base[p] + tree.count[p])
+        ch = tree.child[rows]
+        assert np.array_equal(tree.n_children[rows], (ch >= 0).sum(1))
+        assert np.array_equal(tree.full[rows], tree.n_children[rows] >= 2)
+        leaves = rows[tree.n_children[rows] == 0]
+        assert (tree.depth[leaves] == T).all() and tree.best_value[p] == tree.value[leaves].max()
+        assert tree.best_node[p] in leaves and tree.value[tree.best_node[p]] == tree.best_value[p]
+        inner = rows[tree.n_children[rows] > 0]
+        logits = torch.from_numpy(np.where(tree.child[inner] >= 0, tree.value[tree.child[inner]], -np.inf) * lam)
+        soft = (torch.logsumexp(logits, 1) - torch.log(torch.from_numpy(tree.n_children[inner]).double())) / lam
+        assert torch.allclose(torch.from_numpy(tree.value[inner]), soft, rtol=1e-12, atol=1e-12)
+        full = tree.full[inner]
+        if selection == "greedy":
+            assert np.array_equal(tree.greedy[inner][full], logits[full].argmax(1).numpy())
+        else:
+            cum = torch.softmax(logits[full], 1).cumsum(1)
+            assert torch.allclose(torch.from_numpy(tree.cum[inner][full]), cum, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_follows_the_table():

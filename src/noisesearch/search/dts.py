@@ -26,61 +26,82 @@ it has made ``S`` rollouts, or after ``4 S`` descents. The plan is the allowance
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
+from noisesearch.models.base import cond_index
 from noisesearch.sampling.samplers import State
 from noisesearch.search.base import Problem, SearchResult, Strategy, nfe_between, noise_steps
 
 SELECTIONS = ("boltzmann", "greedy")
 
 
+def chain_value(value: np.ndarray, lam: float) -> np.ndarray:
+    """The soft value of a node whose one child has ``value``: ``(1/lambda) log exp(lambda v)``
+    computed as :meth:`Tree.backup_level` computes it (a one-term log-sum-exp is ``0 + lambda v``,
+    the log of one child ``0``), without the reductions."""
+    return (value * lam + 0.0) / lam
+
+
 class Tree:
-    """The ``P`` trees as tensors indexed ``[tree, node]`` (node 0 = root); ``child[tree, node, k]`` is
-    the ``k``-th child (-1: none yet)."""
+    """The ``P`` trees in flat arrays: node ``n`` of tree ``p`` is row ``p * max_nodes + n`` (its root is
+    row ``base[p]``); ``child[row, k]`` is the row of the node's ``k``-th child (-1: none yet). The
+    bookkeeping is in numpy arrays (small and many operations: cheaper than tensors); the states
+    ``x``/``x0`` are tensors on the denoiser's device, and the log-sum-exp and softmax are torch's.
+
+    What selection needs of a node with all its children is cached with its soft value: ``cum[row]``,
+    the cumulative Boltzmann probabilities of its children, and ``greedy[row]``, the slot of its best child. Both
+    change only when a child's value does, on a backup through the node, which recomputes them."""
 
     def __init__(self, trees: int, max_nodes: int, children: int, shape, device, dtype):
-        self.child = torch.full((trees, max_nodes, children), -1, dtype=torch.long)
-        self.depth = torch.zeros(trees, max_nodes, dtype=torch.long)
-        self.value = torch.zeros(trees, max_nodes, dtype=torch.float64)
-        self.x = torch.zeros((trees, max_nodes, *shape), device=device, dtype=dtype)
-        self.x0 = torch.zeros_like(self.x)
-        self.count = torch.ones(trees, dtype=torch.long)
-        self.best_value = torch.full((trees,), float("-inf"), dtype=torch.float64)
-        self.best_node = torch.zeros(trees, dtype=torch.long)
+        rows = trees * max_nodes
+        self.base = np.arange(trees, dtype=np.int64) * max_nodes
+        self.child = np.full((rows, children), -1, dtype=np.int64)
+        self.n_children = np.zeros(rows, dtype=np.int64)
+        self.full = np.zeros(rows, dtype=bool)  # has all its children: selection goes through it
+        self.depth = np.zeros(rows, dtype=np.int64)
+        # one more: the value of "no child" (row -1), -inf, which the soft value's mean leaves out
+        self.value = np.zeros(rows + 1, dtype=np.float64)
+        self.value[-1] = -np.inf
+        self.log_count = torch.log(torch.arange(children + 1, dtype=torch.float64)).numpy()  # log of a node's children
+        self.cum = np.zeros((rows, children), dtype=np.float64)
+        self.greedy = np.zeros(rows, dtype=np.int64)
+        self.x = torch.empty((rows, *shape), device=device, dtype=dtype)  # a node's rows are written when it is made
+        self.x0 = torch.empty_like(self.x)
+        self.count = np.ones(trees, dtype=np.int64)
+        self.best_value = np.full(trees, -np.inf)
+        self.best_node = self.base.copy()
 
-    def n_children(self, trees: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        return (self.child[trees, nodes] >= 0).sum(1)
+    def add_paths(self, parents: np.ndarray, first: np.ndarray, nodes: np.ndarray, depth: np.ndarray,
+                  values: np.ndarray, leaves: int) -> None:
+        """New paths: ``nodes`` (rows, at ``depth``, holding ``values``; the last ``leaves`` of them the
+        leaves) form a chain of single children below each ``parents[i]``, whose new child is ``first[i]``
+        (``nodes`` are consecutive rows within a path: a node's child is the next row)."""
+        slot = self.n_children[parents]
+        self.child[parents, slot] = first
+        self.n_children[parents] = slot + 1
+        self.full[parents] = slot + 1 >= self.child.shape[1]
+        inner = nodes[: nodes.size - leaves]
+        self.child[inner, 0] = inner + 1
+        self.n_children[inner] = 1
+        self.full[inner] = self.child.shape[1] == 1
+        self.depth[nodes] = depth
+        self.value[nodes] = values
 
-    def add(self, trees: torch.Tensor, parents: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """A new child of each ``parents[i]`` in tree ``trees[i]`` holding (x, x0); its node ids."""
-        new = self.count[trees].clone()
-        slot = self.n_children(trees, parents)
-        self.child[trees, parents, slot] = new
-        self.depth[trees, new] = self.depth[trees, parents] + 1
-        dev = self.x.device
-        self.x[trees.to(dev), new.to(dev)], self.x0[trees.to(dev), new.to(dev)] = x, x0
-        self.count[trees] += 1
-        return new
-
-    def soft_backup(self, trees: torch.Tensor, path: list[torch.Tensor], lam: float) -> None:
-        """Recompute ``V(n) = (1/lambda) log mean_c exp(lambda V(c))`` bottom-up along each path
-        (path[d][i]: the node of tree ``trees[i]`` at depth d; -1 past the end)."""
-        for nodes in reversed(path):
-            ok = nodes >= 0
-            t, n = trees[ok], nodes[ok]
-            ch = self.child[t, n]
-            has = ch >= 0
-            inner = has.any(1)
-            if not bool(inner.any()):
-                continue
-            v = self.value[t.unsqueeze(1).expand_as(ch), ch.clamp_min(0)] * lam
-            v = torch.where(has, v, torch.tensor(float("-inf"), dtype=v.dtype))
-            soft = (torch.logsumexp(v, 1) - torch.log(has.sum(1).double())) / lam
-            self.value[t[inner], n[inner]] = soft[inner]
+    def backup_level(self, nodes: np.ndarray, lam: float, boltzmann: bool) -> None:
+        """``V(n) = (1/lambda) log mean_c exp(lambda V(c))`` for each of ``nodes`` (every one with a
+        child), and its selection cache."""
+        v = torch.from_numpy(self.value[self.child[nodes]] * lam)  # -inf where no child
+        self.value[nodes] = (torch.logsumexp(v, 1).numpy() - self.log_count[self.n_children[nodes]]) / lam
+        if boltzmann:
+            self.cum[nodes] = torch.softmax(v, 1).cumsum(1).numpy()
+        else:
+            self.greedy[nodes] = v.argmax(1).numpy()
 
 
 @dataclass
@@ -130,92 +151,110 @@ class DTS(Strategy):
     def run(self, problem: Problem, size: int) -> SearchResult:
         s, P = problem.sampler, problem.num_searches
         levels = self.levels(problem)
-        T, ar = len(levels) - 1, torch.arange(P)
+        T = len(levels) - 1
         root = problem.rollout(problem.start(1), until=levels[0])
         tree = Tree(P, 1 + size * T, self.children, s.noise_shape, s.denoiser.device, s.denoiser.dtype)
-        tree.x[:, 0], tree.x0[:, 0] = root.x, root.x0
+        base = torch.from_numpy(tree.base).to(tree.x.device)
+        tree.x[base], tree.x0[base] = root.x, root.x0
         allowance, cheapest = self.allowance(problem, size), s.nfe_to_end(levels[T - 1])
-        to_end = torch.tensor([s.nfe_to_end(st) for st in levels])
-        spent = torch.zeros(P, dtype=torch.long)
-        rollouts = torch.zeros(P, dtype=torch.long)
-        done = torch.zeros(P, dtype=torch.bool)  # out of rollouts or of network calls
+        to_end = np.array([s.nfe_to_end(st) for st in levels], dtype=np.int64)
+        spent = np.zeros(P, dtype=np.int64)
+        rollouts = np.zeros(P, dtype=np.int64)
+        done = np.zeros(P, dtype=bool)  # out of rollouts or of network calls
         for _ in range(4 * size):
             done |= (rollouts >= size) | (spent + cheapest > allowance)
-            if bool(done.all()):
+            if done.all():
                 break
             path, stop = self.select(problem, tree, T)
-            depth = tree.depth[ar, stop]
+            depth = tree.depth[stop]
             leaf = depth >= T  # a descent to a leaf re-uses its reward at no cost
             done |= ~leaf & (spent + to_end[depth] > allowance)  # the next rollout does not fit: stop
-            go = ~leaf & ~done
-            trees = go.nonzero().flatten()
-            if not trees.numel():
+            trees = np.flatnonzero(~leaf & ~done)
+            if not trees.size:
                 continue
-            below = self.expand_and_roll_out(problem, tree, trees, stop[trees], levels)
+            self.expand_and_roll_out(problem, tree, trees, stop[trees], path, levels)
             spent[trees] += to_end[depth[trees]]
             rollouts[trees] += 1
-            below = [torch.full((P,), -1, dtype=torch.long).index_put((trees,), n) for n in below]
-            tree.soft_backup(ar, path + below, self.inverse_temperature)
-        return SearchResult(x0=tree.x0[ar, tree.best_node], rewards=tree.best_value.float(), info={
-            "iterations": size, "rollouts_mean": round(float(rollouts.double().mean()), 2),
-            "nodes_mean": round(float(tree.count.double().mean()), 1),
-            "nfe_unused_mean": round(float((allowance - spent).double().mean()), 1)})
+        best = torch.from_numpy(tree.best_node).to(tree.x0.device)
+        return SearchResult(x0=tree.x0[best], rewards=torch.from_numpy(tree.best_value).float(), info={
+            "iterations": size, "rollouts_mean": round(float(rollouts.mean()), 2),
+            "nodes_mean": round(float(tree.count.mean()), 1),
+            "nfe_unused_mean": round(float((allowance - spent).mean()), 1)})
 
-    def select(self, problem: Problem, tree: Tree, T: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def select(self, problem: Problem, tree: Tree, T: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Every tree's descent from the root, through nodes that have all their ``children`` (by
         Boltzmann sampling or greedily on the soft values), to a node to expand or a leaf. Returns the
-        path (node per depth, -1 below a tree's stop) and the stop node of each tree."""
-        P = tree.count.numel()
-        ar = torch.arange(P)
-        node = torch.zeros(P, dtype=torch.long)
-        path = [node.clone()]
+        path (node row per depth; below a tree's stop, its stop node again) and the stop node of each tree."""
+        P, B = tree.count.size, self.children
+        node = tree.base
+        path = [node]
         # one uniform per tree and depth, drawn at once (each tree's from its own stream)
-        u = problem.noise.uniform(ar.repeat_interleave(T), torch.float64).view(P, T) if self.selection != "greedy" else None
+        greedy = self.selection == "greedy"
+        u = None if greedy else problem.noise.uniform(torch.arange(P).repeat_interleave(T), torch.float64).view(P, T).numpy()
         for d in range(T):
-            full = (tree.n_children(ar, node) >= self.children) & (tree.depth[ar, node] < T)
-            if not bool(full.any()):
+            full = tree.full[node]  # a leaf has no children: never full
+            if not full.any():
                 break
-            ch = tree.child[ar, node].clamp_min(0)
-            logits = self.inverse_temperature * tree.value.gather(1, ch)
-            if self.selection == "greedy":
-                pick = logits.argmax(1)
-            else:
-                pick = (torch.softmax(logits, 1).cumsum(1) < u[:, d : d + 1]).sum(1).clamp_max(self.children - 1)
-            nxt = ch[ar, pick]
-            node = torch.where(full, nxt, node)
-            path.append(torch.where(full, nxt, torch.full_like(nxt, -1)))
+            pick = tree.greedy[node] if greedy else np.minimum((tree.cum[node] < u[:, d : d + 1]).sum(1), B - 1)
+            node = np.where(full, tree.child[node, pick], node)
+            path.append(node)
         return path, node
 
-    def expand_and_roll_out(self, problem: Problem, tree: Tree, trees: torch.Tensor, parents: torch.Tensor,
-                            levels: list[int]) -> list[torch.Tensor]:
+    def expand_and_roll_out(self, problem: Problem, tree: Tree, trees: np.ndarray, parents: np.ndarray,
+                            path: list[np.ndarray], levels: list[int]) -> None:
         """Expand a child of each ``parents[i]`` and roll it out to a leaf, adding a node at every noise
-        step; score the leaves. Trees advance in lockstep from the shallowest parent. Returns the new
-        nodes per depth below the parents ([P-subset] each, -1 where a tree has none at that depth)."""
-        depth = tree.depth[trees, parents]
-        new_path = [torch.full((len(trees),), -1, dtype=torch.long) for _ in range(len(levels))]
-        last = parents.clone()
+        step; score the leaves and back the values up. Trees advance in lockstep from the shallowest
+        parent (rows ordered by the depth they join at); the new nodes of a tree are consecutive rows."""
+        T, dev = len(levels) - 1, tree.x.device
+        depth = tree.depth[parents]
+        order = np.argsort(depth, kind="stable")
+        trees, parents, depth = trees[order], parents[order], depth[order]
+        first = tree.base[trees] + tree.count[trees]  # row of each tree's new child
+        off = first - depth - 1  # row of a tree's new node at depth e: off + e
+        starts, owner, at = depth.tolist(), torch.from_numpy(trees), torch.from_numpy(parents).to(dev)
+        x, x0, cond = tree.x[at], tree.x0[at], problem.cond_rows(owner)  # the parents' states, every row's condition
         state: State | None = None
-        rows = torch.zeros(0, dtype=torch.long)  # which of ``trees`` each row of ``state`` is
-        for d in range(int(depth.min()), len(levels) - 1):
-            joining = (depth == d).nonzero().flatten()
-            if joining.numel():
-                dev = tree.x.device
-                t, p = trees[joining].to(dev), parents[joining].to(dev)
-                fresh = State(x=tree.x[t, p], x0=tree.x0[t, p], step=levels[d], cond=problem.cond_rows(trees[joining]),
-                              owner=trees[joining])
-                state = fresh if state is None else State.cat([state, fresh])
-                rows = torch.cat([rows, joining])
+        joined, offs, sizes, xs, x0s = 0, [], [], [], []
+        for d in range(starts[0], T):
+            n = bisect_right(starts, d)
+            if state is None:
+                state = State(x=x[:n], x0=x0[:n], step=levels[d], cond=cond_index(cond, slice(0, n)), owner=owner[:n])
+            elif n > joined:  # rows join at their parent's step (as ``State.cat`` would join them)
+                state = replace(state, x=torch.cat([state.x, x[joined:n]]), x0=torch.cat([state.x0, x0[joined:n]]),
+                                cond=cond_index(cond, slice(0, n)), owner=owner[:n])
+            joined = n
             state = problem.rollout(state, until=levels[d + 1])
-            added = tree.add(trees[rows], last[rows], state.x, state.x0)
-            last[rows] = added
-            new_path[d + 1][rows] = added
-        rewards = problem.score(state).double()
-        t = trees[rows]
-        leaves = last[rows]
-        tree.value[t, leaves] = rewards
-        better = rewards > tree.best_value[t]
-        tree.best_value[t[better]], tree.best_node[t[better]] = rewards[better], leaves[better]
-        return new_path[1:]
+            offs.append(off[:n])
+            sizes.append(n)
+            xs.append(state.x)
+            x0s.append(state.x0)
+        rewards = problem.score(state).double().numpy()
+        self.store(tree, trees, parents, first, offs, sizes, (xs, x0s), rewards, T)
+        tree.count[trees] += T - depth
+        top = starts[-1]  # the deepest stop: above it, back up along the descents
+        at = np.arange(top + 1)[:, None]
+        nodes = np.where(depth >= at, np.stack(path[: top + 1])[:, trees], off + at)  # [depth, tree]: descent, new path
+        for d in range(top, -1, -1):
+            tree.backup_level(nodes[d], self.inverse_temperature, self.selection != "greedy")
+
+    def store(self, tree: Tree, trees, parents, first, offs, sizes, states, rewards: np.ndarray, T: int) -> None:
+        """Write the new paths into the tree: states (``states``: x and x0 per step), depths, and values (a
+        leaf's is its reward, a node's on the new path the soft value of its one child); remember each
+        tree's best leaf."""
+        depth = np.repeat(np.arange(T - len(sizes) + 1, T + 1), sizes)
+        nodes = np.concatenate(offs) + depth
+        at = torch.from_numpy(nodes).to(tree.x.device)
+        tree.x.index_copy_(0, at, torch.cat(states[0]))
+        tree.x0.index_copy_(0, at, torch.cat(states[1]))
+        chain = [rewards]  # chain[j]: the value j levels above the leaf
+        for _ in range(len(sizes) - 1):
+            chain.append(chain_value(chain[-1], self.inverse_temperature))
+        values = np.concatenate([chain[len(sizes) - 1 - i][:n] for i, n in enumerate(sizes)])
+        tree.add_paths(parents, first, nodes, depth, values, leaves=trees.size)
+        leaves = nodes[nodes.size - trees.size:]
+        better = rewards > tree.best_value[trees]
+        tree.best_value[trees] = np.where(better, rewards, tree.best_value[trees])
+        tree.best_node[trees] = np.where(better, leaves, tree.best_node[trees])
 
 
 __all__ = ["DTS", "Tree", "SELECTIONS"]

@@ -296,17 +296,22 @@ class MCTS(Strategy):
         while True:
             j = min(groups)
             group = groups.pop(j)
-            state = State.cat([g[0] for g in group])
-            nodes, store = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
-            hit = store == j
-            if bool(hit.any()):
-                forest.store(state.owner[hit], nodes[hit], state.x[hit.to(state.x.device)], state.x0[hit.to(state.x.device)])
+            if len(group) == 1:  # no row joins at this step: nothing to concatenate
+                state, nodes, store, _ = group[0]
+            else:
+                state = State.cat([g[0] for g in group])
+                nodes, store = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
+            hit = (store == j).nonzero().flatten()
+            if hit.numel():
+                at = hit.to(state.x.device)
+                forest.store(state.owner[hit], nodes[hit], state.x[at], state.x0[at])
                 forest.x0_at_x[j] = state.x0_at_x
             if j >= s.num_steps:
                 return state, nodes, store
             noise = None
             if s.uses_noise(j):
-                noise = torch.cat([g[3] if g[3] is not None else problem.noise.normal(g[0].owner) for g in group])
+                parts = [g[3] if g[3] is not None else problem.noise.normal(g[0].owner) for g in group]
+                noise = torch.cat(parts) if len(parts) > 1 else parts[0]
             groups.setdefault(j + 1, []).insert(0, (s.step(state, noise), nodes, store, None))
 
     def move(self, forest: Forest, root: torch.Tensor) -> torch.Tensor:
