@@ -191,3 +191,19 @@ def test_strided_max_pool_equals_max_pool2d():
     h[:, :, :4] = torch.relu(h[:, :, :4])  # ties at zero, as after a ReLU
     assert torch.equal(max_pool2(h), F.max_pool2d(h, 2))
     assert torch.equal(max_pool2(h[:, :, :4, :4]), F.max_pool2d(h[:, :, :4, :4], 2))
+
+
+def test_large_batches_are_classified_in_chunks():
+    from noisesearch.rewards.digit import CHUNK
+
+    clf = load_classifier()
+    images = torch.rand(2 * CHUNK + 3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    calls = []
+    clf.module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    logits = clf.logits(images)
+    assert calls == [CHUNK, CHUNK, 3] and logits.shape == (2 * CHUNK + 3, 10)
+    with torch.no_grad():  # each row's logits are its own: the same as one pass over every row
+        whole = clf.module(images)
+    assert torch.allclose(logits, whole, atol=1e-5)
+    rewards = clf(images, [str(i % 10) for i in range(len(images))])
+    assert rewards.shape == (len(images),) and bool((rewards <= 0).all())

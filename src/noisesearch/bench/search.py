@@ -425,10 +425,11 @@ def write_outputs(data: dict, out: Path, prefix: str = "search", samples: dict |
     md.append("## Judge accuracy\n\n" + pivot(main_cells, "judge_accuracy", ".3f", budgets, labels))
     md.append("## Classifier (optimised) accuracy\n\n" + pivot(main_cells, "classifier_accuracy", ".3f", budgets, labels))
     md.append("## Diversity (mean pairwise L2 distance within a target)\n\n" + pivot(main_cells, "diversity", ".2f", budgets, labels))
-    md.append("## Overhead ratio (paired timing): CPU time / (sum over the run's denoiser calls of the time of the same call made once more, right after it)\n\n"
-              + pivot(main_cells, "overhead_ratio_paired", ".2f", budgets, labels))
-    md.append("## Overhead ratio over the charged compute (paired timing of denoiser and reward calls): CPU time / (paired denoiser time + paired reward time)\n\n"
-              + pivot(main_cells, "overhead_ratio_paired_compute", ".2f", budgets, labels))
+    if meta.get("paired_timing", True):
+        md.append("## Overhead ratio (paired timing): CPU time / (sum over the run's denoiser calls of the time of the same call made once more, right after it)\n\n"
+                  + pivot(main_cells, "overhead_ratio_paired", ".2f", budgets, labels))
+        md.append("## Overhead ratio over the charged compute (paired timing of denoiser and reward calls): CPU time / (paired denoiser time + paired reward time)\n\n"
+                  + pivot(main_cells, "overhead_ratio_paired_compute", ".2f", budgets, labels))
     md.append("## Overhead ratio: CPU time / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_in_run", ".2f", budgets, labels))
     md.append("## Overhead ratio without the reward calls: (CPU time - reward CPU time) / CPU time of the denoiser calls inside the run\n\n" + pivot(main_cells, "overhead_ratio_without_reward", ".3f", budgets, labels))
     md.append("## Overhead ratio: CPU time / (sum over calls of the CPU time of one denoiser call at that size, timed separately after the cell)\n\n" + pivot(main_cells, "overhead_ratio", ".2f", budgets, labels))
@@ -642,6 +643,7 @@ def _meta(args, command: str, sweep: Sweep) -> dict:
         "other_searches_per_cell": 10 * args.other_seeds,
         "seed": args.seed,
         "threads": args.threads,
+        "paired_timing": args.paired,
         "max_batch": args.max_batch,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -36,6 +36,10 @@ from noisesearch.models.digits import DIGIT_PROMPTS, WEIGHTS_DIR, build_checked,
 CLASSIFIER_FILE = "digit_classifier.safetensors"
 JUDGE_FILE = "digit_judge.safetensors"
 IMAGE_SHAPE = (1, 8, 8)
+#: Rows per forward pass of a classifier. On a CPU one pass over 1600 images took 1.45x as long as
+#: the same images in chunks of 200-800 (their activations no longer fit the cache; one thread,
+#: median of 12 rounds: 53 ms vs 36 ms); each row's logits do not depend on its neighbours.
+CHUNK = 512
 
 
 def max_pool2(h: torch.Tensor) -> torch.Tensor:
@@ -147,8 +151,11 @@ class DigitClassifier:
         return images.to(self.device, torch.float32)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 10] for images [B, 1, 8, 8] in [0, 1]."""
-        return self.module(self.check_images(images))
+        """Logits [B, 10] for images [B, 1, 8, 8] in [0, 1], in chunks of at most ``CHUNK`` rows."""
+        images = self.check_images(images)
+        if images.shape[0] <= CHUNK:
+            return self.module(images)
+        return torch.cat([self.module(chunk) for chunk in images.split(CHUNK)])
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """log p(int(prompt) | image), shape [B], values <= 0."""
