@@ -1,0 +1,50 @@
+"""The overhead table of docs/search.md from one or more runs of ``noisesearch bench search``.
+
+    python3 tools/overhead_table.py RUN_DIR [RUN_DIR ...]
+
+Prints one markdown row per strategy: the paired overhead ratio, the ratio over denoiser + reward
+time (both timed in pairs), the in-run ratio without the reward, and the reward's paired time per
+NFE of paired denoiser time, at budgets 72 and 360; a range where the runs differ.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import sys
+
+BUDGETS = (72, 360)
+COLUMNS = ("overhead_ratio_paired", "overhead_ratio_paired_compute", "overhead_ratio_without_reward", "reward_share")
+
+
+def cells_of(run_dir: str) -> list[dict]:
+    (path,) = glob.glob(f"{run_dir}/*results.json")
+    with open(path) as f:
+        return [c for c in json.load(f)["cells"] if c.get("status") == "ok"]
+
+
+def value(cell: dict, key: str) -> float:
+    if key == "reward_share":
+        return cell["reward_cpu_seconds_paired"] / cell["denoiser_cpu_seconds_paired"]
+    return cell[key]
+
+
+def span(values: list[float]) -> str:
+    lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def main(run_dirs: list[str]) -> None:
+    runs = [cells_of(d) for d in run_dirs]
+    labels = list(dict.fromkeys(c["label"] for c in runs[0]))
+    print("| strategy | paired 72 / 360 | over denoiser + reward 72 / 360 | without reward (in-run) 72 / 360 | reward time per NFE 72 / 360 |")
+    print("|---|---:|---:|---:|---:|")
+    for label in labels:
+        row = [label]
+        for key in COLUMNS:
+            row.append(" / ".join(span([value(c, key) for cells in runs for c in cells
+                                        if c["label"] == label and c["budget"] == b]) for b in BUDGETS))
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
