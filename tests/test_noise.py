@@ -94,3 +94,15 @@ def test_candidate_noise_matches_plain_streams():
     rows = [7, 2, 2, 9, 0]  # a pruned set, one row twice, out of order
     assert torch.equal(cn.draw(rows), torch.stack([plain[r].take(1)[0] for r in rows]))
     assert torch.equal(cn.draw(torch.tensor(rows)), torch.stack([plain[r].take(1)[0] for r in rows]))
+
+
+def test_bank_one_draw_per_stream_across_blocks():
+    # the common call (each stream once, in order) keeps to the plain streams' draws when a stream's
+    # block runs out in the middle of it, also when the streams' blocks run out at different calls
+    shape = (1 << 15,)  # 32 draws per block
+    seeds = [21, 22, 23]
+    bank, plain = StreamBank(seeds, shape), [Stream(s, shape) for s in seeds]
+    assert torch.equal(bank.take([1] * 5), plain[1].take(5))  # stream 1 is 5 draws ahead
+    for _ in range(70):
+        assert torch.equal(bank.take([0, 1, 2]), torch.cat([p.take(1) for p in plain]))
+    assert torch.equal(bank.take([2, 0]), torch.cat([plain[2].take(1), plain[0].take(1)]))

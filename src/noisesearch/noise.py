@@ -128,13 +128,17 @@ class StreamBank:
         return torch.empty_like(z).index_copy_(0, torch.from_numpy(order), z)
 
     def _take_each_once(self, owner: list[int]) -> torch.Tensor | None:
-        """The draws for rows of distinct streams in increasing order, none past its block (a step
-        of every search, or of those still drawing), with plain Python on the few rows; None for
-        any other call."""
+        """The draws for rows of distinct streams in increasing order (a step of every search, or
+        of those still drawing), with plain Python on the few rows; None for any other call. A
+        stream whose block is spent is refilled first (the refill it would make anyway: its next
+        draw is the new block's first, and no other row of the call reads its old block)."""
         block, pos, lin, prev = self.block, self.pos, [], -1
         for o in owner:
-            if o <= prev or pos[o] >= block:
+            if o <= prev or o >= len(pos):
                 return None
+            if pos[o] >= block:
+                self._refill(o)
+                pos[o] = 0
             lin.append(o * block + pos[o])
             prev = o
         for o in owner:
