@@ -276,6 +276,9 @@ def test_pool_states_its_disk_estimate_and_refuses_when_short(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert "needs about" in err[-1] and "free" in err[-1]
     assert not list((tmp_path / "short").glob("parts/prompt_*.npz"))  # refused before any prompt
+    assert not (tmp_path / "short" / "parts").exists()  # and no half-made pool left behind
+    monkeypatch.undo()
+    assert main(args + ["--out", str(tmp_path / "short")]) == 0  # the same folder, with room: a pool
 
 
 def test_a_part_copied_over_another_prompts_part_is_refused(digits, tmp_path):

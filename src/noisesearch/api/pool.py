@@ -77,7 +77,7 @@ from noisesearch.pools.images import (
     to_uint8,
     write_prompt_images,
 )
-from noisesearch.pools.parts import claim_spec, load_part, part_path, pool_reward_name, save_part, spec_digest
+from noisesearch.pools.parts import PARTS, SPEC, claim_spec, load_part, part_path, pool_reward_name, save_part, spec_digest
 from noisesearch.pools.pool import MANIFEST, Pool
 from noisesearch.progress import Progress
 from noisesearch.rewards.base import at_step, is_noise_aware, score
@@ -194,15 +194,30 @@ def make_pool(model, rewards: Sequence, prompts: Sequence[str], candidates: int,
     hold = job.main and cfg.lock
     lock = output_lock(out, cfg.command or "noisesearch pool") if hold else contextlib.nullcontext()
     with lock:
+        fresh = job.main and not (out / PARTS / SPEC).exists()
         if job.main:
             job.digest = claim_spec(out, job.spec_doc)
         job.barrier()
         job.digest = job.digest or spec_digest(job.spec_doc)
-        stopped = _run_prompts(job)
+        try:
+            stopped = _run_prompts(job)
+        except NoiseSearchError:
+            if fresh:  # refused before any prompt (e.g. short of disk): leave no half-made pool behind
+                _forget_spec(out)
+            raise
         job.barrier()
         if stopped or not job.main:
             return None
         return _assemble(job, t0)
+
+
+def _forget_spec(out: Path) -> None:
+    """Remove the spec this run wrote into a new pool folder, if no prompt's part was written."""
+    parts = out / PARTS
+    if any(p.name != SPEC for p in parts.iterdir()):
+        return
+    (parts / SPEC).unlink(missing_ok=True)
+    parts.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
