@@ -964,3 +964,15 @@ def test_heldout_mean_of_all_nan_is_quiet():
         warnings.simplefilter("error")
         assert np.isnan(_nanmean(np.array([np.nan, np.nan])))
         assert _nanmean(np.array([np.nan, 0.5])) == 0.5
+
+
+@pytest.mark.parametrize("guidance", [-1, float("inf"), float("nan"), "strong"])
+def test_one_guidance_check_for_every_model(guidance):
+    from noisesearch.errors import NoiseSearchError
+    from noisesearch.models import load_model
+    from noisesearch.validate import check_guidance
+
+    for check in (lambda: load_model("digits", guidance=guidance), lambda: check_guidance(guidance)):
+        with pytest.raises(NoiseSearchError, match="guidance must be a finite number >= 0"):
+            check()
+    assert check_guidance("2.5") == 2.5 and check_guidance(0) == 0.0

@@ -7,7 +7,8 @@
   either new, empty or a previous run of the same command) and :func:`output_file` (``--json``,
   ``--plot``);
 * resources: :func:`check_memory` (an estimate in bytes against the machine's memory, naming the
-  flag to change).
+  flag to change);
+* model settings: :func:`check_guidance` (every model's classifier-free guidance scale).
 
 Type functions raise ``argparse.ArgumentTypeError`` (argparse turns it into one line and exit 2,
 see ``noisesearch.cli.OneLineParser``); the others raise ``NoiseSearchError`` (one line, exit 2).
@@ -199,5 +200,16 @@ def check_memory(estimate: float, what: str, flags: str, share: float = 0.5, tot
                                f"{share:.0%} of this machine's {total / 2**30:.1f} GiB; reduce {flags}")
 
 
-__all__ = ["MAX_NFE", "budget_flops", "budget_nfe", "check_memory", "finite_float", "int_in", "int_list", "nonneg_int",
+__all__ = ["MAX_NFE", "budget_flops", "budget_nfe", "check_guidance", "check_memory", "finite_float", "int_in", "int_list", "nonneg_int",
            "output_dir", "output_file", "physical_memory", "positive_int"]
+
+
+def check_guidance(guidance) -> float:
+    """``guidance`` as a float >= 0 (0 = unconditional, 1 = conditional, else classifier-free guidance)."""
+    try:
+        g = float(guidance)
+    except (TypeError, ValueError):
+        raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance!r}") from None
+    if not math.isfinite(g) or g < 0:
+        raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance}")
+    return g

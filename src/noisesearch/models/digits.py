@@ -36,6 +36,7 @@ from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
 from noisesearch.io import load_checked_safetensors, save_checked_safetensors
 from noisesearch.models.strict import check_state, state_shapes
+from noisesearch.validate import check_guidance
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DENOISER_FILE = "digits_denoiser.safetensors"
@@ -306,13 +307,7 @@ class DigitsDenoiser:
     conditional = True
 
     def __init__(self, guidance: float = 1.0, device: str | torch.device = "cpu", weights: str | os.PathLike | None = None):
-        try:
-            guidance = float(guidance)
-        except (TypeError, ValueError):
-            raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance!r}") from None
-        if not math.isfinite(guidance) or guidance < 0:
-            raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance}")
-        self.guidance = guidance
+        self.guidance = guidance = check_guidance(guidance)
         self.weights = weights
         self.device = torch.device(device)
         self.model, stored_flops = load_edm_digits(weights, self.device)

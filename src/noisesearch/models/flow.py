@@ -61,12 +61,12 @@ from noisesearch.models.pipeline import (
     MAX_IMAGE_PX,
     PipelineDenoiser,
     check_count,
-    check_guidance,
     check_image_size,
     meta_copy,
     to_meta,
 )
 from noisesearch.models.wrappers import FlowDenoiser, flow_sigma_to_t, flow_t_to_sigma
+from noisesearch.validate import check_guidance
 
 # ---- per-family adapters ---------------------------------------------------------------------------
 

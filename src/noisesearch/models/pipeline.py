@@ -14,6 +14,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
+from noisesearch.validate import check_guidance
 
 
 class _NoTorchvisionNotice:
@@ -116,17 +117,6 @@ def parse_dtype(dtype, device: torch.device, cuda_default: torch.dtype = torch.f
 NETWORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_IMAGE_PX = 4096  # default largest height / width a pipeline adapter accepts (see ``check_image_size``)
 UNET_SIZE_FACTOR = 4  # UNet pipelines accept up to this times their trained size a side
-
-
-def check_guidance(guidance) -> float:
-    """``guidance`` as a float >= 0 (0 = unconditional, 1 = conditional, else CFG)."""
-    try:
-        g = float(guidance)
-    except (TypeError, ValueError):
-        raise NoiseSearchError(f"guidance must be a number >= 0, got {guidance!r}") from None
-    if not g >= 0 or g == float("inf"):
-        raise NoiseSearchError(f"guidance must be >= 0 and finite, got {guidance}")
-    return g
 
 
 def check_count(what: str, value, none_ok: bool = False, limit: int = 1 << 20) -> int | None:
@@ -250,7 +240,6 @@ __all__ = [
     "vae_decode_flops",
     "vae_latents_to_vae_input",
     "quiet_library_notices",
-    "check_guidance",
     "check_count",
     "check_image_size",
     "scheduler_sigmas",

@@ -34,11 +34,11 @@ from noisesearch.models.pipeline import (
     UNET_SIZE_FACTOR,
     PipelineDenoiser,
     check_count,
-    check_guidance,
     check_image_size,
     scheduler_sigmas,
 )
 from noisesearch.models.wrappers import vp_denoiser
+from noisesearch.validate import check_guidance
 
 SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 

@@ -21,12 +21,12 @@ from noisesearch.flops import count_flops
 from noisesearch.models.pipeline import (
     UNET_SIZE_FACTOR,
     check_count,
-    check_guidance,
     check_image_size,
     meta_copy,
     scheduler_sigmas,
 )
 from noisesearch.models.wrappers import DiscreteVPSchedule, VPEpsDenoiser, vp_denoiser
+from noisesearch.validate import check_guidance
 
 UNCONDITIONAL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 
