@@ -151,7 +151,7 @@ def test_flops_counted_and_batches_agree(rewards, name):
 def test_imagereward_flops_include_the_text_encoder(rewards):
     r = rewards["imagereward"]
     vision = r.module.vision
-    from noisesearch.rewards.preprocess import count_flops
+    from noisesearch.flops import count_flops
 
     s = r.preprocess_fn.size
     v = count_flops(lambda: vision(pixel_values=torch.zeros(1, 3, s, s)))

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 from noisesearch.io import load_torch_state_dict
 from noisesearch.rewards.clip import load_clip_folder
-from noisesearch.rewards.preprocess import ImagePreprocess, count_flops, freeze
+from noisesearch.rewards.preprocess import ImagePreprocess, freeze
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 

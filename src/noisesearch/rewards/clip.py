@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 from noisesearch.io import describe_load_error
 from noisesearch.rewards.preprocess import (
     OPENAI_CLIP_MEAN,
@@ -41,7 +42,6 @@ from noisesearch.rewards.preprocess import (
     check_tensors,
     check_tokenizer,
     check_towers,
-    count_flops,
     features,
     freeze,
     hub_error,

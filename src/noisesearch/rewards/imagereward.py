@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from noisesearch.errors import NoiseSearchError
+from noisesearch.flops import count_flops
 from noisesearch.io import describe_load_error, load_torch_state_dict
 from noisesearch.rewards.aesthetic import PreferenceMLP
 from noisesearch.rewards.preprocess import (
@@ -39,7 +40,6 @@ from noisesearch.rewards.preprocess import (
     check_tensors,
     check_tokenizer,
     check_towers,
-    count_flops,
     freeze,
     hub_error,
     read_json,

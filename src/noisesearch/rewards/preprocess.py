@@ -28,7 +28,7 @@
   :func:`check_tokenizer` checks that a tokenizer fits its text tower, :func:`read_json` reads a
   config within bounds, :func:`freeze` turns gradients off for scoring.
 
-FLOPs are counted by :func:`noisesearch.flops.count_flops` (re-exported here for the rewards).
+FLOPs are counted by :func:`noisesearch.flops.count_flops`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from noisesearch.errors import NoiseSearchError
-from noisesearch.flops import count_flops  # noqa: F401 (re-export)
 from noisesearch.io import describe_load_error, read_text_limited
 from noisesearch.models.strict import differences
 from noisesearch.validate import check_memory
@@ -286,6 +285,6 @@ def load_error(reward: str, where: str, e: Exception) -> NoiseSearchError:
     return NoiseSearchError(f"{reward} reward: cannot load {where}: {describe_load_error(e)}")
 
 
-__all__ = ["ImagePreprocess", "TextCache", "count_flops", "features", "hub_error", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
+__all__ = ["ImagePreprocess", "TextCache", "features", "hub_error", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
            "SIZE_LIMITS", "check_params", "check_sizes", "check_towers", "check_tensors", "check_tokenizer", "freeze", "load_error",
            "read_json", "shapes"]
