@@ -200,16 +200,21 @@ def check_memory(estimate: float, what: str, flags: str, share: float = 0.5, tot
                                f"{share:.0%} of this machine's {total / 2**30:.1f} GiB; reduce {flags}")
 
 
-__all__ = ["MAX_NFE", "budget_flops", "budget_nfe", "check_guidance", "check_memory", "finite_float", "int_in", "int_list", "nonneg_int",
-           "output_dir", "output_file", "physical_memory", "positive_int"]
+def nonneg_number(value, what: str) -> float:
+    """``value`` as a finite float >= 0, or a one-line error naming ``what``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise NoiseSearchError(f"{what} must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def check_guidance(guidance) -> float:
     """``guidance`` as a float >= 0 (0 = unconditional, 1 = conditional, else classifier-free guidance)."""
-    try:
-        g = float(guidance)
-    except (TypeError, ValueError):
-        raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance!r}") from None
-    if not math.isfinite(g) or g < 0:
-        raise NoiseSearchError(f"guidance must be a finite number >= 0, got {guidance}")
-    return g
+    return nonneg_number(guidance, "guidance")
+
+
+__all__ = ["MAX_NFE", "budget_flops", "budget_nfe", "check_guidance", "check_memory", "finite_float", "int_in", "int_list", "nonneg_int",
+           "nonneg_number", "output_dir", "output_file", "physical_memory", "positive_int"]

@@ -37,6 +37,7 @@ import torch
 
 from noisesearch.errors import NoiseSearchError, unknown_name
 from noisesearch.pruning.select import rank_sum
+from noisesearch.validate import nonneg_number
 
 
 @runtime_checkable
@@ -161,13 +162,7 @@ class FunctionReward:
 
 
 def _price(flops, name: str) -> float:
-    try:
-        value = float(flops)
-    except (TypeError, ValueError):
-        raise NoiseSearchError(f"reward {name!r}: the price per image must be a number of FLOPs, got {flops!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise NoiseSearchError(f"reward {name!r}: the price per image must be a finite number >= 0 of FLOPs, got {flops!r}")
-    return value
+    return nonneg_number(flops, f"reward {name!r}: the price per image in FLOPs")
 
 
 def as_reward(reward, device: str | torch.device = "cpu") -> Reward:
