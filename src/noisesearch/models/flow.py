@@ -60,9 +60,11 @@ from noisesearch.models.negtome import install_negtome
 from noisesearch.models.pipeline import (
     MAX_IMAGE_PX,
     PipelineDenoiser,
+    adopt_pipeline,
     check_count,
     check_image_size,
     meta_copy,
+    pipeline_class,
     to_meta,
 )
 from noisesearch.models.wrappers import FlowDenoiser, flow_sigma_to_t, flow_t_to_sigma
@@ -338,24 +340,18 @@ class FlowPipelineDenoiser(PipelineDenoiser):
         offloaded: bool = False,
         negtome=None,
     ):
-        cls = type(pipe).__name__
-        if cls not in FLOW_FAMILIES:
-            raise NoiseSearchError(f"unsupported flow pipeline {cls}; supported: {', '.join(FLOW_FAMILIES)}")
-        check_guidance(guidance)
-        self.pipe = pipe
+        cls = pipeline_class(pipe, FLOW_FAMILIES, "flow")
+        self.guidance = check_guidance(guidance)
         self.family = FLOW_FAMILIES[cls](pipe, check_count("max_sequence_length", max_sequence_length, none_ok=True))
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.decode_vae = self.vae
-        self.guidance = float(guidance)
         self.negative_prompt = negative_prompt
         self.decode_batch = check_count("decode_batch", decode_batch)
-        self.name = name or getattr(pipe, "name_or_path", None) or cls
-        self.default_steps = check_count("default_steps", default_steps)
+        adopt_pipeline(self, pipe, self.transformer, name, default_steps)
         self.offloaded = bool(offloaded)
-        self.device = pipe._execution_device if offloaded else self.transformer.device
-        self.model_dtype = self.transformer.dtype
-        self.dtype = torch.float32  # sampler states
+        if offloaded:  # the networks move on and off the GPU: run where the pipeline executes
+            self.device = pipe._execution_device
         self.offload_text_encoders = bool(offload_text_encoders)
         self._init_guidance(embedded_guidance)
         if vae_tiling:

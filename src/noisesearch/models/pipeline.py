@@ -168,6 +168,25 @@ def scheduler_sigmas(scheduler, schedule, steps: int) -> torch.Tensor:
     return sigmas
 
 
+def pipeline_class(pipe, supported, kind: str) -> str:
+    """The class name of ``pipe``, refused unless it is one of ``supported`` (``kind``: words for the message)."""
+    cls = type(pipe).__name__
+    if cls not in supported:
+        raise NoiseSearchError(f"unsupported {kind} pipeline {cls}; supported: {', '.join(supported)}")
+    return cls
+
+
+def adopt_pipeline(denoiser, pipe, network, name: str | None, default_steps: int) -> None:
+    """The fields every pipeline denoiser takes from its pipeline and its denoising ``network``:
+    ``pipe``, ``name``, ``default_steps``, ``device``, ``model_dtype`` and float32 sampler states."""
+    denoiser.pipe = pipe
+    denoiser.name = name or getattr(pipe, "name_or_path", None) or type(pipe).__name__
+    denoiser.default_steps = check_count("default_steps", default_steps)
+    denoiser.device = network.device
+    denoiser.model_dtype = network.dtype
+    denoiser.dtype = torch.float32  # sampler states
+
+
 class PipelineDenoiser:
     """What every diffusers-pipeline denoiser shares: guidance branches, the checked call, VAE decode
     and its cost. Subclasses set ``guidance``, ``wrapper`` (``(x, sigma, cond) -> x0``), ``device``,
@@ -233,6 +252,8 @@ class PipelineDenoiser:
 
 __all__ = [
     "PipelineDenoiser",
+    "adopt_pipeline",
+    "pipeline_class",
     "meta_copy",
     "to_meta",
     "parse_dtype",

@@ -33,8 +33,10 @@ from noisesearch.flops import count_flops
 from noisesearch.models.pipeline import (
     UNET_SIZE_FACTOR,
     PipelineDenoiser,
+    adopt_pipeline,
     check_count,
     check_image_size,
+    pipeline_class,
     scheduler_sigmas,
 )
 from noisesearch.models.wrappers import vp_denoiser
@@ -74,23 +76,15 @@ class DiffusersDenoiser(PipelineDenoiser):
         negative_prompt: str | None = None,
         decode_batch: int = 8,
     ):
-        cls = type(pipe).__name__
-        if cls not in SD_PIPELINES:
-            raise NoiseSearchError(f"unsupported diffusers pipeline {cls}; supported: {', '.join(SD_PIPELINES)}")
-        check_guidance(guidance)
-        self.pipe = pipe
+        cls = pipeline_class(pipe, SD_PIPELINES, "diffusers")
+        self.guidance = check_guidance(guidance)
         self.is_xl = cls == "StableDiffusionXLPipeline"
         self.family = "sdxl" if self.is_xl else "sd"
         self.unet = pipe.unet
         self.vae = pipe.vae
-        self.guidance = float(guidance)
         self.negative_prompt = negative_prompt
         self.decode_batch = check_count("decode_batch", decode_batch)
-        self.name = name or getattr(pipe, "name_or_path", None) or cls
-        self.default_steps = check_count("default_steps", default_steps)
-        self.device = self.unet.device
-        self.model_dtype = self.unet.dtype
-        self.dtype = torch.float32  # sampler states
+        adopt_pipeline(self, pipe, self.unet, name, default_steps)
         self._init_schedule(pipe.scheduler)
         self._init_decoder()
         self._init_size(height, width)

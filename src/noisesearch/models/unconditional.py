@@ -20,9 +20,10 @@ from noisesearch.errors import NoiseSearchError
 from noisesearch.flops import count_flops
 from noisesearch.models.pipeline import (
     UNET_SIZE_FACTOR,
-    check_count,
+    adopt_pipeline,
     check_image_size,
     meta_copy,
+    pipeline_class,
     scheduler_sigmas,
 )
 from noisesearch.models.wrappers import DiscreteVPSchedule, VPEpsDenoiser, vp_denoiser
@@ -58,20 +59,13 @@ class UnconditionalPipelineDenoiser:
 
     def __init__(self, pipe, guidance: float | None = 1.0, name: str | None = None, height: int | None = None,
                  width: int | None = None, default_steps: int = 50):
-        cls = type(pipe).__name__
-        if cls not in UNCONDITIONAL_PIPELINES:
-            raise NoiseSearchError(f"unsupported unconditional pipeline {cls}; supported: {', '.join(UNCONDITIONAL_PIPELINES)}")
+        cls = pipeline_class(pipe, UNCONDITIONAL_PIPELINES, "unconditional")
         if guidance is not None:
             _unconditional_guidance(guidance)
         self.guidance = None  # nothing to guide: one network call per evaluation
-        self.pipe = pipe
         self.family = "ddim" if cls == "DDIMPipeline" else "ddpm"
         self.unet = pipe.unet
-        self.name = name or getattr(pipe, "name_or_path", None) or cls
-        self.default_steps = check_count("default_steps", default_steps)
-        self.device = self.unet.device
-        self.model_dtype = self.unet.dtype
-        self.dtype = torch.float32  # sampler states
+        adopt_pipeline(self, pipe, self.unet, name, default_steps)
         self._init_schedule(pipe.scheduler)
         self._init_size(height, width)
         self._flops_per_call: float | None = None
