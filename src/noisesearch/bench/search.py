@@ -175,58 +175,48 @@ class CallTimer:
         return sum(n * interp(b) for b, n in counts.items())
 
 
-class TimedDenoiser:
+class PairedTimer:
+    """Times the calls of ``fn`` (``seconds``). ``paired=True``: right after every call, the same
+    call is made once more on its own and timed (``paired_seconds``); its output is discarded and
+    its time (with the bookkeeping around it, ``shadow_seconds``) is taken out of the run's CPU time."""
+
+    def __init__(self, fn, paired: bool = False):
+        self._fn, self.paired = fn, paired
+        self.seconds = self.paired_seconds = self.shadow_seconds = 0.0
+
+    def __call__(self, *args):
+        t0 = CLOCK()
+        out = self._fn(*args)
+        t1 = CLOCK()
+        self.seconds += t1 - t0
+        if self.paired:
+            self._fn(*args)
+            t2 = CLOCK()
+            self.paired_seconds += t2 - t1
+            self.shadow_seconds += CLOCK() - t1
+        return out
+
+
+class TimedDenoiser(PairedTimer):
     """The denoiser with its calls timed (``seconds``: the in-run denoiser time).
 
-    ``paired=True``: right after every call, the same call (same rows, sigma and condition) is
-    made once more on its own and timed (``paired_seconds``); its output is discarded and its
-    time (with the bookkeeping around it, ``shadow_seconds``) is taken out of the run's CPU time.
+    ``paired=True``: each call (same rows, sigma and condition) is made twice (:class:`PairedTimer`).
     The sum of the paired times is "NFEs x the time of one denoiser call at the batch size the
     strategy uses", measured at the same moment as the work it is compared with, so it does not
     drift with the machine's speed the way a timing taken before or after the run does. (The
     paired call finds the network's weights in cache: if anything it is faster than the call
     inside the run, which makes the ratio conservative.)"""
 
-    def __init__(self, den, paired: bool = False):
-        self._den, self.seconds, self.paired = den, 0.0, paired
-        self.paired_seconds, self.shadow_seconds = 0.0, 0.0
-
     def __getattr__(self, name):
-        return getattr(self._den, name)
-
-    def __call__(self, x, sigma, cond):
-        t0 = CLOCK()
-        out = self._den(x, sigma, cond)
-        t1 = CLOCK()
-        self.seconds += t1 - t0
-        if self.paired:
-            self._den(x, sigma, cond)
-            t2 = CLOCK()
-            self.paired_seconds += t2 - t1
-            self.shadow_seconds += CLOCK() - t1
-        return out
+        return getattr(self._fn, name)
 
 
-class TimedReward:
-    """The reward with its calls timed (``seconds``). ``paired=True``: like :class:`TimedDenoiser`,
-    each call is made once more right after it and timed (``paired_seconds``), and that second call
-    is taken out of the run's CPU time (``shadow_seconds``)."""
+class TimedReward(PairedTimer):
+    """The reward with its calls timed (``seconds``), paired like the denoiser's (:class:`PairedTimer`)."""
 
     def __init__(self, reward, paired: bool = False):
-        self.reward, self.name, self.flops_per_image, self.seconds = reward, reward.name, reward.flops_per_image, 0.0
-        self.paired, self.paired_seconds, self.shadow_seconds = paired, 0.0, 0.0
-
-    def __call__(self, images, prompts):
-        t0 = CLOCK()
-        out = self.reward(images, prompts)
-        t1 = CLOCK()
-        self.seconds += t1 - t0
-        if self.paired:
-            self.reward(images, prompts)
-            t2 = CLOCK()
-            self.paired_seconds += t2 - t1
-            self.shadow_seconds += CLOCK() - t1
-        return out
+        super().__init__(reward, paired)
+        self.reward, self.name, self.flops_per_image = reward, reward.name, reward.flops_per_image
 
 
 # ---- one cell ----------------------------------------------------------------------------------------
