@@ -114,13 +114,19 @@ class Sampler:
         self.budget = budget
         self.on_call: Callable[[int], None] | None = None  # observer of rows evaluated (e.g. timing)
 
-    def sigma(self, i: int) -> float:
-        """``float(self.sigmas[i])``, read from a list kept in step with ``sigmas`` (rebuilt when
-        ``sigmas`` is replaced): indexing a tensor costs more than a step's arithmetic on small samples."""
-        cache = self.__dict__.get("_sigma_list")
+    def _schedule(self) -> tuple[torch.Tensor, list[float], dict]:
+        """What is derived from ``sigmas``, kept while ``sigmas`` is the same tensor (rebuilt when it
+        is replaced, e.g. in a copy of the sampler re-timed): its values as a list, and a dict of
+        results worked out once per schedule (``noise_steps``)."""
+        cache = self.__dict__.get("_schedule_cache")
         if cache is None or cache[0] is not self.sigmas:
-            cache = self._sigma_list = (self.sigmas, self.sigmas.tolist())
-        return cache[1][i]
+            cache = self._schedule_cache = (self.sigmas, self.sigmas.tolist(), {})
+        return cache
+
+    def sigma(self, i: int) -> float:
+        """``float(self.sigmas[i])`` from the cached list: indexing a tensor costs more than a step's
+        arithmetic on small samples."""
+        return self._schedule()[1][i]
 
     # ---- noise shape (the draws come from ``noisesearch.noise.NoiseSource``) ------------------
     @property
@@ -177,10 +183,10 @@ class Sampler:
     def noise_steps(self) -> list[int]:
         """Steps whose injected noise matters (``uses_noise``), worked out once per schedule (a copy
         of the sampler given other ``sigmas`` works them out again)."""
-        key = (id(self.sigmas), self.num_steps)
-        if getattr(self, "_noise_steps", (None, None))[0] != key:
-            self._noise_steps = (key, [i for i in range(self.num_steps) if self.uses_noise(i)])
-        return list(self._noise_steps[1])
+        derived, key = self._schedule()[2], ("noise_steps", self.num_steps)
+        if key not in derived:
+            derived[key] = [i for i in range(self.num_steps) if self.uses_noise(i)]
+        return list(derived[key])
 
     def nfe_to_end(self, i: int) -> int:
         """Network calls per row from step ``i`` to the end."""
