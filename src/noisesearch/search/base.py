@@ -24,7 +24,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
 
 from noisesearch.budget import Budget, Cost, SizeOption
@@ -95,14 +94,14 @@ class Problem:
         reward = at_step(reward, step, sigma)
         comparative = is_comparative(reward)
         parts = list(reward.rewards) if comparative else [reward]
-        prompts = self.row_prompts(state.owner)
+        prompts = [self.prompts[i] for i in state.owner.tolist()]
         n, mb = len(state), max(1, self.score_batch or self.sampler.max_batch)
         values: list[list[torch.Tensor]] = [[] for _ in parts]
         thumbs = []
         for lo in range(0, n, mb):
-            images = self.denoiser.decode(state.x0 if n <= mb else state.x0[lo : lo + mb])
+            images = self.denoiser.decode(state.x0[lo : lo + mb])
             for v, r in zip(values, parts):
-                v.append(score(r, images, prompts if n <= mb else prompts[lo : lo + mb]))
+                v.append(score(r, images, prompts[lo : lo + mb]))
             if self.trace is not None:
                 thumbs.append(thumbnails(images))
         values = [torch.cat(v) if len(v) > 1 else v[0] for v in values]
@@ -110,21 +109,6 @@ class Problem:
         if self.trace is not None:
             self.trace.record(state.step, sigma, main, state.owner, out, torch.cat(thumbs))
         return out
-
-    def row_prompts(self, owner: torch.Tensor) -> list[str]:
-        """The prompt of each row's search (a list; many rows are indexed through an array of the
-        prompts, kept while ``prompts`` is the same list of the same length)."""
-        rows = owner.detach().to("cpu", torch.long)
-        if rows.numel() <= 512:  # a few rows: a list comprehension costs less than array calls
-            prompts = self.prompts
-            return [prompts[i] for i in rows.tolist()]
-        cache = self.__dict__.get("_prompt_array")
-        if cache is None or cache[0] is not self.prompts or len(cache[1]) != len(self.prompts):
-            array = np.empty(len(self.prompts), dtype=object)
-            for i, prompt in enumerate(self.prompts):  # one by one: any object stays one element
-                array[i] = prompt
-            cache = self._prompt_array = (self.prompts, array)
-        return cache[1][rows.numpy()].tolist()
 
 
 def best_per_owner(values: torch.Tensor, owner: torch.Tensor, num_owners: int) -> torch.Tensor:
