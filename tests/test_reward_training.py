@@ -3,6 +3,7 @@ pools of the digits model scored by hps / imagereward / pickscore, curriculum se
 end to end through the CLI (full and LoRA), the result loaded as noise-aware@DIR."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -93,6 +94,34 @@ def test_step_conditioning_is_the_identity_at_init_and_trains(tmp_path_factory):
     ref.module.load_state_dict(load_stage(out / m["step_conditioning"]["final_file"]))
     set_condition(ref.module, m["sigmas"][1])
     torch.testing.assert_close(s1.cpu(), score(ref, x, prompts), rtol=1e-5, atol=1e-5)
+
+
+def test_film_modulates_the_features_of_linear_layers_on_patches():
+    """FiLM-Zero on DigitPatchCNN: its ``conv*`` are Linear layers on [B, 4, 4, c] patches, so the
+    scale and shift act on the last (feature) axis, as a hand-written modulation does."""
+    from torch.nn import functional as F
+
+    from noisesearch.rewards.digit import build_classifier
+    from noisesearch.rewards.step_conditioning import StepConditioned, set_condition
+
+    torch.manual_seed(0)
+    inner = build_classifier({"arch": "patch", "c1": 8, "c2": 16}).eval()
+    m = StepConditioned(copy.deepcopy(inner), 16).eval()
+    for h in m.heads:
+        torch.nn.init.normal_(h.weight, std=0.5)
+        torch.nn.init.normal_(h.bias, std=0.5)
+    x = torch.rand(3, 1, 8, 8)
+    sigma = torch.tensor([0.5, 2.0, 20.0])
+    set_condition(m, sigma)
+    got = m(x)
+    c = m.embed(m.features(sigma))
+    (s1, sc1), (s2, sc2) = (head(c).chunk(2, dim=1) for head in m.heads)  # shift, scale per layer
+    b = x.shape[0]
+    h = (x * 2 - 1).reshape(b, 4, 2, 4, 2).transpose(2, 3).reshape(b, 4, 4, 4)
+    h = F.relu(inner.conv1(h) * (1 + sc1[:, None, None]) + s1[:, None, None])
+    h = h.reshape(b, 2, 2, 2, 2, -1).transpose(2, 3).reshape(b, 2, 2, -1)
+    h = F.relu(inner.conv2(h) * (1 + sc2[:, None, None]) + s2[:, None, None]).flatten(1)
+    torch.testing.assert_close(got, inner.fc(h), rtol=1e-5, atol=1e-5)
 
 
 def test_train_reward_takes_the_spec_the_pool_was_made_with(tmp_path_factory, capsys):

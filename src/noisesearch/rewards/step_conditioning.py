@@ -94,7 +94,8 @@ class StepConditioned(nn.Module):
             for n in names[:-1]:
                 m = inner.get_submodule(n)
                 heads.append(nn.Linear(cond_dim, 2 * (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)))
-                self._slots.append([_replace(inner, n, "film", False)])
+                # a Linear's features are its last dim (also on [B, H, W, C] patches); a Conv2d's dim 1
+                self._slots.append([_replace(inner, n, "film", isinstance(m, nn.Linear))])
         if not heads:
             raise ValueError("step conditioning: the reward's module has no ViT layer nor hidden Conv2d / Linear layer")
         self.heads = nn.ModuleList(heads)

@@ -261,7 +261,7 @@ def train_classifier(
     return module.eval()
 
 
-CLASSIFIER_CONFIG = dict(arch="cnn", ch=10, hidden=64, dropout=0.1)
+CLASSIFIER_CONFIG = dict(arch="patch", c1=32, c2=64, dropout=0.1)
 JUDGE_CONFIG = dict(arch="mlp", hidden=256, dropout=0.3)
 
 
