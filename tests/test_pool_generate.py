@@ -253,6 +253,17 @@ def test_saved_images_are_png_by_default_and_read_one_at_a_time(tmp_path, size):
     assert np.array_equal(reader.get(1, 2, 3), images[1, 2, 3])
     assert np.array_equal(reader.batch([0, 1, 0], [2, 0, 1], [0, 3, 2]), images[[0, 1, 0], [2, 0, 1], [0, 3, 2]])
     reader.close()
+    # caches: every prompt file open by default; strips kept up to a byte bound, least recent dropped
+    strip_bytes = 3 * 4 * size * size  # S x C x H x W uint8
+    reader = PoolImages(tmp_path / "png", load_pool(tmp_path / "png"), strip_cache_bytes=2 * strip_bytes)
+    assert reader.max_open == 2
+    rows = [(p, c, s) for _ in range(2) for p in range(2) for c in range(3) for s in (3, 0)]
+    for p, c, s in rows:
+        assert np.array_equal(reader.get(p, c, s), images[p, c, s])
+        assert len(reader._open) <= 2
+        if size == 4:
+            assert reader._strip_bytes == sum(v.nbytes for v in reader._strips.values()) <= 2 * strip_bytes
+    reader.close()
     # lossy WebP: estimates within a few grey levels on 48x48 (chroma subsampling blurs the colours of
     # tiny images more: use png for those)
     generate_pool(den, [reward], ["0", "1"], 3, tmp_path / "webp", steps=4, save_images=True, image_format="webp")

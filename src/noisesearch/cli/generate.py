@@ -154,7 +154,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(e.g. hps@DIR,pickscore@DIR); written to report.json (eval_rewards), outside the budget")
     g.add_argument("--strategy", default="best-of-n", help="search strategy (default: best-of-n); see the strategy options below")
     g.add_argument("--budget-nfe", type=budget_nfe, default=None, help="budget in network evaluations (NFEs) per sample, > 0 and at most 1e7")
-    g.add_argument("--budget-flops", type=budget_flops, default=None, help="budget in FLOPs per sample (network and reward calls), > 0, e.g. 8.07e8")
+    g.add_argument("--budget-flops", type=budget_flops, default=None, help="budget in FLOPs per sample (network and reward calls), > 0, e.g. 8.03e8")
     g.add_argument("--num-samples", type=int_in(1, 100000), default=1, help="independent searches (output samples) per prompt (default: 1)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
 

@@ -176,12 +176,18 @@ class PoolImages:
     ``PoolImages(directory, pool)``: ``shape`` is ``(P, N, S, C, H, W)``; ``get(p, c, s)`` one
     uint8 image ``[C, H, W]``; ``batch(rows_p, rows_c, steps)`` uint8 ``[B, C, H, W]``;
     ``prompt(p)`` all estimates of one prompt ``[N, S, C, H, W]``. At most ``max_open`` prompt
-    files are open at a time (least recently used closed first)."""
+    files are open at a time (least recently used closed first; default: every prompt of the pool up
+    to 256, within a quarter of the process's file limit), and decoded strips are kept up to
+    ``strip_cache_bytes`` (least recently used dropped first). Training draws random rows of every
+    prompt: reopening a prompt file (its checks and its zip directory) for a row cost 15x the read,
+    and a strip decoded again for each row of a small pool 8x the cached read."""
 
-    def __init__(self, directory, pool, max_open: int = 8):
+    def __init__(self, directory, pool, max_open: int | None = None, strip_cache_bytes: int = 256 << 20):
         self.dir = Path(directory)
         self.pool = pool
-        self.max_open = max(1, int(max_open))
+        self.max_open = max(1, int(max_open if max_open is not None else default_max_open(pool.shape[0])))
+        self.strip_cache_bytes = int(strip_cache_bytes)
+        self._strip_bytes = 0
         self._open: OrderedDict[int, zipfile.ZipFile] = OrderedDict()
         name = pool.extra.get("images")
         if not name or not (self.dir / name).exists():
@@ -238,13 +244,16 @@ class PoolImages:
 
     def _strip(self, p: int, c: int) -> np.ndarray:
         got = self._strips.get((p, c))
-        if got is None:
-            S = self.pool.shape[2]
-            C, H, W = self.image_shape
-            got = unstrip(self._read(p, member_name(c, None, self.codec), (C, S * H, W)), S)
-            self._strips[(p, c)] = got
-            while len(self._strips) > 64:
-                self._strips.popitem(last=False)
+        if got is not None:
+            self._strips.move_to_end((p, c))
+            return got
+        S = self.pool.shape[2]
+        C, H, W = self.image_shape
+        got = unstrip(self._read(p, member_name(c, None, self.codec), (C, S * H, W)), S)
+        self._strips[(p, c)] = got
+        self._strip_bytes += got.nbytes
+        while self._strip_bytes > self.strip_cache_bytes and len(self._strips) > 1:
+            self._strip_bytes -= self._strips.popitem(last=False)[1].nbytes
         return got
 
     def batch(self, rows_p: Iterable[int], rows_c: Iterable[int], steps: Iterable[int]) -> np.ndarray:
@@ -266,6 +275,20 @@ class PoolImages:
 
     def __del__(self):
         self.close()
+
+
+def default_max_open(prompts: int) -> int:
+    """Prompt files to keep open: every prompt up to 256, at most a quarter of the soft limit on open
+    files (at least 8)."""
+    try:
+        import resource  # deferred: POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1024
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(1, min(prompts, 256, max(8, soft // 4)))
 
 
 def _read_legacy(path: Path, shape) -> np.ndarray:
