@@ -142,7 +142,13 @@ class Budget:
         """The most any search has spent so far (what limits what is still affordable)."""
         if not self.num_searches:
             return Cost()
-        return Cost(int(self.nfe.max()), int(self.reward_calls.max()), float(self.flops.max()))
+        # ``charge`` replaces the counters (never changes them in place): while they are the same
+        # tensors the maxima are too (a sizer asks for them once per configuration it prices)
+        counters = (self.nfe, self.reward_calls, self.flops)
+        cached = self.__dict__.get("_spent_max")
+        if cached is None or any(a is not b for a, b in zip(cached[0], counters)):
+            cached = self._spent_max = (counters, Cost(int(self.nfe.max()), int(self.reward_calls.max()), float(self.flops.max())))
+        return cached[1]
 
     def affords(self, cost: Cost) -> bool:
         """Whether every search may still spend ``cost``."""

@@ -188,6 +188,14 @@ class Sampler:
             derived[key] = [i for i in range(self.num_steps) if self.uses_noise(i)]
         return list(derived[key])
 
+    def decision_levels(self) -> list[tuple[int, float, int]]:
+        """``(step, sigma, NFEs of the step)`` of every noise step, worked out once per schedule (a
+        strategy's sizer prices dozens of configurations from them)."""
+        derived, key = self._schedule()[2], ("decision_levels", self.num_steps)
+        if key not in derived:
+            derived[key] = [(i, self.sigma(i), self.step_nfe(i)) for i in self.noise_steps()]
+        return list(derived[key])
+
     def nfe_to_end(self, i: int) -> int:
         """Network calls per row from step ``i`` to the end."""
         return sum(self.step_nfe(j) for j in range(i, self.num_steps))

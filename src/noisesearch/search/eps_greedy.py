@@ -55,7 +55,6 @@ from noisesearch.search.base import (
     Strategy,
     advance,
     deterministic_nfe,
-    noise_steps,
     scored_decision,
 )
 
@@ -126,9 +125,7 @@ class EpsGreedy(Strategy):
     # -- planning --
     def levels(self, s: Sampler) -> list[tuple[int, float, int]]:
         """(step, sigma, nfe per candidate) of each searched level; step -1 is the initial noise."""
-        levels = [(-1, s.sigma(0), s.start_nfe)] if self.search_init else []
-        levels += [(i, s.sigma(i), s.step_nfe(i)) for i in noise_steps(s)]
-        return levels
+        return ([(-1, s.sigma(0), s.start_nfe)] if self.search_init else []) + s.decision_levels()
 
     @property
     def candidates(self) -> int:
