@@ -288,6 +288,8 @@ def test_no_reward_calls_without_a_choice(name, opts):
     result2 = strategy(name, opts).search(problem2)
     assert torch.equal(result.x0, result2.x0)
     assert float(problem2.budget.flops.max()) == STEPS * keep * 10 + keep * 3
+    if name in ("eps-greedy", "zero-order"):  # a lone candidate is one fresh noise: naive sampling
+        assert torch.equal(result.x0, strategy("naive", {}).search(make_problem(nfe=100, n=8)).x0)
 
 
 def test_mcts_finds_the_mode_with_many_simulations():

@@ -28,7 +28,8 @@ levels; levels outside ``sigma_window`` get one). ``iterations=K`` fixes the siz
 ``iterations=0`` (default) fits it to the budget: the largest size whose total cost (``N * K_l``
 candidates at every searched level ``l``, each ``sampler.step_nfe`` NFEs and one reward call,
 plus the unsearched steps and one final reward call) fits. A level with a single candidate
-(``N = K_l = 1``) offers no choice and is not scored. With 18 Euler-ancestral steps and ``N = 4`` the
+(``N = K_l = 1``) offers no choice: it takes one fresh Gaussian noise, unscored, as a level that is
+not searched does (no pivot or perturbation to draw). With 18 Euler-ancestral steps and ``N = 4`` the
 cost is ``1 + 68 K`` NFEs (``72 K`` with ``search_init``): the paper's ``K = 20`` is a 1440-NFE budget.
 
 Knobs chosen with the size: ``n_candidates=0`` (default) and ``score_every=0`` (default) let the sizer
@@ -220,7 +221,7 @@ class EpsGreedy(Strategy):
         each stepped and scored by its Tweedie reward; returns the state stepped with the final pivot
         (computed when it was scored) and how often a pivot was replaced by a worse candidate."""
         s, P, N = problem.sampler, problem.num_searches, self.candidates
-        if not iterations:  # a level not searched: one fresh Gaussian noise, unscored
+        if N * iterations <= 1:  # not searched, or a lone candidate (nothing to choose): one fresh noise, unscored
             fresh = problem.noise.normal(torch.arange(P))
             return (problem.start(1, noise=fresh) if state is None else s.step(state, fresh)), 0
         radius = self.radius * math.sqrt(s.noise_dim)
@@ -232,8 +233,6 @@ class EpsGreedy(Strategy):
         for _ in range(iterations):
             cand = candidate_noises(pivot, N, self.eps, radius, problem.noise)
             new = problem.start(N, noise=cand) if base is None else s.step(base, cand)
-            if N * iterations == 1:  # a lone candidate: nothing to choose, so no reward call
-                return new, 0
             scores = problem.score(new)
             rows = torch.arange(P) * N + scores.view(P, N).argmax(1)
             top = scores[rows]
