@@ -74,6 +74,20 @@ def test_rbf_rolls_unused_budget_over():
     assert problem.budget.reward_calls.tolist() == [45] * 6
 
 
+@pytest.mark.parametrize("sampler", ["euler-ancestral", "heun"])
+def test_rbf_searches_walk_on_their_own(sampler):
+    """Each search walks the steps at its own pace (a wave takes one move of every search, wherever it
+    is): a search's result does not depend on the searches batched with it, and there are at most as
+    many waves as a search makes moves (not one per draw of the slowest search at every step)."""
+    opts = {"candidates": 44, "score_every": 1}
+    big, res6 = run("rbf", opts, nfe=400, n=6, sampler=sampler)
+    _, res3 = run("rbf", opts, nfe=400, n=3, sampler=sampler)
+    torch.testing.assert_close(res6.x0[:3], res3.x0, rtol=1e-4, atol=1e-5)
+    assert res6.rewards[:3].tolist() == pytest.approx(res3.rewards.tolist(), rel=1e-4, abs=1e-5)
+    assert res6.info["waves"] <= int(big.budget.nfe.max())
+    assert res6.info["rollovers"] > 0
+
+
 def test_vp_interpolant_schedule():
     sig = vp_sigmas(10, 80.0)
     assert len(sig) == 11 and sig[0] == 80.0 and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())

@@ -39,9 +39,10 @@ from noisesearch.models.digits import DIGIT_PROMPTS, WEIGHTS_DIR, build_checked,
 CLASSIFIER_FILE = "digit_classifier.safetensors"
 JUDGE_FILE = "digit_judge.safetensors"
 IMAGE_SHAPE = (1, 8, 8)
-#: Rows per forward pass of a classifier. On a CPU one pass over 1600 images took 1.45x as long as
-#: the same images in chunks of 200-800 (their activations no longer fit the cache; one thread,
-#: median of 12 rounds: 53 ms vs 36 ms); each row's logits do not depend on its neighbours.
+#: Rows per forward pass of a classifier. With ``DigitCNN`` one pass over 1600 images took 1.45x as
+#: long on a CPU as the same images in chunks of 200-800 (its activations no longer fit the cache; one
+#: thread, median of 12 rounds: 53 ms vs 36 ms); the patch CNN's are small enough either way. Each
+#: row's logits do not depend on its neighbours.
 CHUNK = 512
 
 

@@ -138,19 +138,23 @@ class Sampler:
         return math.prod(self.noise_shape)
 
     # ---- network calls -----------------------------------------------------------------------
-    def denoise(self, x: torch.Tensor, sigma: float, cond: Cond, owner: torch.Tensor) -> torch.Tensor:
-        """D(x, sigma, cond) for every row, in chunks, charged to the budget first."""
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond, owner: torch.Tensor) -> torch.Tensor:
+        """D(x, sigma, cond) for every row (``sigma``: one level, or a tensor [B] of one per row), in
+        chunks, charged to the budget first."""
         if self.budget is not None:
             self.budget.charge(owner, self.budget.cost.nfe(1), "nfe")
-        n, sigma = x.shape[0], float(sigma)
+        n = x.shape[0]
+        if isinstance(sigma, torch.Tensor):
+            sig = sigma.to(x.device, x.dtype).reshape(n)
+        else:
+            sig = torch.full((n,), float(sigma), device=x.device, dtype=x.dtype)
         if n <= self.max_batch:  # one chunk (the usual case): the rows as they are
-            out = self.denoiser(x, torch.full((n,), sigma, device=x.device, dtype=x.dtype), cond_index(cond, slice(0, n)))
+            out = self.denoiser(x, sig, cond_index(cond, slice(0, n)))
         else:
             outs = []
             for lo in range(0, n, self.max_batch):
                 hi = min(lo + self.max_batch, n)
-                s = torch.full((hi - lo,), sigma, device=x.device, dtype=x.dtype)
-                outs.append(self.denoiser(x[lo:hi], s, cond_index(cond, slice(lo, hi))))
+                outs.append(self.denoiser(x[lo:hi], sig[lo:hi], cond_index(cond, slice(lo, hi))))
             out = torch.cat(outs)
         if self.on_call is not None:
             self.on_call(n)
@@ -213,6 +217,26 @@ class Sampler:
             state = self.step(state, z)
         return state
 
+    def step_rows(self, x: torch.Tensor, x0: torch.Tensor, steps: Sequence[int], noise: torch.Tensor,
+                  cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Rows each at its own step ``steps[r]`` (a ``State`` row by row: ``x``, ``x0``, ``x0_at_x``),
+        each taken one step on with its row of ``noise`` (read only where the step injects noise): the
+        ``(x, x0, x0_at_x)`` of every row one step later. Here one :meth:`step` per distinct step; a
+        sampler whose step is a move then one network call at the next level makes one call for all."""
+        xs, x0s, at_x = torch.empty_like(x), torch.empty_like(x0), list(x0_at_x)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for r, (t, a) in enumerate(zip(steps, x0_at_x)):
+            groups.setdefault((int(t), bool(a)), []).append(r)
+        for (t, a), rows in groups.items():
+            at = torch.tensor(rows, dtype=torch.long)
+            on = at.to(x.device)
+            out = self.step(State(x[on], x0[on], t, cond_index(cond, at), owner[at.to(owner.device)], a),
+                            noise[on] if self.uses_noise(t) else None)
+            xs[on], x0s[on] = out.x, out.x0
+            for r in rows:
+                at_x[r] = out.x0_at_x
+        return xs, x0s, at_x
+
     def check_noise(self, state: State, noise: torch.Tensor | None) -> torch.Tensor:
         if noise is None:
             if self.uses_noise(state.step):
@@ -270,6 +294,33 @@ class EulerAncestral(Sampler):
         x = x + noise * sigma_up
         x0 = self.denoise(x, s_next, state.cond, state.owner)
         return state.moved(x, x0, i + 1, True)
+
+
+    def step_rows(self, x: torch.Tensor, x0: torch.Tensor, steps: Sequence[int], noise: torch.Tensor,
+                  cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """:meth:`Sampler.step_rows` with one network call for every row (each at its own next
+        level): the step's arithmetic with one coefficient per row (the step reads no ``x0_at_x``)."""
+        distinct = set(steps)
+        if len(distinct) == 1 or any(math.isinf(self.sigma(t)) for t in distinct):
+            return super().step_rows(x, x0, steps, noise, cond, owner, x0_at_x)
+        coef = {}
+        for t in distinct:  # s, sigma_down - s, sigma_up, s_next: the step's numbers, as ``step`` uses them
+            s, s_next = self.sigma(t), self.sigma(t + 1)
+            sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
+            coef[t] = (s, sigma_down - s, sigma_up if s_next > 0 else 0.0, s_next)
+        cols = torch.tensor([coef[t] for t in steps], dtype=x.dtype, device=x.device)
+        shape = (-1, *([1] * (x.dim() - 1)))
+        xn = x + (x - x0) / cols[:, 0].view(shape) * cols[:, 1].view(shape)
+        xn = xn + noise.to(x.device, x.dtype) * cols[:, 2].view(shape)
+        live = [r for r, t in enumerate(steps) if coef[t][3] > 0]  # the last step lands on x0: no call
+        if len(live) == len(steps):
+            return xn, self.denoise(xn, cols[:, 3], cond, owner), [True] * len(steps)
+        x0n = xn.clone()
+        if live:
+            at = torch.tensor(live, dtype=torch.long)
+            on = at.to(x.device)
+            x0n[on] = self.denoise(xn[on], cols[on, 3], cond_index(cond, at), owner[at.to(owner.device)])
+        return xn, x0n, [True] * len(steps)
 
 
 class Euler(EulerAncestral):
