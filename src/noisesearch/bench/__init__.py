@@ -9,7 +9,7 @@ options beside its results. The benchmarks use the public API (``noisesearch.api
 ``noisesearch.build``) and never import ``noisesearch.cli``.
 """
 BENCHMARKS = {
-    "search": "every noise-trajectory search strategy at equal NFEs on digits-uncond (about 9 min on one CPU thread)",
+    "search": "every noise-trajectory search strategy at equal NFEs on digits-uncond (about 15 min on one CPU thread)",
     "noise_aware": "noise-aware rewards vs the base reward: Spearman / top-k recall per step on held-out candidates (docs/noise_aware.md)",
     "live_prune": "live ttsnap / ttsp vs best-of-N at equal FLOPs on digits-uncond (docs/noise_aware.md)",
     "simulate": "the TTSnap simulator on the published FLUX reward pools (needs ../shared; docs/simulator.md)",

@@ -464,7 +464,7 @@ def build_parser(prog: str = "noisesearch bench search", parser_class=argparse.A
                  default_out: Path = Path("runs/bench-search")) -> argparse.ArgumentParser:
     """The benchmark's options (``noisesearch bench search`` adds ``--config FILE`` and one-line errors)."""
     p = parser_class(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="Every option is optional: with none, the full benchmark runs (about 9 min on one thread). "
+                     epilog="Every option is optional: with none, the full benchmark runs (about 15 min on one thread). "
                      "A budget below one trajectory (18 NFEs) is refused. Not resumable: a rerun recomputes every cell.")
     p.add_argument("--budgets", default="18,72,144,360,720,1440", help="budgets per output sample, comma separated: NFEs, or "
                    "NFE-equivalents of FLOPs with --budget-kind flops; each at least 18 (one trajectory) (default: %(default)s)")

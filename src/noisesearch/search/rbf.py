@@ -149,6 +149,7 @@ class _Walk:
         self.best = [float("-inf")] * P  # the best reward it has accepted (moved on with)
         self.step_best = [float("-inf")] * P  # the best candidate at its current searched step
         self.rollovers = self.waves = 0
+        self.noisy = [problem.sampler.uses_noise(t) for t in range(problem.sampler.num_steps)]  # per step
 
     def kinds(self) -> tuple[list[int], list[int]]:
         """The rows of the next wave (a search index per row, grouped by search) and what each is."""
@@ -183,8 +184,8 @@ class _Walk:
     def noise(self, at: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """A fresh noise for every row whose step injects one (from its search's stream, in row order),
         zeros for the others."""
-        s, problem = self.problem.sampler, self.problem
-        noisy = [r for r, t in enumerate(steps) if s.uses_noise(t)]
+        problem = self.problem
+        noisy = [r for r, t in enumerate(steps) if self.noisy[t]]
         if len(noisy) == len(steps):
             return problem.noise.normal(at)
         z = torch.zeros(len(steps), *self.x.shape[1:], dtype=self.x.dtype, device=self.x.device)
