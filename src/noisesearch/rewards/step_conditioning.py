@@ -8,8 +8,9 @@ the image it scores, so that one model can score every step:
   pickscore, hps, aesthetic and imagereward): adaLN as in DiT, per layer a shift and scale of each
   LayerNorm's output and a gate of each residual branch, ``LN(x) * (1 + scale) + shift`` and
   ``x + (1 + gate) * branch``.
-* **other models** (no ViT layer, e.g. the digit CNN): FiLM of every hidden Conv2d / Linear output
-  (all but the last layer), ``y * (1 + scale) + shift``.
+* **other models** (no ViT layer, e.g. the digit patch CNN): FiLM of every hidden Conv2d / Linear
+  output (all but the last layer), ``y * (1 + scale) + shift``, on a Conv2d's channels (dim 1) and a
+  Linear's features (its last dim, also when it runs on a grid of patches ``[B, H, W, C]``).
 
 The modulations come from ``c(sigma)`` (sinusoidal features of ``log(1 + sigma)`` through a small
 MLP) by Linear layers initialised to zero ("-Zero"): at initialisation the wrapped model is exactly
