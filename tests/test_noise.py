@@ -18,7 +18,8 @@ def reference(seeds, shape, kind, owners):
 
 def random_owners(rng, n_streams, calls):
     """Calls of every layout strategies use: every stream k times (grouped), sorted subsets,
-    shuffled rows, one stream many times (past a block, more than one block)."""
+    shuffled rows, distinct streams in any order, one stream many times (past a block, more than one
+    block)."""
     owners = []
     for _ in range(calls):
         mode = rng.random()
@@ -26,8 +27,10 @@ def random_owners(rng, n_streams, calls):
             owner = [o for o in range(n_streams) for _ in range(rng.randint(1, 9))]
         elif mode < 0.55:
             owner = sorted(rng.randrange(n_streams) for _ in range(rng.randint(1, 3 * n_streams + 2)))
-        elif mode < 0.8:
+        elif mode < 0.65:
             owner = [rng.randrange(n_streams) for _ in range(rng.randint(1, 3 * n_streams + 2))]
+        elif mode < 0.8:  # distinct streams in any order (a tree search's rows, ordered by depth)
+            owner = rng.sample(range(n_streams), rng.randint(1, n_streams))
         else:
             owner = [rng.randrange(n_streams)] * rng.randint(1, 150)
         owners.append(owner)

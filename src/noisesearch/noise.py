@@ -128,19 +128,20 @@ class StreamBank:
         return torch.empty_like(z).index_copy_(0, torch.from_numpy(order), z)
 
     def _take_each_once(self, owner: list[int]) -> torch.Tensor | None:
-        """The draws for rows of distinct streams in increasing order (a step of every search, or
-        of those still drawing), with plain Python on the few rows; None for any other call. A
-        stream whose block is spent is refilled first (the refill it would make anyway: its next
-        draw is the new block's first, and no other row of the call reads its old block)."""
-        block, pos, lin, prev = self.block, self.pos, [], -1
+        """The draws for rows of distinct streams, in any order (a step of every search, of those
+        still drawing, or a tree search's rows ordered by depth), with plain Python on the few rows;
+        None for any other call. A stream whose block is spent is refilled first (the refill it
+        would make anyway: its next draw is the new block's first, and no other row of the call
+        reads its old block)."""
+        block, pos, lin, seen = self.block, self.pos, [], set()
         for o in owner:
-            if o <= prev or o >= len(pos):
+            if o < 0 or o >= len(pos) or o in seen:
                 return None
+            seen.add(o)
             if pos[o] >= block:
                 self._refill(o)
                 pos[o] = 0
             lin.append(o * block + pos[o])
-            prev = o
         for o in owner:
             pos[o] += 1
         return self.flat.index_select(0, torch.tensor(lin, dtype=torch.long))
