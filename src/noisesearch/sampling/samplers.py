@@ -275,15 +275,19 @@ class EulerAncestral(Sampler):
         return 1 if self.sigma(i + 1) > 0 else 0
 
     def uses_noise(self, i: int) -> bool:
-        return ancestral_split(self.sigma(i), self.sigma(i + 1), self.eta)[1] > 0
+        return self.step_sigmas(i)[3] > 0
+
+    def step_sigmas(self, i: int) -> tuple[float, float, float, float]:
+        """Step ``i``'s noise levels: ``(sigma_i, sigma_{i+1}, sigma_down, sigma_up)``."""
+        s, s_next = self.sigma(i), self.sigma(i + 1)
+        return (s, s_next, *ancestral_split(s, s_next, self.eta))
 
     def step(self, state: State, noise: torch.Tensor | None) -> State:
         i = state.step
         if i >= self.num_steps:
             raise ValueError("state is already at the end of the schedule")
-        s, s_next = self.sigma(i), self.sigma(i + 1)
+        s, s_next, sigma_down, sigma_up = self.step_sigmas(i)
         noise = self.check_noise(state, noise)
-        sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
         if math.isinf(s):  # state.x is eps = lim x / sigma: the limit of the step below
             x = state.x0 + state.x * sigma_down
         else:
@@ -295,7 +299,6 @@ class EulerAncestral(Sampler):
         x0 = self.denoise(x, s_next, state.cond, state.owner)
         return state.moved(x, x0, i + 1, True)
 
-
     def step_rows(self, x: torch.Tensor, x0: torch.Tensor, steps: Sequence[int], noise: torch.Tensor,
                   cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """:meth:`Sampler.step_rows` with one network call for every row (each at its own next
@@ -305,8 +308,7 @@ class EulerAncestral(Sampler):
             return super().step_rows(x, x0, steps, noise, cond, owner, x0_at_x)
         coef = {}
         for t in distinct:  # s, sigma_down - s, sigma_up, s_next: the step's numbers, as ``step`` uses them
-            s, s_next = self.sigma(t), self.sigma(t + 1)
-            sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
+            s, s_next, sigma_down, sigma_up = self.step_sigmas(t)
             coef[t] = (s, sigma_down - s, sigma_up if s_next > 0 else 0.0, s_next)
         cols = torch.tensor([coef[t] for t in steps], dtype=x.dtype, device=x.device)
         shape = (-1, *([1] * (x.dim() - 1)))
