@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from noisesearch.cli import main
 
 
@@ -76,3 +78,28 @@ def test_bench_train_args_become_a_train_config():
         train_config("--nope 3")
     with pytest.raises(NoiseSearchError, match="takes integers"):
         train_config("--iters many")
+
+
+def test_timed_denoiser_counts_calls_at_new_batch_sizes(monkeypatch):
+    """A call at a batch size the process has not used is counted once, with what it took beyond its
+    paired call; the same size again is not new, and sizes the call timer measured are not new."""
+    from noisesearch.bench import search as bs
+
+    now, built, calls = [0.0], set(), []
+    monkeypatch.setattr(bs, "CLOCK", lambda: now[0])
+    monkeypatch.setattr(bs, "SEEN_BATCHES", {7})
+
+    def fn(x, sigma, cond):  # 1 time unit a call, 3 more the first time at a size (kernels built)
+        b = x.shape[0]
+        calls.append(b)
+        now[0] += 1.0 if b in built else 4.0
+        built.add(b)
+        return x
+
+    tden = bs.TimedDenoiser(fn, paired=True)
+    for b in (3, 3, 5, 7):
+        tden(torch.zeros(b, 1), torch.ones(b), None)
+    assert calls == [3, 3, 3, 3, 5, 5, 7, 7]  # every call made twice (paired)
+    assert tden.new_shapes == 2 and bs.SEEN_BATCHES == {3, 5, 7}
+    assert tden.first_shape_seconds == 6.0  # sizes 3 and 5: 4 - 1 each; size 7 was seen (its 3 units are not counted)
+    assert tden.paired_seconds == 4.0 and tden.seconds == 4.0 + 4.0 + 1.0 + 4.0

@@ -146,6 +146,7 @@ class CallTimer:
                 self.den(x, sigma, None)
                 times.append(CLOCK() - t0)
         self.log.setdefault(b, []).extend(times)
+        SEEN_BATCHES.add(b)
         return statistics.median(self.log[b])
 
     def expected(self, calls: list[int], max_batch: int) -> float:
@@ -183,18 +184,24 @@ class PairedTimer:
     def __init__(self, fn, paired: bool = False):
         self._fn, self.paired = fn, paired
         self.seconds = self.paired_seconds = self.shadow_seconds = 0.0
+        self.last = (0.0, 0.0)  # the last call's (in-run, paired) seconds
 
     def __call__(self, *args):
         t0 = CLOCK()
         out = self._fn(*args)
         t1 = CLOCK()
         self.seconds += t1 - t0
+        self.last = (t1 - t0, 0.0)
         if self.paired:
             self._fn(*args)
             t2 = CLOCK()
             self.paired_seconds += t2 - t1
             self.shadow_seconds += CLOCK() - t1
+            self.last = (t1 - t0, t2 - t1)
         return out
+
+
+SEEN_BATCHES: set[int] = set()  # the batch sizes this process has called the denoiser with
 
 
 class TimedDenoiser(PairedTimer):
@@ -204,8 +211,26 @@ class TimedDenoiser(PairedTimer):
     The sum of the paired times is "NFEs x the time of one denoiser call at the batch size the
     strategy uses", measured at the same moment as the work it is compared with, so it does not
     drift with the machine's speed the way a timing taken before or after the run does. (The
-    paired call finds the network's weights in cache: if anything it is faster than the call
-    inside the run, which makes the ratio conservative.)"""
+    paired call finds the network's weights in cache, and at a batch size new to the process the
+    kernels oneDNN built for it: if anything it is faster than the call inside the run, which makes
+    the ratio conservative; ``first_shape_seconds`` measures the second part.)"""
+
+    def __init__(self, fn, paired: bool = False):
+        super().__init__(fn, paired)
+        self.new_shapes, self.first_shape_seconds = 0, 0.0
+
+    def __call__(self, x, *args):
+        """Also counts the calls at a batch size new to the process (``new_shapes``): torch's CPU
+        convolutions build their kernels for it, which the paired call then finds ready
+        (``tools/shape_cost.py``). ``first_shape_seconds``: what those calls took beyond their paired call."""
+        new = x.shape[0] not in SEEN_BATCHES
+        out = super().__call__(x, *args)
+        SEEN_BATCHES.add(x.shape[0])
+        if new:
+            self.new_shapes += 1
+            if self.paired:
+                self.first_shape_seconds += self.last[0] - self.last[1]
+        return out
 
     def __getattr__(self, name):
         return getattr(self._fn, name)
@@ -310,6 +335,12 @@ def _overheads(wall: float, cpu: float, timed: TimedReward, tden: TimedDenoiser,
         "overhead_ratio_paired": _ratio(cpu, tden.paired_seconds if paired and tden.paired_seconds > 0 else None),
         "reward_cpu_seconds_paired": timed.paired_seconds if paired else None,
         "overhead_ratio_paired_compute": _ratio(cpu, compute if paired and compute > 0 else None),
+        # the calls at batch sizes new to the process, and the paired ratio without what they took
+        # beyond their paired call (oneDNN building its kernels for the size: a one-time cost per process)
+        "new_batch_shapes": tden.new_shapes,
+        "first_shape_seconds": tden.first_shape_seconds if paired else None,
+        "overhead_ratio_paired_warm": _ratio(cpu - tden.first_shape_seconds,
+                                             tden.paired_seconds if paired and tden.paired_seconds > 0 else None),
     }
 
 

@@ -92,6 +92,10 @@ def held_output(args):
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # oneDNN (torch's CPU convolutions) builds its kernels for every new input shape (about 3 ms per
+    # batch size for the digits UNet: tools/shape_cost.py) and keeps 1024 of them by default; searches
+    # that batch a varying number of rows (rbf, dts) overflow that and rebuild. Read at its first use.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in {n.replace("_", "-") for n in COMMANDS} else None
     parser = build_parser(full=command)  # only the command run builds its options (and imports its needs)
