@@ -306,15 +306,12 @@ class EulerAncestral(Sampler):
         distinct = set(steps)
         if len(distinct) == 1 or any(math.isinf(self.sigma(t)) for t in distinct):
             return super().step_rows(x, x0, steps, noise, cond, owner, x0_at_x)
-        coef = {}
-        for t in distinct:  # s, sigma_down - s, sigma_up, s_next: the step's numbers, as ``step`` uses them
-            s, s_next, sigma_down, sigma_up = self.step_sigmas(t)
-            coef[t] = (s, sigma_down - s, sigma_up if s_next > 0 else 0.0, s_next)
-        cols = torch.tensor([coef[t] for t in steps], dtype=x.dtype, device=x.device)
+        table, s_next = self.row_coefficients(x.dtype, x.device)
+        cols = table[torch.tensor(steps, dtype=torch.long, device=x.device)]
         shape = (-1, *([1] * (x.dim() - 1)))
         xn = x + (x - x0) / cols[:, 0].view(shape) * cols[:, 1].view(shape)
         xn = xn + noise.to(x.device, x.dtype) * cols[:, 2].view(shape)
-        live = [r for r, t in enumerate(steps) if coef[t][3] > 0]  # the last step lands on x0: no call
+        live = [r for r, t in enumerate(steps) if s_next[t] > 0]  # the last step lands on x0: no call
         if len(live) == len(steps):
             return xn, self.denoise(xn, cols[:, 3], cond, owner), [True] * len(steps)
         x0n = xn.clone()
@@ -323,6 +320,20 @@ class EulerAncestral(Sampler):
             on = at.to(x.device)
             x0n[on] = self.denoise(xn[on], cols[on, 3], cond_index(cond, at), owner[at.to(owner.device)])
         return xn, x0n, [True] * len(steps)
+
+
+    def row_coefficients(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[float]]:
+        """Every step's numbers as :meth:`step` uses them, a row per step: ``(s, sigma_down - s,
+        sigma_up (0 for the last step), s_next)`` in ``dtype`` on ``device`` (an infinite ``s`` gives a
+        row :meth:`step_rows` never reads), and the ``s_next`` values; worked out once per schedule."""
+        derived, key = self._schedule()[2], ("row_coefficients", self.num_steps, self.eta, dtype, str(device))
+        if key not in derived:
+            rows = []
+            for t in range(self.num_steps):
+                s, s_next, sigma_down, sigma_up = self.step_sigmas(t)
+                rows.append((s, sigma_down - s, sigma_up if s_next > 0 else 0.0, s_next))
+            derived[key] = (torch.tensor(rows, dtype=dtype, device=device), [r[3] for r in rows])
+        return derived[key]
 
 
 class Euler(EulerAncestral):

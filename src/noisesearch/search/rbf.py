@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from noisesearch.budget import Cost
@@ -199,6 +200,9 @@ class _Walk:
         """Rewards of the scored rows, in one reward call (one per step when a trace records them)."""
         if not scored:
             return []
+        if self.problem.trace is None and len(scored) == len(steps):  # every row, as it is
+            state = State(xn, x0n, steps[0] + 1, self.problem.cond_rows(at), at)  # x0_at_x: unused by score
+            return self.problem.score(state).tolist()
         groups = [scored]
         if self.problem.trace is not None:
             by_step: dict[int, list[int]] = {}
@@ -210,7 +214,7 @@ class _Walk:
             idx = torch.tensor(g, dtype=torch.long)
             on, who = idx.to(xn.device), at[idx]
             state = State(xn[on], x0n[on], steps[g[0]] + 1, self.problem.cond_rows(who), who)  # x0_at_x: unused by score
-            out.update(zip(g, self.problem.score(state).double().tolist()))
+            out.update(zip(g, self.problem.score(state).tolist()))  # float32 to Python floats: exact
         return [out[r] for r in scored]
 
     def advance(self, rows, kinds, values: dict[int, float], xn, x0n, at_x: list[bool]) -> None:
@@ -267,8 +271,8 @@ class _Walk:
     @staticmethod
     def write(x, x0, into: list[int], rows: list[int], xn, x0n) -> None:
         if into:
-            dst = torch.tensor(into, dtype=torch.long).to(x.device)
-            src = torch.tensor(rows, dtype=torch.long).to(xn.device)
+            dst = torch.from_numpy(np.array(into, dtype=np.int64)).to(x.device)  # cheaper than torch.tensor(list)
+            src = torch.from_numpy(np.array(rows, dtype=np.int64)).to(xn.device)
             x[dst], x0[dst] = xn[src], x0n[src]
 
     def final(self) -> State:
