@@ -71,7 +71,37 @@ def test_user_knobs_are_kept():
     problem = priced_problem(1.0, 5 * (STEPS + 1))
     with torch.no_grad():
         result = make_strategy("beam", n_candidates=3, score_every=2).search(problem)
-    assert result.info["configuration"] == {"n_candidates": 3, "score_every": 2}
+    assert result.info["configuration"] == {"n_candidates": 3, "score_every": 2, "extra_candidates": 0}
+
+
+def test_beam_spends_what_its_beams_leave_on_extra_candidates():
+    # price 0.25, 8 trajectories' worth: one beam of 4 candidates at every decision, and the rest of the
+    # budget (most of a second beam) as extra candidates, the earliest scored decisions first
+    price, budget = 0.25, 8 * (STEPS + 0.25)
+    problem = priced_problem(price, budget)
+    with torch.no_grad():
+        result = make_strategy("beam").search(problem)
+    info, plan = result.info, result.info["planned_per_sample"]
+    assert info["beams"] == 1 and info["configuration"]["n_candidates"] == 4 and info["extra_candidates"] > 0
+    b = problem.budget
+    assert b.nfe.tolist() == [plan["nfe"]] * 6 and b.reward_calls.tolist() == [plan["reward_calls"]] * 6
+    one_more = info["beams"] * (1 + price) * 10.0  # one more candidate per beam: its NFE and its reward call
+    assert budget * 10.0 - one_more < float(b.flops.max()) <= budget * 10.0 * (1 + 1e-12)
+    # a user's beams are run as given: no extras
+    problem = priced_problem(price, budget)
+    with torch.no_grad():
+        result = make_strategy("beam", beams=1).search(problem)
+    assert result.info["extra_candidates"] == 0 and float(problem.budget.flops.max()) < budget * 10.0 - one_more
+
+
+def test_beam_extra_candidates_go_to_the_earliest_scored_decisions():
+    from noisesearch.search.beam import Beam
+
+    assert Beam(n_candidates=4, score_every=1, extra_candidates=5).branching(4) == [6, 5, 5, 5]
+    assert Beam(n_candidates=4, score_every=1, extra_candidates=0).branching(4) == [4, 4, 4, 4]
+    # every 2nd decision scored (1, 3, 5): the others take one noise per beam
+    assert Beam(n_candidates=3, score_every=2, extra_candidates=4).branching(6) == [1, 5, 1, 4, 1, 4]
+    assert Beam(n_candidates=3, score_every=2, extra_candidates=-1).branching(6) == [1, 3, 1, 3, 1, 3]
 
 
 def test_fit_options_rule():

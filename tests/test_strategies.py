@@ -168,10 +168,12 @@ def test_stays_within_flop_budget(name, opts):
 
 @pytest.mark.parametrize("name,opts", CASES, ids=IDS)
 def test_seed_reproduces(name, opts):
-    # a small budget, so that the searches do not all converge to the exact target point
-    _, a = run(name, opts, nfe=80, seed=7)
-    _, b = run(name, opts, nfe=80, seed=7)
-    _, c = run(name, opts, nfe=80, seed=8)
+    # a small budget, so that the searches do not all converge to the exact target point (beam spends
+    # what its beam leaves on extra candidates: at 80 NFEs every search finds the target)
+    nfe = 52 if name == "beam" else 80
+    _, a = run(name, opts, nfe=nfe, seed=7)
+    _, b = run(name, opts, nfe=nfe, seed=7)
+    _, c = run(name, opts, nfe=nfe, seed=8)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.rewards, b.rewards)
     assert a.info == b.info
     assert not torch.equal(a.x0, c.x0)

@@ -115,7 +115,8 @@ def fitted(strategy: str, info: dict, params: dict) -> str:
         extra += " window" if params.get("sigma_window") else ""
         return f"N={info['n_candidates']} {k} eps={params['eps']:g} lam={params['radius']:g}{extra}"
     if strategy == "beam":
-        return f"B={info['beams']} N={info['n_candidates']}"
+        extra = info.get("extra_candidates", 0)
+        return f"B={info['beams']} N={info['n_candidates']}" + (f" +{extra}" if extra else "")
     if strategy == "mcts":
         ss = info["simulations_per_step"]
         return f"N={info['n_candidates']} S={min(ss)}..{max(ss)} (sum {sum(ss)}) c={params['c_uct']:g}"

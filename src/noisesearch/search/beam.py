@@ -19,6 +19,13 @@ images. ``B = 1`` is greedy (the best of ``N`` fresh noises at every step). ``n_
 ``score_every=0`` (defaults) are chosen with the size: the configurations are N = 4, 3, 2 with
 k = 1, 2, ... (then N = 1, B independent trajectories), and the sizer takes the affordable one nearest N = 4, k = 1 (``Budget.fit_options``):
 4 candidates at every decision whenever the budget affords one beam of them.
+
+What ``B`` beams leave of the budget (less than one more beam: with a priced reward up to a third of
+it) is spent on **extra candidates**: when the sizer fitted both ``B`` and ``N``, ``E`` more
+candidates per beam, the most the rest affords, one more at each scored decision in order (the
+earliest first, as eps-greedy spreads its iterations): decision ``i`` of the ``D`` scored ones
+branches ``N + E // D + (1 if i < E % D)``. A user's ``--beams`` or ``--n-candidates`` is run as given
+(``extra_candidates=0``).
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ class Beam(Strategy):
     beams: int = 0  # B: beams kept per search; 0 = fit to the budget
     n_candidates: int = 0  # N: candidate noises per beam at a scored decision; 0 = chosen with the size (4 when affordable)
     score_every: int = 0  # branch and score every k-th decision only; 0 = chosen with the size (1 when affordable)
+    extra_candidates: int = -1  # E: more candidates per beam over the scored decisions; -1 = what the budget leaves when B and N are fitted
 
     def validate(self) -> None:
         if self.n_candidates < 0:
@@ -59,13 +67,15 @@ class Beam(Strategy):
             raise NoiseSearchError("--beams must be >= 0 (0 = fit to the budget)")
         if self.score_every < 0:
             raise NoiseSearchError("--score-every must be >= 0 (0 = chosen with the budget)")
+        if self.extra_candidates < -1:
+            raise NoiseSearchError("--extra-candidates must be >= 0, or -1 to spend what the beams leave of the budget")
 
     def describe(self, size: int) -> str:
         every = "" if self.score_every <= 1 else f", scored at every {self.score_every}th decision"
         return f"beam search with {size} beam(s) x {self.n_candidates or DEFAULT_CANDIDATES} candidates{every}"
 
     def knobs(self) -> dict:
-        return {"n_candidates": self.n_candidates, "score_every": self.score_every}
+        return {"n_candidates": self.n_candidates, "score_every": self.score_every, "extra_candidates": max(0, self.extra_candidates)}
 
     def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
         ns = [self.n_candidates] if self.n_candidates else range(DEFAULT_CANDIDATES, 1, -1)
@@ -75,14 +85,31 @@ class Beam(Strategy):
             configs.append(replace(self, n_candidates=1, score_every=self.score_every or 1))
         return [(c, 1) for c in configs]
 
-    def branched(self, decision: int) -> int:
-        """Candidates per beam at ``decision`` (N where it is scored, else 1)."""
-        return (self.n_candidates or DEFAULT_CANDIDATES) if scored_decision(decision, self.score_every) else 1
+    def plan(self, problem: Problem) -> tuple[Strategy, int]:
+        """The sizer's configuration and ``B``, then the extra candidates the rest of the budget affords
+        (only where the sizer chose both ``B`` and ``N``, module docstring)."""
+        config, size = super().plan(problem)
+        if config.extra_candidates >= 0:
+            return config, size
+        extra = 0
+        if not self.beams and not self.n_candidates:
+            extra = problem.budget.fit(lambda e: replace(config, extra_candidates=e).cost(problem, size), 0)
+        return replace(config, extra_candidates=extra), size
+
+    def branching(self, decisions: int) -> list[int]:
+        """Candidates per beam at each of decisions 0..``decisions - 1``: N (plus its share of the extra
+        candidates) where it is scored, else 1."""
+        scored = [d for d in range(decisions) if scored_decision(d, self.score_every)]
+        n, extra = self.n_candidates or DEFAULT_CANDIDATES, max(0, self.extra_candidates)
+        ns = [1] * decisions
+        for i, d in enumerate(scored):
+            ns[d] = n + extra // len(scored) + (1 if i < extra % len(scored) else 0)
+        return ns
 
     def cost(self, problem: Problem, size: int) -> Cost:
         s, b = problem.sampler, size
         steps = noise_steps(s)
-        ns = [self.branched(d) for d in range(len(steps) + 1)]  # decision 0: the initial noise
+        ns = self.branching(len(steps) + 1)  # decision 0: the initial noise
         nfe = b * ns[0] * s.start_nfe + sum(b * n * s.step_nfe(i) for n, i in zip(ns[1:], steps))
         nfe += b * sum(s.step_nfe(i) for i in range(s.num_steps) if i not in steps)
         scored = sum(b * n for n in ns if n > 1)  # a decision with one candidate per beam keeps it: no scoring
@@ -96,14 +123,15 @@ class Beam(Strategy):
 
     def run(self, problem: Problem, size: int) -> SearchResult:
         s = problem.sampler
-        state = self.keep_best(problem, problem.start(size * self.branched(0)), size)
+        ns = self.branching(len(noise_steps(s)) + 1)
+        state = self.keep_best(problem, problem.start(size * ns[0]), size)
         decision = 0
         while True:
             state = advance(s, state)
             if state.step >= s.num_steps:
                 break
             decision += 1
-            branches = state.repeat(self.branched(decision))
+            branches = state.repeat(ns[decision])
             state = self.keep_best(problem, s.step(branches, problem.noise.normal(branches.owner)), size)
         rewards = problem.score(state)
         best = best_per_owner(rewards, state.owner, problem.num_searches)
@@ -111,7 +139,7 @@ class Beam(Strategy):
             x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
             info={"beams": size, "n_candidates": self.n_candidates, "score_every": self.score_every,
-                  "searched_steps": sum(self.branched(d) > 1 for d in range(decision + 1))},
+                  "extra_candidates": max(0, self.extra_candidates), "searched_steps": sum(n > 1 for n in ns[: decision + 1])},
         )
 
 
