@@ -160,7 +160,9 @@ def test_auto_follows_the_table():
     assert sorted(TABLE) == [0.0, 0.25, 1.0]
     assert table_choice(0.0, 4)[0].name == "rbf"
     assert table_choice(0.3, 5)[0].name == table_choice(1.0, 5)[0].name == "rbf"
-    assert table_choice(5.0, 100)[0].name == "smc"  # above the table: its most expensive row
+    assert table_choice(5.0, 100)[0].name == "beam"  # above the table: its most expensive row
+    assert table_choice(0.0, 8)[0].name == table_choice(0.25, 30)[0].name == "beam"
+    assert table_choice(1.0, 19)[0].name == "rbf"  # the largest measured budget at most the problem's
     assert table_choice(0.0, 1)[0].name == "rbf"  # below the table: its smallest budget
     problem = make_problem(nfe=144, n=4)
     assert reward_price(problem) == 0.0

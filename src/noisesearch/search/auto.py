@@ -10,9 +10,10 @@ Two numbers describe the regime of a problem:
   one trajectory of the sampler (``nfe_per_trajectory``).
 
 ``TABLE`` maps the regime to the strategy that won it on the digits benchmark (judge accuracy,
-``noisesearch bench search``, docs/search.md "Cost-aware search"): the row of the smallest measured
-price at least the problem's (the most expensive row above it), and in it the largest measured budget
-at most the problem's (the smallest below it). The chosen strategy is sized by the one sizer as if it
+``noisesearch bench search``, docs/search.md "Cost-aware search"), ties broken by the galaxy
+benchmark (``noisesearch bench galaxies``): the row of the smallest measured price at least the
+problem's (the most expensive row above it), and in it the largest measured budget at most the
+problem's (the smallest below it). The chosen strategy is sized by the one sizer as if it
 had been named (its knobs left to the budget), and ``strategy_info.auto`` says what was chosen.
 """
 from __future__ import annotations
@@ -22,15 +23,16 @@ from typing import Any
 
 from noisesearch.errors import NoiseSearchError
 from noisesearch.search.base import Problem, SearchResult, Strategy
+from noisesearch.search.beam import Beam
 from noisesearch.search.rbf import RBF
-from noisesearch.search.smc import SMC
 
 #: reward price (NFEs per reward call) -> [(budget in trajectories, strategy class, options)], from the
-#: digits benchmark table in docs/search.md (the winner of each cell; ties to the cheaper bookkeeping).
+#: digits benchmark tables in docs/search.md (the winner of each cell); where several strategies tie
+#: on digits (judge accuracy 1.000), the winner of the galaxy benchmark's cell (docs/galaxies.md).
 TABLE: dict[float, list[tuple[float, type[Strategy], dict[str, Any]]]] = {
-    0.0: [(4, RBF, {}), (8, SMC, {}), (20, SMC, {})],
-    0.25: [(4, RBF, {}), (8, SMC, {}), (20, SMC, {})],
-    1.0: [(4, RBF, {}), (8, RBF, {}), (20, SMC, {})],
+    0.0: [(4, RBF, {}), (8, Beam, {}), (20, Beam, {})],
+    0.25: [(4, RBF, {}), (8, Beam, {}), (20, Beam, {})],
+    1.0: [(4, RBF, {}), (8, RBF, {}), (20, Beam, {})],
 }
 
 
