@@ -20,7 +20,7 @@ images. ``B = 1`` is greedy (the best of ``N`` fresh noises at every step). ``n_
 k = 1, 2, ... (then N = 1, B independent trajectories), and the sizer takes the affordable one nearest N = 4, k = 1 (``Budget.fit_options``):
 4 candidates at every decision whenever the budget affords one beam of them.
 
-What ``B`` beams leave of the budget (less than one more beam: with a priced reward up to a third of
+What ``B`` beams leave of the budget (less than one more beam: with a priced reward up to half of
 it) is spent on **extra candidates**: when the sizer fitted both ``B`` and ``N``, ``E`` more
 candidates per beam, the most the rest affords, one more at each scored decision in order (the
 earliest first, as eps-greedy spreads its iterations): decision ``i`` of the ``D`` scored ones
