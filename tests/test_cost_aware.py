@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from noisesearch.budget import Budget, Cost, CostModel, SizeOption
-from noisesearch.errors import BudgetError
+from noisesearch.errors import BudgetError, NoiseSearchError
 from noisesearch.search import make_strategy
 from test_strategies import STEPS, ModeReward, make_problem
 
@@ -101,7 +101,14 @@ def test_beam_extra_candidates_go_to_the_earliest_scored_decisions():
     assert Beam(n_candidates=4, score_every=1, extra_candidates=0).branching(4) == [4, 4, 4, 4]
     # every 2nd decision scored (1, 3, 5): the others take one noise per beam
     assert Beam(n_candidates=3, score_every=2, extra_candidates=4).branching(6) == [1, 5, 1, 4, 1, 4]
-    assert Beam(n_candidates=3, score_every=2, extra_candidates=-1).branching(6) == [1, 3, 1, 3, 1, 3]
+    assert Beam(n_candidates=3, score_every=2).branching(6) == [1, 3, 1, 3, 1, 3]
+    # given explicitly: run as given, on top of the fitted beams
+    problem = priced_problem(0.25, 8 * (STEPS + 0.25))
+    with torch.no_grad():
+        result = make_strategy("beam", extra_candidates=2).search(problem)
+    assert result.info["extra_candidates"] == 2 and result.info["beams"] == 1
+    with pytest.raises(NoiseSearchError, match="extra-candidates"):
+        make_strategy("beam", extra_candidates=-1).search(problem)
 
 
 def test_fit_options_rule():

@@ -24,8 +24,8 @@ What ``B`` beams leave of the budget (less than one more beam: with a priced rew
 it) is spent on **extra candidates**: when the sizer fitted both ``B`` and ``N``, ``E`` more
 candidates per beam, the most the rest affords, one more at each scored decision in order (the
 earliest first, as eps-greedy spreads its iterations): decision ``i`` of the ``D`` scored ones
-branches ``N + E // D + (1 if i < E % D)``. A user's ``--beams`` or ``--n-candidates`` is run as given
-(``extra_candidates=0``).
+branches ``N + E // D + (1 if i < E % D)``. ``extra_candidates=0`` (default) fits ``E``;
+a user's ``--beams`` or ``--n-candidates`` is run as given, without extra candidates.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class Beam(Strategy):
     beams: int = 0  # B: beams kept per search; 0 = fit to the budget
     n_candidates: int = 0  # N: candidate noises per beam at a scored decision; 0 = chosen with the size (4 when affordable)
     score_every: int = 0  # branch and score every k-th decision only; 0 = chosen with the size (1 when affordable)
-    extra_candidates: int = -1  # E: more candidates per beam over the scored decisions; -1 = what the budget leaves when B and N are fitted
+    extra_candidates: int = 0  # E: more candidates per beam over the scored decisions; 0 = what the budget leaves when B and N are fitted
 
     def validate(self) -> None:
         if self.n_candidates < 0:
@@ -67,15 +67,15 @@ class Beam(Strategy):
             raise NoiseSearchError("--beams must be >= 0 (0 = fit to the budget)")
         if self.score_every < 0:
             raise NoiseSearchError("--score-every must be >= 0 (0 = chosen with the budget)")
-        if self.extra_candidates < -1:
-            raise NoiseSearchError("--extra-candidates must be >= 0, or -1 to spend what the beams leave of the budget")
+        if self.extra_candidates < 0:
+            raise NoiseSearchError("--extra-candidates must be >= 0 (0 = what the beams leave of the budget)")
 
     def describe(self, size: int) -> str:
         every = "" if self.score_every <= 1 else f", scored at every {self.score_every}th decision"
         return f"beam search with {size} beam(s) x {self.n_candidates or DEFAULT_CANDIDATES} candidates{every}"
 
     def knobs(self) -> dict:
-        return {"n_candidates": self.n_candidates, "score_every": self.score_every, "extra_candidates": max(0, self.extra_candidates)}
+        return {"n_candidates": self.n_candidates, "score_every": self.score_every, "extra_candidates": self.extra_candidates}
 
     def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
         ns = [self.n_candidates] if self.n_candidates else range(DEFAULT_CANDIDATES, 1, -1)
@@ -89,18 +89,16 @@ class Beam(Strategy):
         """The sizer's configuration and ``B``, then the extra candidates the rest of the budget affords
         (only where the sizer chose both ``B`` and ``N``, module docstring)."""
         config, size = super().plan(problem)
-        if config.extra_candidates >= 0:
+        if self.extra_candidates or self.beams or self.n_candidates:  # given, or sizes the user fixed: as they are
             return config, size
-        extra = 0
-        if not self.beams and not self.n_candidates:
-            extra = problem.budget.fit(lambda e: replace(config, extra_candidates=e).cost(problem, size), 0)
+        extra = problem.budget.fit(lambda e: replace(config, extra_candidates=e).cost(problem, size), 0)
         return replace(config, extra_candidates=extra), size
 
     def branching(self, decisions: int) -> list[int]:
         """Candidates per beam at each of decisions 0..``decisions - 1``: N (plus its share of the extra
         candidates) where it is scored, else 1."""
         scored = [d for d in range(decisions) if scored_decision(d, self.score_every)]
-        n, extra = self.n_candidates or DEFAULT_CANDIDATES, max(0, self.extra_candidates)
+        n, extra = self.n_candidates or DEFAULT_CANDIDATES, self.extra_candidates
         ns = [1] * decisions
         for i, d in enumerate(scored):
             ns[d] = n + extra // len(scored) + (1 if i < extra % len(scored) else 0)
@@ -139,7 +137,7 @@ class Beam(Strategy):
             x0=state.x0[best.to(state.x0.device)],
             rewards=rewards[best],
             info={"beams": size, "n_candidates": self.n_candidates, "score_every": self.score_every,
-                  "extra_candidates": max(0, self.extra_candidates), "searched_steps": sum(n > 1 for n in ns[: decision + 1])},
+                  "extra_candidates": self.extra_candidates, "searched_steps": sum(n > 1 for n in ns[: decision + 1])},
         )
 
 
