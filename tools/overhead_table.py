@@ -6,12 +6,14 @@ Prints one markdown row per strategy: the paired overhead ratio, the same withou
 cost (what the calls at batch sizes new to the process took beyond their paired call: oneDNN
 building its kernels, ``tools/shape_cost.py``) and the number of those calls, the ratio over
 denoiser + reward time (both timed in pairs), the in-run ratio without the reward, and the reward's
-paired time per NFE of paired denoiser time, at budgets 72 and 360; a range where the runs differ.
+paired time per NFE of paired denoiser time, at budgets 72 and 360; a range where the runs differ
+(with three runs or more, the median and then the range).
 """
 from __future__ import annotations
 
 import glob
 import json
+import statistics
 import sys
 
 BUDGETS = (72, 360)
@@ -36,6 +38,8 @@ def span(values: list[float]) -> str:
         return "n/a"  # a run from before the column existed
     fmt = "{:d}" if all(isinstance(v, int) for v in values) else "{:.2f}"
     lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    if len(values) >= 3 and lo != hi:  # three runs or more: the median, then the range
+        return f"{statistics.median(values):.2f} ({lo}-{hi})"
     return lo if lo == hi else f"{lo}-{hi}"
 
 
