@@ -200,9 +200,6 @@ class _Walk:
         """Rewards of the scored rows, in one reward call (one per step when a trace records them)."""
         if not scored:
             return []
-        if self.problem.trace is None and len(scored) == len(steps):  # every row, as it is
-            state = State(xn, x0n, steps[0] + 1, self.problem.cond_rows(at), at)  # x0_at_x: unused by score
-            return self.problem.score(state).tolist()
         groups = [scored]
         if self.problem.trace is not None:
             by_step: dict[int, list[int]] = {}
@@ -211,9 +208,13 @@ class _Walk:
             groups = list(by_step.values())
         out: dict[int, float] = {}
         for g in groups:
-            idx = torch.tensor(g, dtype=torch.long)
-            on, who = idx.to(xn.device), at[idx]
-            state = State(xn[on], x0n[on], steps[g[0]] + 1, self.problem.cond_rows(who), who)  # x0_at_x: unused by score
+            if len(g) == len(steps):  # every row of the wave: as they are, no copy
+                xs, x0s, who = xn, x0n, at
+            else:
+                idx = torch.tensor(g, dtype=torch.long)
+                on, who = idx.to(xn.device), at[idx]
+                xs, x0s = xn[on], x0n[on]
+            state = State(xs, x0s, steps[g[0]] + 1, self.problem.cond_rows(who), who)  # x0_at_x: unused by score
             out.update(zip(g, self.problem.score(state).tolist()))  # float32 to Python floats: exact
         return [out[r] for r in scored]
 
