@@ -312,14 +312,15 @@ def _quality(images: torch.Tensor, prompts, classifier, judge) -> dict:
             "diversity": sum(div) / len(div) if div else float("nan")}
 
 
-def _ratio(a: float, b: float | None) -> float:
+def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
 def _overheads(wall: float, cpu: float, timed: TimedReward, tden: TimedDenoiser, expected: float, paired: bool) -> dict:
     """CPU and wall time of the search against its denoiser time, measured the three ways; with
     paired timing also against its denoiser and reward time together (``..._paired_compute``: the
-    search's own bookkeeping, reward calls counted as compute, as a FLOP budget counts them)."""
+    search's own bookkeeping, reward calls counted as compute, as a FLOP budget counts them). A ratio
+    over a time that was not measured (0: no paired timing) is NaN (``_ratio``)."""
     reward_seconds = timed.seconds
     compute = tden.paired_seconds + timed.paired_seconds
     return {
@@ -327,21 +328,20 @@ def _overheads(wall: float, cpu: float, timed: TimedReward, tden: TimedDenoiser,
         "cpu_seconds": cpu,
         "reward_cpu_seconds": reward_seconds,
         "denoiser_cpu_seconds_expected": expected,
-        "overhead_ratio": _ratio(cpu, expected if expected > 0 else None),
-        "overhead_ratio_wall": _ratio(wall, expected if expected > 0 else None),
+        "overhead_ratio": _ratio(cpu, expected),
+        "overhead_ratio_wall": _ratio(wall, expected),
         "denoiser_cpu_seconds_in_run": tden.seconds,
-        "overhead_ratio_in_run": _ratio(cpu, tden.seconds if tden.seconds > 0 else None),
-        "overhead_ratio_without_reward": _ratio(cpu - reward_seconds, tden.seconds if tden.seconds > 0 else None),
+        "overhead_ratio_in_run": _ratio(cpu, tden.seconds),
+        "overhead_ratio_without_reward": _ratio(cpu - reward_seconds, tden.seconds),
         "denoiser_cpu_seconds_paired": tden.paired_seconds if paired else None,
-        "overhead_ratio_paired": _ratio(cpu, tden.paired_seconds if paired and tden.paired_seconds > 0 else None),
+        "overhead_ratio_paired": _ratio(cpu, tden.paired_seconds),
         "reward_cpu_seconds_paired": timed.paired_seconds if paired else None,
-        "overhead_ratio_paired_compute": _ratio(cpu, compute if paired and compute > 0 else None),
+        "overhead_ratio_paired_compute": _ratio(cpu, compute),
         # the calls at batch sizes new to the process, and the paired ratio without what they took
         # beyond their paired call (oneDNN building its kernels for the size: a one-time cost per process)
         "new_batch_shapes": tden.new_shapes,
         "first_shape_seconds": tden.first_shape_seconds if paired else None,
-        "overhead_ratio_paired_warm": _ratio(cpu - tden.first_shape_seconds,
-                                             tden.paired_seconds if paired and tden.paired_seconds > 0 else None),
+        "overhead_ratio_paired_warm": _ratio(cpu - tden.first_shape_seconds, tden.paired_seconds),
     }
 
 
