@@ -321,7 +321,6 @@ class EulerAncestral(Sampler):
             x0n[on] = self.denoise(xn[on], cols[on, 3], cond_index(cond, at), owner[at.to(owner.device)])
         return xn, x0n, [True] * len(steps)
 
-
     def row_coefficients(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[float]]:
         """Every step's numbers as :meth:`step` uses them, a row per step: ``(s, sigma_down - s,
         sigma_up (0 for the last step), s_next)`` in ``dtype`` on ``device`` (an infinite ``s`` gives a
