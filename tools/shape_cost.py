@@ -12,11 +12,12 @@ over the same sizes (kernels cached: the two should agree). Digits UNet, guidanc
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")  # as the CLI sets it (read at first use)
+from noisesearch.cli import runtime_defaults
+
+runtime_defaults()  # oneDNN's kernel cache as the CLI sets it (read at its first use, so before torch runs)
 
 import torch  # noqa: E402
 

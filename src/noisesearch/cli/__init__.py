@@ -90,12 +90,18 @@ def held_output(args):
     return output_lock(out, "noisesearch " + " ".join(getattr(args, "argv", []) or [args.command]), quiet_mkdir=True)
 
 
-def main(argv=None) -> int:
+def runtime_defaults() -> None:
+    """The process settings every command runs with, where the environment does not set them; call
+    before torch runs anything (``main`` does, and so do the tools that time what commands run)."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # oneDNN (torch's CPU convolutions) builds its kernels for every new input shape (about 3 ms per
     # batch size for the digits UNet: tools/shape_cost.py) and keeps 1024 of them by default; searches
     # that batch a varying number of rows (rbf, dts) overflow that and rebuild. Read at its first use.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
+
+
+def main(argv=None) -> int:
+    runtime_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in {n.replace("_", "-") for n in COMMANDS} else None
     parser = build_parser(full=command)  # only the command run builds its options (and imports its needs)
