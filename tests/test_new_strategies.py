@@ -88,6 +88,36 @@ def test_rbf_searches_walk_on_their_own(sampler):
     assert res6.info["rollovers"] > 0
 
 
+def test_rbf_waves_take_one_row_per_search():
+    """Every search makes as many moves as the others, so a wave is one row of every search (one
+    batch shape for an Euler-ancestral network call, however far each search is) until all stand at
+    the last searched step, whose remaining draws go in one call."""
+    from noisesearch.search import rbf as rbf_module
+
+    problem, calls, waves = make_problem(nfe=400, n=6), [], []
+    problem.sampler.on_call = calls.append
+    wave = rbf_module._Walk.wave
+
+    def counted(self):  # the network calls' sizes of each wave
+        start = len(calls)
+        going = wave(self)
+        if going:
+            waves.append(set(calls[start:]))
+        return going
+
+    rbf_module._Walk.wave = counted
+    try:
+        with torch.no_grad():
+            res = make_strategy("rbf", candidates=44, score_every=1).search(problem)
+    finally:
+        rbf_module._Walk.wave = wave
+    assert res.info["waves"] == len(waves)
+    big = [i for i, w in enumerate(waves) if max(w, default=0) > 6]
+    assert len(big) == 1 and all(v % 6 == 0 for v in waves[big[0]])  # the last searched step's draws
+    assert all(w <= {6} for i, w in enumerate(waves) if i != big[0])  # every other wave: 6 rows a call
+    assert problem.budget.nfe.tolist() == [res.info["planned_per_sample"]["nfe"]] * 6  # still the plan
+
+
 def test_vp_interpolant_schedule():
     sig = vp_sigmas(10, 80.0)
     assert len(sig) == 11 and sig[0] == 80.0 and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())

@@ -167,3 +167,32 @@ def test_noise_steps_follow_the_schedule():
     assert s.noise_steps() == [i for i in range(8) if s.uses_noise(i)] == list(range(7))
     s.sigmas = vp_sigmas(8, float(s.sigmas[0]))  # another schedule: worked out again
     assert s.noise_steps() == [i for i in range(8) if s.uses_noise(i)]
+
+
+@pytest.mark.parametrize("sampler", ["euler-ancestral", "heun"])
+@pytest.mark.parametrize("same_step", [False, True], ids=["mixed-steps", "one-step"])
+def test_step_rows_takes_each_row_one_step(sampler, same_step):
+    # rows at their own steps (the last included, which lands on x0) move as ``step`` moves each row:
+    # one network call for all (euler-ancestral) or one step per distinct step (the generic rule)
+    d = toy()
+    s = make_sampler(sampler, d, 6)
+    n = 7
+    g = streams(n, d)
+    cond = d.encode(["0"] * n)
+    start = s.start(cond, g.normal(torch.arange(n)))
+    steps = [2] * n if same_step else [0, 1, 2, 3, 4, 5, 5]
+    states = []
+    for r, t in enumerate(steps):  # row r walked to step t
+        st = State(start.x[r:r + 1], start.x0[r:r + 1], 0, d.encode(["0"]), torch.tensor([r]), True)
+        for i in range(t):
+            st = s.step(st, g.normal(torch.tensor([r])) if s.uses_noise(i) else None)
+        states.append(st)
+    x = torch.cat([st.x for st in states])
+    x0 = torch.cat([st.x0 for st in states])
+    noise = torch.randn(n, *d.sample_shape)
+    xn, x0n, at_x = s.step_rows(x, x0, steps, noise, cond, torch.arange(n), [st.x0_at_x for st in states])
+    for r, st in enumerate(states):
+        one = s.step(st, noise[r:r + 1] if s.uses_noise(st.step) else None)
+        torch.testing.assert_close(xn[r:r + 1], one.x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x0n[r:r + 1], one.x0, rtol=1e-5, atol=1e-6)
+        assert at_x[r] == one.x0_at_x

@@ -106,6 +106,8 @@ class StreamBank:
         n = owner.size
         if n == 0:
             raise ValueError("no rows to draw for")
+        if n == len(self.seeds) and np.array_equal(owner, self.every()):
+            return self._take_every()
         if n <= SMALL_TAKE:
             z = self._take_each_once(owner.tolist())
             if z is not None:
@@ -126,6 +128,24 @@ class StreamBank:
         if order is None:
             return z
         return torch.empty_like(z).index_copy_(0, torch.from_numpy(order), z)
+
+    def every(self) -> np.ndarray:
+        """Every stream's index, in order (the owners of a call that draws once from each)."""
+        if getattr(self, "_every", None) is None:
+            self._every = np.arange(len(self.seeds), dtype=np.int64)
+        return self._every
+
+    def _take_every(self) -> torch.Tensor:
+        """One draw of every stream, in stream order (a step of every search at once): array
+        operations on the positions; spent blocks are refilled first."""
+        pos = np.asarray(self.pos, dtype=np.int64)
+        spent = np.flatnonzero(pos >= self.block)
+        for s in spent.tolist():
+            self._refill(s)
+        pos[spent] = 0
+        z = self.flat.index_select(0, torch.from_numpy(self.every() * self.block + pos))
+        self.pos = (pos + 1).tolist()
+        return z
 
     def _take_each_once(self, owner: list[int]) -> torch.Tensor | None:
         """The draws for rows of distinct streams, in any order (a step of every search, of those

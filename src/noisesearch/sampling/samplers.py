@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from noisesearch.errors import unknown_name
@@ -123,6 +124,13 @@ class Sampler:
             cache = self._schedule_cache = (self.sigmas, self.sigmas.tolist(), {})
         return cache
 
+    def sigma_array(self) -> np.ndarray:
+        """The noise levels as a float64 numpy array (cached per schedule), to index by many steps at once."""
+        derived = self._schedule()[2]
+        if "sigma_array" not in derived:
+            derived["sigma_array"] = self.sigmas.detach().cpu().numpy().copy()
+        return derived["sigma_array"]
+
     def sigma(self, i: int) -> float:
         """``float(self.sigmas[i])`` from the cached list: indexing a tensor costs more than a step's
         arithmetic on small samples."""
@@ -221,21 +229,25 @@ class Sampler:
                   cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """Rows each at its own step ``steps[r]`` (a ``State`` row by row: ``x``, ``x0``, ``x0_at_x``),
         each taken one step on with its row of ``noise`` (read only where the step injects noise): the
-        ``(x, x0, x0_at_x)`` of every row one step later. Here one :meth:`step` per distinct step; a
-        sampler whose step is a move then one network call at the next level makes one call for all."""
-        xs, x0s, at_x = torch.empty_like(x), torch.empty_like(x0), list(x0_at_x)
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for r, (t, a) in enumerate(zip(steps, x0_at_x)):
-            groups.setdefault((int(t), bool(a)), []).append(r)
-        for (t, a), rows in groups.items():
-            at = torch.tensor(rows, dtype=torch.long)
-            on = at.to(x.device)
-            out = self.step(State(x[on], x0[on], t, cond_index(cond, at), owner[at.to(owner.device)], a),
+        ``(x, x0, x0_at_x)`` of every row one step later. Here one :meth:`step` per distinct step (one
+        on the rows as they are when all share it); a sampler whose step is a move then one network
+        call at the next level makes one call for all."""
+        steps, flags = np.asarray(steps, dtype=np.int64), np.asarray(x0_at_x, dtype=bool)
+        keys = steps * 2 + flags
+        if (keys == keys[0]).all():
+            t = int(steps[0])
+            out = self.step(State(x, x0, t, cond, owner, bool(flags[0])), noise if self.uses_noise(t) else None)
+            return out.x, out.x0, [out.x0_at_x] * len(steps)
+        xs, x0s, at_x = torch.empty_like(x), torch.empty_like(x0), flags.copy()
+        for key in np.unique(keys).tolist():
+            rows = np.flatnonzero(keys == key)
+            at = torch.from_numpy(rows)
+            on, t = at.to(x.device), key // 2
+            out = self.step(State(x[on], x0[on], t, cond_index(cond, at), owner[at.to(owner.device)], bool(key % 2)),
                             noise[on] if self.uses_noise(t) else None)
             xs[on], x0s[on] = out.x, out.x0
-            for r in rows:
-                at_x[r] = out.x0_at_x
-        return xs, x0s, at_x
+            at_x[rows] = out.x0_at_x
+        return xs, x0s, at_x.tolist()
 
     def check_noise(self, state: State, noise: torch.Tensor | None) -> torch.Tensor:
         if noise is None:
@@ -303,35 +315,35 @@ class EulerAncestral(Sampler):
                   cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """:meth:`Sampler.step_rows` with one network call for every row (each at its own next
         level): the step's arithmetic with one coefficient per row (the step reads no ``x0_at_x``)."""
-        distinct = set(steps)
-        if len(distinct) == 1 or any(math.isinf(self.sigma(t)) for t in distinct):
-            return super().step_rows(x, x0, steps, noise, cond, owner, x0_at_x)
+        steps = np.asarray(steps, dtype=np.int64)
         table, s_next = self.row_coefficients(x.dtype, x.device)
-        cols = table[torch.tensor(steps, dtype=torch.long, device=x.device)]
-        shape = (-1, *([1] * (x.dim() - 1)))
-        xn = x + (x - x0) / cols[:, 0].view(shape) * cols[:, 1].view(shape)
-        xn = xn + noise.to(x.device, x.dtype) * cols[:, 2].view(shape)
-        live = [r for r, t in enumerate(steps) if s_next[t] > 0]  # the last step lands on x0: no call
-        if len(live) == len(steps):
-            return xn, self.denoise(xn, cols[:, 3], cond, owner), [True] * len(steps)
+        if (steps == steps[0]).all() or np.isinf(self.sigma_array()[steps]).any():
+            return super().step_rows(x, x0, steps, noise, cond, owner, x0_at_x)
+        s, down, up, s_next_rows = table.index_select(1, torch.from_numpy(steps).to(x.device)).view(
+            4, len(steps), *([1] * (x.dim() - 1))).unbind(0)
+        xn = torch.addcmul(x, (x - x0).div_(s), down)  # x + (x - x0) / s * (sigma_down - s), as in step
+        xn.addcmul_(noise.to(x.device, x.dtype), up)
+        live = s_next[steps] > 0  # the last step lands on x0: no call
+        if live.all():
+            return xn, self.denoise(xn, s_next_rows, cond, owner), [True] * len(steps)
         x0n = xn.clone()
-        if live:
-            at = torch.tensor(live, dtype=torch.long)
+        if live.any():
+            at = torch.from_numpy(np.flatnonzero(live))
             on = at.to(x.device)
-            x0n[on] = self.denoise(xn[on], cols[on, 3], cond_index(cond, at), owner[at.to(owner.device)])
+            x0n[on] = self.denoise(xn[on], s_next_rows[on], cond_index(cond, at), owner[at.to(owner.device)])
         return xn, x0n, [True] * len(steps)
 
-    def row_coefficients(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[float]]:
-        """Every step's numbers as :meth:`step` uses them, a row per step: ``(s, sigma_down - s,
+    def row_coefficients(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, np.ndarray]:
+        """Every step's numbers as :meth:`step` uses them, a column per step: ``(s, sigma_down - s,
         sigma_up (0 for the last step), s_next)`` in ``dtype`` on ``device`` (an infinite ``s`` gives a
-        row :meth:`step_rows` never reads), and the ``s_next`` values; worked out once per schedule."""
+        column :meth:`step_rows` never reads), and the ``s_next`` values (numpy); worked out once per schedule."""
         derived, key = self._schedule()[2], ("row_coefficients", self.num_steps, self.eta, dtype, str(device))
         if key not in derived:
             rows = []
             for t in range(self.num_steps):
                 s, s_next, sigma_down, sigma_up = self.step_sigmas(t)
                 rows.append((s, sigma_down - s, sigma_up if s_next > 0 else 0.0, s_next))
-            derived[key] = (torch.tensor(rows, dtype=dtype, device=device), [r[3] for r in rows])
+            derived[key] = (torch.tensor(rows, dtype=dtype, device=device).T.contiguous(), np.array([r[3] for r in rows]))
         return derived[key]
 
 

@@ -9,8 +9,8 @@ The paper's terms:
 * **rollover**: as soon as a candidate beats the best reward the search has accepted so far, the
   search moves on with it, and the evaluations this step did not use roll over to the next step. A
   step whose budget runs out without an improvement moves on with its best candidate (nothing rolls
-  over). The last searched step spends everything left and keeps its best (all its candidates in
-  one batch: nothing can roll over past it, so this is the same as drawing them one at a time).
+  over). The last searched step spends everything left and keeps its best (nothing can roll over
+  past it: its draws do not stop at an improvement).
 * **interpolant conversion** (``interpolant="vp"``): the paper turns a flow model's deterministic
   linear path into a variance-preserving SDE so that particles have diversity to select from. Here
   every sampler is already stochastic (Euler-ancestral, Heun with churn); ``vp`` re-times the
@@ -22,7 +22,8 @@ decision only (``scored_decision``): the other steps take one fresh noise, unsco
 
 Batching (``_Walk``): every search walks on its own, and a wave takes one move of every search that
 has not finished, wherever it is, in one network call and one reward call; a search's draws depend
-only on its own stream and its own rewards.
+only on its own stream and its own rewards. Every search makes the same number of moves (its NFEs),
+so every wave has one row per search: one batch shape for the whole search.
 
 Budget: ``candidates=0`` (default) fits ``C``: one trajectory, ``C - L`` extra candidate steps
 (``sampler.step_nfe`` NFEs each: the plan is exact where every searched step costs the same, else
@@ -119,162 +120,162 @@ class RBF(Strategy):
             "searched_steps": len(levels), "rollovers": walk.rollovers, "waves": walk.waves})
 
 
-MOVE, CANDIDATE, LAST = 0, 1, 2  # what a row of a wave is: an unsearched step, a candidate, the last step's batch
-
-
 class _Walk:
     """Budget forcing and rollover, each search on its own: at a searched step a search draws
     candidates one at a time until one beats the best reward it has accepted (it moves on with it, and
     the step's unused evaluations roll over to its next searched step) or the step's allowance is spent
-    (it moves on with the step's best candidate); the last searched step spends everything left in one
-    batch (nothing can roll over past it). Unsearched steps take one fresh noise.
+    (it moves on with the step's best candidate); at the last searched step it draws everything left
+    and keeps the best. Unsearched steps take one fresh noise.
 
-    Batching: every wave takes one move of every search that has not finished, wherever it is (searches
-    that rolled over early are steps ahead of those still drawing), in one network call
-    (``Sampler.step_rows``) and one reward call. A search's draws still come in its own order from its
-    own stream, so its result does not depend on the others; one wave per move of the longest walk
-    instead of one per draw of the slowest search at every step (Euler-ancestral, 18 steps, 72 NFEs, 80
-    searches: 69 network calls of about 83 rows, against 163 of about 35 with all searches at the same
-    step; docs/search.md)."""
+    Batching: every wave takes one move (a draw, or an unsearched step) of every search, wherever it
+    is (searches that rolled over early are steps ahead of those still drawing), in one network call
+    (``Sampler.step_rows``) and one reward call. Every search makes the same number of moves, so every
+    search is in every wave, as one row: an Euler-ancestral network call always sees one batch shape
+    (torch's CPU convolutions build kernels for each new one: ``tools/shape_cost.py``), and the
+    bookkeeping is a few array operations on all searches at once. Once every search stands at the last searched
+    step, the draws they have left there go in one call (their order there does not matter). A
+    search's draws still come in its own order from its own stream, so its result does not depend on
+    the others (Euler-ancestral, 18 steps, 72 NFEs, 80 searches: 69 network calls of 80 rows but the
+    last, against 163 of about 35 with all searches at the same step; docs/search.md)."""
 
     def __init__(self, problem: Problem, levels: list[int], per_level: list[int]):
-        self.problem, self.levels, self.per_level = problem, levels, per_level
+        self.problem, self.levels, self.per_level = problem, np.array(levels, dtype=np.int64), np.array(per_level)
         state = problem.start(1)
-        self.x, self.x0, P = state.x.clone(), state.x0.clone(), problem.num_searches
-        self.cx, self.cx0 = self.x.clone(), self.x0.clone()  # each search's best candidate at its current step
-        self.step = [state.step] * P  # where each search's state is
-        self.at_x = [state.x0_at_x] * P  # whether its x0 is the estimate at its x (a sampler may reuse it)
-        self.c_at_x = list(self.at_x)  # the same for its best candidate
-        self.level = [0] * P  # its next searched step (index into levels)
-        self.allowance = [per_level[0] if per_level else 0] * P
-        self.used = [0] * P
-        self.best = [float("-inf")] * P  # the best reward it has accepted (moved on with)
-        self.step_best = [float("-inf")] * P  # the best candidate at its current searched step
+        self.x, self.x0, P = state.x, state.x0, problem.num_searches
+        self.owner = state.owner  # every search, in order: the rows of every wave
+        self.cx, self.cx0 = self.x, self.x0  # each search's best candidate at its current step
+        self.step = np.full(P, state.step, dtype=np.int64)  # where each search's state is
+        self.at_x = np.full(P, state.x0_at_x)  # whether its x0 is the estimate at its x (a sampler may reuse it)
+        self.c_at_x = self.at_x.copy()  # the same for its best candidate
+        self.level = np.zeros(P, dtype=np.int64)  # its next searched step (index into levels)
+        self.allowance = np.full(P, per_level[0] if per_level else 0, dtype=np.int64)
+        self.used = np.zeros(P, dtype=np.int64)
+        self.best = np.full(P, -np.inf)  # the best reward it has accepted (moved on with)
+        self.step_best = np.full(P, -np.inf)  # the best candidate at its current searched step
         self.rollovers = self.waves = 0
-        self.noisy = set(problem.sampler.noise_steps())  # the steps that inject noise
+        self.noisy = np.zeros(problem.sampler.num_steps + 1, dtype=bool)  # the steps that inject noise
+        self.noisy[list(problem.sampler.noise_steps())] = True
 
-    def kinds(self) -> tuple[list[int], list[int]]:
-        """The rows of the next wave (a search index per row, grouped by search) and what each is."""
-        rows, kinds, L, end = [], [], len(self.levels), self.problem.sampler.num_steps
-        for p, t in enumerate(self.step):
-            if t >= end:
-                continue
-            li = self.level[p]
-            searched = li < L and t == self.levels[li]
-            n = self.allowance[p] if searched and li == L - 1 else 1
-            rows += [p] * n
-            kinds += [(LAST if li == L - 1 else CANDIDATE) if searched else MOVE] * n
-        return rows, kinds
+    def searched(self) -> np.ndarray:
+        """Whether each search stands at its next searched step (its move is a draw)."""
+        L = len(self.levels)
+        if not L:
+            return np.zeros(self.step.size, dtype=bool)
+        return (self.level < L) & (self.step == self.levels[np.minimum(self.level, L - 1)])
 
     def wave(self) -> bool:
-        """One move of every unfinished search; False when every search has finished."""
-        rows, kinds = self.kinds()
-        if not rows:
+        """One move of every search (or, once all stand at the last searched step, all the draws they
+        have left there); False when every search has finished."""
+        done = self.step >= self.problem.sampler.num_steps
+        if done.all():
             return False
+        if done.any():  # every search makes as many moves as the others: they finish in the same wave
+            raise RuntimeError("rbf: some searches finished before the others (a defect of the walk)")
         self.waves += 1
-        problem, s = self.problem, self.problem.sampler
-        at = torch.tensor(rows, dtype=torch.long)
-        steps = [self.step[p] for p in rows]
-        on = at.to(self.x.device)
-        xn, x0n, at_x = s.step_rows(self.x[on], self.x0[on], steps, self.noise(at, steps), problem.cond_rows(at), at,
-                                    [self.at_x[p] for p in rows])
-        scored = [r for r, k in enumerate(kinds) if k != MOVE]
-        values = dict(zip(scored, self.score(xn, x0n, at, steps, scored)))
-        self.advance(rows, kinds, values, xn, x0n, at_x)
+        draw = self.searched()
+        if draw.all() and (self.level == len(self.levels) - 1).all():
+            self.last_step()
+            return True
+        steps = self.step
+        xn, x0n, at_x = self.problem.sampler.step_rows(self.x, self.x0, steps, self.noise(self.owner, steps),
+                                                       self.problem.cond, self.owner, self.at_x)
+        values = self.score(xn, x0n, self.owner, steps, np.flatnonzero(draw))
+        self.advance(draw, values, xn, x0n, np.array(at_x, dtype=bool))
         return True
 
-    def noise(self, at: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    def noise(self, at: torch.Tensor, steps: np.ndarray) -> torch.Tensor:
         """A fresh noise for every row whose step injects one (from its search's stream, in row order),
         zeros for the others."""
-        problem = self.problem
-        noisy = [r for r, t in enumerate(steps) if t in self.noisy]
-        if len(noisy) == len(steps):
-            return problem.noise.normal(at)
+        noisy = self.noisy[steps]
+        if noisy.all():
+            return self.problem.noise.normal(at)
         z = torch.zeros(len(steps), *self.x.shape[1:], dtype=self.x.dtype, device=self.x.device)
-        if noisy:
-            idx = torch.tensor(noisy, dtype=torch.long)
-            z[idx.to(z.device)] = problem.noise.normal(at[idx])
+        if noisy.any():
+            idx = torch.from_numpy(np.flatnonzero(noisy))
+            z[idx.to(z.device)] = self.problem.noise.normal(at[idx])
         return z
 
-    def score(self, xn, x0n, at, steps, scored: list[int]) -> list[float]:
-        """Rewards of the scored rows, in one reward call (one per step when a trace records them)."""
-        if not scored:
-            return []
-        groups = [scored]
+    def score(self, xn, x0n, at, steps: np.ndarray, scored: np.ndarray) -> np.ndarray:
+        """Rewards of the scored rows (float64, in row order), in one reward call (one per step when a
+        trace records them)."""
+        out = np.empty(scored.size)
+        if not scored.size:
+            return out
+        groups = [np.arange(scored.size)]
         if self.problem.trace is not None:
-            by_step: dict[int, list[int]] = {}
-            for r in scored:
-                by_step.setdefault(steps[r], []).append(r)
-            groups = list(by_step.values())
-        out: dict[int, float] = {}
+            groups = [np.flatnonzero(steps[scored] == t) for t in np.unique(steps[scored])]
         for g in groups:
-            if len(g) == len(steps):  # every row of the wave: as they are, no copy
+            rows = scored[g]
+            if rows.size == len(steps):  # every row of the wave: as they are, no copy
                 xs, x0s, who = xn, x0n, at
+                cond = self.problem.cond if at is self.owner else self.problem.cond_rows(at)
             else:
-                idx = torch.tensor(g, dtype=torch.long)
+                idx = torch.from_numpy(rows)
                 on, who = idx.to(xn.device), at[idx]
-                xs, x0s = xn[on], x0n[on]
-            state = State(xs, x0s, steps[g[0]] + 1, self.problem.cond_rows(who), who)  # x0_at_x: unused by score
-            out.update(zip(g, self.problem.score(state).tolist()))  # float32 to Python floats: exact
-        return [out[r] for r in scored]
+                xs, x0s, cond = xn[on], x0n[on], self.problem.cond_rows(who)
+            state = State(xs, x0s, int(steps[rows[0]]) + 1, cond, who)  # x0_at_x: unused by score
+            out[g] = self.problem.score(state).numpy()  # float32 to float64: exact
+        return out
 
-    def advance(self, rows, kinds, values: dict[int, float], xn, x0n, at_x: list[bool]) -> None:
-        """Each search's bookkeeping after a wave: its new best candidate, and where it moves on."""
-        into_c, from_c = [], []  # new best candidates: search, row
-        into_x, from_x = [], []  # new states from this wave's rows: search, row
-        keep = []  # searches moving on with their best candidate
-        r = 0
-        while r < len(rows):
-            p, kind = rows[r], kinds[r]
-            n = self.allowance[p] if kind == LAST else 1
-            if kind == MOVE:
-                into_x.append(p), from_x.append(r)
-                self.step[p] += 1
-            elif kind == LAST:
-                got = [values[q] for q in range(r, r + n)]
-                into_x.append(p), from_x.append(r + got.index(max(got)))  # the first of equals
-                self.step[p] += 1
-                self.level[p] += 1
-            else:
-                self.candidate(p, r, values[r], into_c, from_c, into_x, from_x, keep)
-            r += n
-        self.write(self.cx, self.cx0, into_c, from_c, xn, x0n)
-        for p, r in zip(into_c, from_c):
-            self.c_at_x[p] = at_x[r]
-        self.write(self.x, self.x0, keep, keep, self.cx, self.cx0)
-        for p in keep:
-            self.at_x[p] = self.c_at_x[p]
-        self.write(self.x, self.x0, into_x, from_x, xn, x0n)
-        for p, r in zip(into_x, from_x):
-            self.at_x[p] = at_x[r]
+    def advance(self, draw: np.ndarray, values: np.ndarray, xn, x0n, at_x: np.ndarray) -> None:
+        """Each search's bookkeeping after a wave (row p = search p): its new best candidate, and
+        whether it moves on (with this wave's row, or with its step's best candidate) or draws again."""
+        v = np.full(draw.size, -np.inf)
+        v[draw] = values
+        self.used += draw
+        better = v > self.step_best  # a new best candidate at the step (never for a row that did not draw)
+        self.step_best = np.maximum(v, self.step_best)
+        self.cx, self.cx0, self.c_at_x = self.where(better, xn, x0n, at_x, self.cx, self.cx0, self.c_at_x)
+        last = self.level == len(self.levels) - 1
+        improved = draw & ~last & (v > self.best)  # move on with it; the rest of the allowance rolls over
+        spent = draw & ~improved & (self.used == self.allowance)  # move on with the step's best candidate
+        self.best[improved] = v[improved]
+        self.rollovers += int(improved.sum())
+        moving = ~draw | improved  # with this wave's row
+        self.x, self.x0, self.at_x = self.where(moving, xn, x0n, at_x, self.x, self.x0, self.at_x)
+        self.x, self.x0, self.at_x = self.where(spent, self.cx, self.cx0, self.c_at_x, self.x, self.x0, self.at_x)
+        self.leave(improved | spent, np.where(improved, self.allowance - self.used, 0))
+        self.step += moving | spent
 
-    def candidate(self, p: int, r: int, v: float, into_c, from_c, into_x, from_x, keep) -> None:
-        """Search ``p``'s candidate (row ``r``, reward ``v``) at a searched step that is not the last."""
-        self.used[p] += 1
-        if v > self.step_best[p]:
-            self.step_best[p] = v
-            into_c.append(p), from_c.append(r)
-        if v > self.best[p]:  # improved: move on with it, the rest of the allowance rolls over
-            carry = self.allowance[p] - self.used[p]
-            self.best[p] = v
-            self.rollovers += 1
-            into_x.append(p), from_x.append(r)
-        elif self.used[p] == self.allowance[p]:  # spent: move on with the step's best candidate
-            carry = 0
-            keep.append(p)
-        else:
-            return
-        self.step[p] += 1
-        self.level[p] += 1
-        self.allowance[p] = self.per_level[self.level[p]] + carry
-        self.used[p], self.step_best[p] = 0, float("-inf")
+    def leave(self, on: np.ndarray, carry: np.ndarray) -> None:
+        """Searches ``on`` leave their searched step, with ``carry`` evaluations for the next one."""
+        self.level += on
+        nxt = np.minimum(self.level, len(self.per_level) - 1)
+        more = on & (self.level < len(self.levels))
+        self.allowance[on] = 0
+        self.allowance[more] = self.per_level[nxt[more]] + carry[more]
+        self.used[on], self.step_best[on] = 0, -np.inf
+
+    def last_step(self) -> None:
+        """Every search at the last searched step: the draws each has left there, in one call (rows
+        grouped by search); each moves on with the best candidate of the step, the first of equals."""
+        problem, left = self.problem, self.allowance - self.used
+        rows = np.repeat(np.arange(left.size), left)
+        at = torch.from_numpy(rows)
+        on, steps = at.to(self.x.device), self.step[rows]
+        xn, x0n, at_x = problem.sampler.step_rows(self.x[on], self.x0[on], steps, self.noise(at, steps),
+                                                  problem.cond_rows(at), at, self.at_x[rows])
+        values = self.score(xn, x0n, at, steps, np.arange(rows.size))
+        first = np.cumsum(left) - left
+        pick = np.array([a + int(np.argmax(values[a:a + n])) for a, n in zip(first, left)])
+        better = values[pick] > self.step_best
+        idx = torch.from_numpy(pick).to(xn.device)
+        self.cx, self.cx0, self.c_at_x = self.where(better, xn[idx], x0n[idx], np.array(at_x, dtype=bool)[pick],
+                                                    self.cx, self.cx0, self.c_at_x)
+        self.x, self.x0, self.at_x = self.cx, self.cx0, self.c_at_x.copy()
+        self.leave(np.ones(left.size, dtype=bool), np.zeros(left.size, dtype=np.int64))
+        self.step += 1
 
     @staticmethod
-    def write(x, x0, into: list[int], rows: list[int], xn, x0n) -> None:
-        if into:
-            dst = torch.from_numpy(np.array(into, dtype=np.int64)).to(x.device)  # cheaper than torch.tensor(list)
-            src = torch.from_numpy(np.array(rows, dtype=np.int64)).to(xn.device)
-            x[dst], x0[dst] = xn[src], x0n[src]
+    def where(mask: np.ndarray, x, x0, flags: np.ndarray, other_x, other_x0, other_flags: np.ndarray):
+        """Per search: ``(x, x0, flags)`` where ``mask``, else the others (the others themselves when
+        the mask is empty)."""
+        if not mask.any():
+            return other_x, other_x0, other_flags
+        if mask.all():
+            return x, x0, flags.copy()
+        m = torch.from_numpy(mask).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(m, x, other_x), torch.where(m, x0, other_x0), np.where(mask, flags, other_flags)
 
     def final(self) -> State:
         P = self.problem.num_searches
