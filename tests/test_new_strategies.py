@@ -118,6 +118,20 @@ def test_rbf_waves_take_one_row_per_search():
     assert problem.budget.nfe.tolist() == [res.info["planned_per_sample"]["nfe"]] * 6  # still the plan
 
 
+def test_rbf_last_step_in_calls_of_max_batch():
+    # the last searched step's remaining draws go in calls of at most max_batch rows (a call's states
+    # and estimates are all held at once): the same samples as in one call
+    opts = {"candidates": 44, "score_every": 1}
+    problem, calls = make_problem(nfe=400, n=6, max_batch=8), []
+    problem.sampler.on_call = calls.append
+    with torch.no_grad():
+        small = make_strategy("rbf", **opts).search(problem)
+    _, whole = run("rbf", opts, nfe=400, n=6)
+    assert max(calls) <= 8 and calls.count(8) > 1
+    torch.testing.assert_close(small.x0, whole.x0, rtol=1e-4, atol=1e-5)
+    assert problem.budget.nfe.tolist() == [small.info["planned_per_sample"]["nfe"]] * 6
+
+
 def test_vp_interpolant_schedule():
     sig = vp_sigmas(10, 80.0)
     assert len(sig) == 11 and sig[0] == 80.0 and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())

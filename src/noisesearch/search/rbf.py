@@ -247,24 +247,36 @@ class _Walk:
         self.used[on], self.step_best[on] = 0, -np.inf
 
     def last_step(self) -> None:
-        """Every search at the last searched step: the draws each has left there, in one call (rows
-        grouped by search); each moves on with the best candidate of the step, the first of equals."""
-        problem, left = self.problem, self.allowance - self.used
+        """Every search at the last searched step: the draws each has left there (rows grouped by
+        search), in calls of at most ``max_batch`` rows (what the network call would chunk them into
+        anyway; a call's states, noises and estimates are held at once); each search moves on with
+        the best candidate of the step, the first of equals."""
+        left = self.allowance - self.used
         rows = np.repeat(np.arange(left.size), left)
-        at = torch.from_numpy(rows)
+        size = max(1, self.problem.sampler.max_batch)
+        for lo in range(0, rows.size, size):
+            self.best_of(rows[lo:lo + size])
+        self.x, self.x0, self.at_x = self.cx, self.cx0, self.c_at_x.copy()
+        self.leave(np.ones(left.size, dtype=bool), np.zeros(left.size, dtype=np.int64))
+        self.step += 1
+
+    def best_of(self, rows: np.ndarray) -> None:
+        """A draw for every row (``rows``: search indices, grouped) at its search's step, in one call;
+        a search's best candidate of the step becomes the best of its rows where that beats it."""
+        problem, at = self.problem, torch.from_numpy(rows)
         on, steps = at.to(self.x.device), self.step[rows]
         xn, x0n, at_x = problem.sampler.step_rows(self.x[on], self.x0[on], steps, self.noise(at, steps),
                                                   problem.cond_rows(at), at, self.at_x[rows])
         values = self.score(xn, x0n, at, steps, np.arange(rows.size))
-        first = np.cumsum(left) - left
-        pick = np.array([a + int(np.argmax(values[a:a + n])) for a, n in zip(first, left)])
-        better = values[pick] > self.step_best
+        p, first = np.unique(rows, return_index=True)
+        pick = np.zeros(self.step.size, dtype=np.int64)  # each search's best row of the call
+        pick[p] = [a + int(np.argmax(values[a:b])) for a, b in zip(first, [*first[1:], rows.size])]
+        better = np.zeros(self.step.size, dtype=bool)
+        better[p] = values[pick[p]] > self.step_best[p]
+        self.step_best[better] = values[pick[better]]
         idx = torch.from_numpy(pick).to(xn.device)
-        self.cx, self.cx0, self.c_at_x = self.where(better, xn[idx], x0n[idx], np.array(at_x, dtype=bool)[pick],
+        self.cx, self.cx0, self.c_at_x = self.where(better, xn[idx], x0n[idx], np.asarray(at_x, dtype=bool)[pick],
                                                     self.cx, self.cx0, self.c_at_x)
-        self.x, self.x0, self.at_x = self.cx, self.cx0, self.c_at_x.copy()
-        self.leave(np.ones(left.size, dtype=bool), np.zeros(left.size, dtype=np.int64))
-        self.step += 1
 
     @staticmethod
     def where(mask: np.ndarray, x, x0, flags: np.ndarray, other_x, other_x0, other_flags: np.ndarray):
