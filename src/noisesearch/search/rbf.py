@@ -20,10 +20,11 @@ The paper's terms:
 The initial noise is one Gaussian draw (as for eps-greedy). ``score_every = k`` searches every k-th
 decision only (``scored_decision``): the other steps take one fresh noise, unscored.
 
-Batching (``_Walk``): every search walks on its own, and a wave takes one move of every search that
-has not finished, wherever it is, in one network call and one reward call; a search's draws depend
-only on its own stream and its own rewards. Every search makes the same number of moves (its NFEs),
-so every wave has one row per search: one batch shape for the whole search.
+Batching (``_Walk``): every search walks on its own, and a wave takes one move of every search,
+wherever it is, in one network call and one reward call; a search's draws depend only on its own
+stream and its own rewards. Every search makes the same number of moves, so every wave has one row
+per search (one batch shape) until all stand at the last searched step, whose remaining draws go in
+calls of at most ``max_batch`` rows.
 
 Budget: ``candidates=0`` (default) fits ``C``: one trajectory, ``C - L`` extra candidate steps
 (``sampler.step_nfe`` NFEs each: the plan is exact where every searched step costs the same, else
@@ -132,11 +133,12 @@ class _Walk:
     (``Sampler.step_rows``) and one reward call. Every search makes the same number of moves, so every
     search is in every wave, as one row: an Euler-ancestral network call always sees one batch shape
     (torch's CPU convolutions build kernels for each new one: ``tools/shape_cost.py``), and the
-    bookkeeping is a few array operations on all searches at once. Once every search stands at the last searched
-    step, the draws they have left there go in one call (their order there does not matter). A
-    search's draws still come in its own order from its own stream, so its result does not depend on
-    the others (Euler-ancestral, 18 steps, 72 NFEs, 80 searches: 69 network calls of 80 rows but the
-    last, against 163 of about 35 with all searches at the same step; docs/search.md)."""
+    bookkeeping is a few array operations on all searches at once. Once every search stands at the
+    last searched step, the draws they have left there go in calls of at most ``max_batch`` rows
+    (their order there does not matter). A search's draws still come in its own order from its own
+    stream, so its result does not depend on the others (Euler-ancestral, 18 steps, 72 NFEs, 80
+    searches: 68 waves of 80 rows, then 320 draws, against 163 network calls of about 35 rows with
+    all searches at the same step; docs/search.md)."""
 
     def __init__(self, problem: Problem, levels: list[int], per_level: list[int]):
         self.problem, self.levels, self.per_level = problem, np.array(levels, dtype=np.int64), np.array(per_level)
