@@ -91,7 +91,8 @@ def plot_search(path, trace: SearchTrace, final_images: torch.Tensor, prompts: l
     title = textwrap.wrap(f"{strategy}: the reward of every scored candidate's Tweedie estimate, step by step. "
                           "Chosen path: at each step, the candidate nearest the final sample (exact for best-of-N, "
                           "approximate for branching searches).", width=int(width * 16))
-    legend_rows = math.ceil(len(handles) / (len(handles) if ncol == 2 else 2))
+    legend_cols = len(handles) if ncol == 2 else 1  # one panel column: too narrow for two entries side by side
+    legend_rows = math.ceil(len(handles) / legend_cols)
     top, bottom, row_h = 0.15 * len(title) + 0.2 * legend_rows + 0.25, 0.45, 2.2
     height = top + bottom + row_h * nrow
     fig = Figure(figsize=(width, height), dpi=dpi)
@@ -115,7 +116,7 @@ def plot_search(path, trace: SearchTrace, final_images: torch.Tensor, prompts: l
             ax.set_xlabel("sampling step of the scored estimate", fontsize=8)
     fig.text(0.5, 1 - 0.08 / height, "\n".join(title), fontsize=8, ha="center", va="top", linespacing=1.3)
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.12 + 0.15 * len(title)) / height),
-               ncol=len(handles) if ncol == 2 else 2, fontsize=7, frameon=False)
+               ncol=legend_cols, fontsize=7, frameon=False)
     atomic_save_figure(path, fig, dpi=dpi, pil_kwargs={"compress_level": 1})  # figimage: the figure's own dpi
 
 
