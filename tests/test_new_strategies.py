@@ -132,6 +132,42 @@ def test_rbf_last_step_in_calls_of_max_batch():
     assert problem.budget.nfe.tolist() == [small.info["planned_per_sample"]["nfe"]] * 6
 
 
+def test_rbf_with_a_trace_scores_each_step_apart():
+    # a trace records the scores of one step at a time, so a wave's reward call is split by step:
+    # every reward call scores rows of one step (the step its rows moved from, plus one), the same
+    # samples as without a trace, and every reward call is recorded once
+    from noisesearch.search import rbf as rbf_module
+    from noisesearch.search.trace import SearchTrace
+
+    opts = {"candidates": 44, "score_every": 1}
+    problem = make_problem(nfe=400, n=6)
+    problem.trace = SearchTrace(owners=set(range(6)))
+    walks, calls, score = [], [], problem.score
+
+    def checked(state, *a, **k):  # the rows' own steps, read from the walk before it moves them
+        if walks and state.step < problem.sampler.num_steps:
+            calls.append(bool((walks[-1].step[state.owner.numpy()] + 1 == state.step).all()))
+        return score(state, *a, **k)
+
+    problem.score = checked
+    start = rbf_module._Walk.__init__
+
+    def init(self, *a):
+        start(self, *a)
+        walks.append(self)
+
+    rbf_module._Walk.__init__ = init
+    try:
+        with torch.no_grad():
+            traced = make_strategy("rbf", **opts).search(problem)
+    finally:
+        rbf_module._Walk.__init__ = start
+    _, plain = run("rbf", opts, nfe=400, n=6)
+    torch.testing.assert_close(traced.x0, plain.x0, rtol=1e-4, atol=1e-5)
+    assert calls and all(calls)
+    assert sum(len(r.owner) for r in problem.trace.records) == int(problem.budget.reward_calls.sum())
+
+
 def test_vp_interpolant_schedule():
     sig = vp_sigmas(10, 80.0)
     assert len(sig) == 11 and sig[0] == 80.0 and sig[-1] == 0 and bool((sig[:-1] > sig[1:]).all())
