@@ -44,7 +44,7 @@ from noisesearch.budget import Cost
 from noisesearch.errors import NoiseSearchError
 from noisesearch.sampling.samplers import State
 from noisesearch.sampling.schedules import vp_sigmas
-from noisesearch.search.base import Problem, SearchResult, Strategy, noise_steps, scored_decision
+from noisesearch.search.base import Problem, SearchResult, Strategy, best_per_owner, noise_steps, scored_decision
 
 INTERPOLANTS = ("model", "vp")
 
@@ -270,9 +270,9 @@ class _Walk:
         xn, x0n, at_x = problem.sampler.step_rows(self.x[on], self.x0[on], steps, self.noise(at, steps),
                                                   problem.cond_rows(at), at, self.at_x[rows])
         values = self.score(xn, x0n, at, steps, np.arange(rows.size))
-        p, first = np.unique(rows, return_index=True)
-        pick = np.zeros(self.step.size, dtype=np.int64)  # each search's best row of the call
-        pick[p] = [a + int(np.argmax(values[a:b])) for a, b in zip(first, [*first[1:], rows.size])]
+        p, local = np.unique(rows, return_inverse=True)  # the call's searches; each row's among them
+        pick = np.zeros(self.step.size, dtype=np.int64)  # each search's best row of the call (first of equals)
+        pick[p] = best_per_owner(torch.from_numpy(values), torch.from_numpy(local), p.size).numpy()
         better = np.zeros(self.step.size, dtype=bool)
         better[p] = values[pick[p]] > self.step_best[p]
         self.step_best[better] = values[pick[better]]
