@@ -124,13 +124,6 @@ class Sampler:
             cache = self._schedule_cache = (self.sigmas, self.sigmas.tolist(), {})
         return cache
 
-    def sigma_array(self) -> np.ndarray:
-        """The noise levels as a float64 numpy array (cached per schedule), to index by many steps at once."""
-        derived = self._schedule()[2]
-        if "sigma_array" not in derived:
-            derived["sigma_array"] = self.sigmas.detach().cpu().numpy().copy()
-        return derived["sigma_array"]
-
     def sigma(self, i: int) -> float:
         """``float(self.sigmas[i])`` from the cached list: indexing a tensor costs more than a step's
         arithmetic on small samples."""
@@ -316,14 +309,14 @@ class EulerAncestral(Sampler):
         """:meth:`Sampler.step_rows` with one network call for every row (each at its own next
         level): the step's arithmetic with one coefficient per row (the step reads no ``x0_at_x``)."""
         steps = np.asarray(steps, dtype=np.int64)
-        table, s_next = self.row_coefficients(x.dtype, x.device)
-        if (steps == steps[0]).all() or np.isinf(self.sigma_array()[steps]).any():
+        table, numbers = self.row_coefficients(x.dtype, x.device)
+        if (steps == steps[0]).all() or np.isinf(numbers[0, steps]).any():
             return super().step_rows(x, x0, steps, noise, cond, owner, x0_at_x)
         s, down, up, s_next_rows = table.index_select(1, torch.from_numpy(steps).to(x.device)).view(
             4, len(steps), *([1] * (x.dim() - 1))).unbind(0)
         xn = torch.addcmul(x, (x - x0).div_(s), down)  # x + (x - x0) / s * (sigma_down - s), as in step
         xn.addcmul_(noise.to(x.device, x.dtype), up)
-        live = s_next[steps] > 0  # the last step lands on x0: no call
+        live = numbers[3, steps] > 0  # the last step lands on x0: no call
         if live.all():
             return xn, self.denoise(xn, s_next_rows, cond, owner), [True] * len(steps)
         x0n = xn.clone()
@@ -336,14 +329,16 @@ class EulerAncestral(Sampler):
     def row_coefficients(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, np.ndarray]:
         """Every step's numbers as :meth:`step` uses them, a column per step: ``(s, sigma_down - s,
         sigma_up (0 for the last step), s_next)`` in ``dtype`` on ``device`` (an infinite ``s`` gives a
-        column :meth:`step_rows` never reads), and the ``s_next`` values (numpy); worked out once per schedule."""
+        column :meth:`step_rows` never reads), and the same numbers as a float64 numpy array (to index by
+        many steps at once on the CPU); worked out once per schedule."""
         derived, key = self._schedule()[2], ("row_coefficients", self.num_steps, self.eta, dtype, str(device))
         if key not in derived:
             rows = []
             for t in range(self.num_steps):
                 s, s_next, sigma_down, sigma_up = self.step_sigmas(t)
                 rows.append((s, sigma_down - s, sigma_up if s_next > 0 else 0.0, s_next))
-            derived[key] = (torch.tensor(rows, dtype=dtype, device=device).T.contiguous(), np.array([r[3] for r in rows]))
+            numbers = np.array(rows, dtype=np.float64).T.copy()
+            derived[key] = (torch.tensor(numbers, dtype=dtype, device=device), numbers)
         return derived[key]
 
 
