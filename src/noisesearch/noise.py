@@ -96,6 +96,7 @@ class StreamBank:
         self.buffer = torch.empty((len(self.seeds), self.block, *self.shape), dtype=dtype)
         self.flat = self.buffer.view(-1, *self.shape)  # draw j of stream s's block is row s * block + j
         self.pos = [self.block] * len(self.seeds)  # next draw in each stream's block (block: spent)
+        self.every = np.arange(len(self.seeds), dtype=np.int64)  # the owners of one draw from each stream, in order
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -106,7 +107,7 @@ class StreamBank:
         n = owner.size
         if n == 0:
             raise ValueError("no rows to draw for")
-        if n == len(self.seeds) and np.array_equal(owner, self.every()):
+        if n == len(self.seeds) and np.array_equal(owner, self.every):
             return self._take_every()
         if n <= SMALL_TAKE:
             z = self._take_each_once(owner.tolist())
@@ -129,12 +130,6 @@ class StreamBank:
             return z
         return torch.empty_like(z).index_copy_(0, torch.from_numpy(order), z)
 
-    def every(self) -> np.ndarray:
-        """Every stream's index, in order (the owners of a call that draws once from each)."""
-        if getattr(self, "_every", None) is None:
-            self._every = np.arange(len(self.seeds), dtype=np.int64)
-        return self._every
-
     def _take_every(self) -> torch.Tensor:
         """One draw of every stream, in stream order (a step of every search at once): array
         operations on the positions; spent blocks are refilled first."""
@@ -143,7 +138,7 @@ class StreamBank:
         for s in spent.tolist():
             self._refill(s)
         pos[spent] = 0
-        z = self.flat.index_select(0, torch.from_numpy(self.every() * self.block + pos))
+        z = self.flat.index_select(0, torch.from_numpy(self.every * self.block + pos))
         self.pos = (pos + 1).tolist()
         return z
 
