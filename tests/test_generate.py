@@ -163,6 +163,34 @@ def test_adding_a_prompt_or_a_sample_does_not_change_the_others(strategy):
     assert [s["reward"] for s in more.report["samples"][:2]] == pytest.approx([s["reward"] for s in one.report["samples"]], abs=1e-4)
 
 
+def test_a_joined_process_group_is_destroyed_at_exit(monkeypatch):
+    """A process that joined a group registers, once, a hook that destroys it before Python's teardown
+    (a gloo group left alive there can abort the process: tools/dist_exit.py)."""
+    import atexit
+
+    import torch.distributed as td
+
+    from noisesearch import dist
+
+    if not td.is_available():
+        pytest.skip("torch.distributed not built")
+    hooks = []
+    monkeypatch.setattr(dist, "_EXIT_HOOK", False)
+    monkeypatch.setattr(atexit, "register", hooks.append)
+    dist.destroy_at_exit()
+    dist.destroy_at_exit()
+    assert hooks == [dist._destroy_group]
+    td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1)
+    try:
+        assert td.is_initialized()
+        hooks[0]()
+        assert not td.is_initialized()
+        hooks[0]()  # no group left: nothing to do, no error
+    finally:
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
 def test_accelerate_two_processes_equal_one(tmp_path):
     """``accelerate launch --num_processes 2 -m noisesearch generate`` shards the searches and writes
     one merged run that equals the single-process run of the same seed (within float tolerance)."""

@@ -62,6 +62,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from noisesearch.dist import destroy_at_exit
 from noisesearch.errors import NoiseSearchError
 from noisesearch.io import atomic_write_json, output_lock
 from noisesearch.pools import load_pool
@@ -338,7 +339,9 @@ def _accelerator(device: str):
         from accelerate import Accelerator  # deferred: an optional dependency
     except ImportError:  # pragma: no cover
         raise NoiseSearchError("train-reward needs accelerate: pip install accelerate") from None
-    return Accelerator(cpu=not str(device).startswith("cuda"))
+    acc = Accelerator(cpu=not str(device).startswith("cuda"))
+    destroy_at_exit()  # under `accelerate launch`: leave no live process group to Python's teardown
+    return acc
 
 
 def _warn_small_holdout(config: TrainConfig, data: EstimateDataset, log) -> None:
