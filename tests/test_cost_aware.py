@@ -111,6 +111,32 @@ def test_beam_extra_candidates_go_to_the_earliest_scored_decisions():
         make_strategy("beam", extra_candidates=-1).search(problem)
 
 
+def test_evo_spends_what_its_generations_leave_on_extra_first_individuals():
+    # price 1, 7 trajectories' worth: 4 generations of 2 leave more than one trajectory, which buys
+    # extra individuals in generation 0 (full trajectories, one reward call each)
+    price, budget = 1.0, 7 * (STEPS + 1.0)
+    problem = priced_problem(price, budget)
+    with torch.no_grad():
+        result = make_strategy("evo").search(problem)
+    info, plan = result.info, result.info["planned_per_sample"]
+    extra = info["configuration"]["extra_first"]
+    assert extra > 0 and info["population_schedule"][0] == info["population"] + extra
+    assert info["population_schedule"][1:] == [info["population"]] * (info["generations"] - 1)
+    b = problem.budget
+    assert b.nfe.tolist() == [plan["nfe"]] * 6 and b.reward_calls.tolist() == [plan["reward_calls"]] * 6
+    one_more = (STEPS + price) * 10.0  # one more individual in generation 0
+    assert budget * 10.0 - one_more < float(b.flops.max()) <= budget * 10.0 * (1 + 1e-12)
+    # a user's population is run as given, without extras; extras given are run as given
+    for options, first in (({"population": info["population"]}, info["population"]), ({"extra_first": 1}, None)):
+        problem = priced_problem(price, budget)
+        with torch.no_grad():
+            result = make_strategy("evo", **options).search(problem)
+        got = result.info["population_schedule"][0]
+        assert got == (first if first is not None else result.info["population"] + 1)
+    with pytest.raises(NoiseSearchError, match="extra-first"):
+        make_strategy("evo", extra_first=-1).search(problem)
+
+
 def test_fit_options_rule():
     # the affordable option whose smallest size uses the largest share of the budget, then its largest size
     b = Budget(1, nfe=100)
