@@ -226,16 +226,18 @@ def test_galaxies_benchmark_writes_its_figures(tmp_path):
 
 @needs_galaxygrad
 @needs_astro
-def test_galaxies_benchmark_prices_the_reward_and_runs_the_new_strategies(tmp_path):
-    """--reward-price P: FLOP budgets in NFE-equivalents, each reward call priced at P NFEs, spent within budget."""
+def test_galaxies_benchmark_prices_the_reward_and_runs_the_new_strategies(tmp_path, capsys):
+    """--reward-price P: FLOP budgets in NFE-equivalents, each reward call priced at P NFEs, spent within budget;
+    --no-progress: no line per cell."""
     import json
 
     from noisesearch.bench import galaxies
 
     out = tmp_path / "g"
     argv = ["--reward-price", "1", "--budgets", "40", "--seeds", "2", "--steps", "8", "--grid", "2",
-            "--strategies", "best-of-n,evo,rbf,dts,auto", "--out", str(out)]
+            "--strategies", "best-of-n,evo,rbf,dts,auto", "--out", str(out), "--no-progress"]
     assert galaxies.main(argv) == 0
+    assert " NFE: " not in capsys.readouterr().err
     res = json.loads((out / "galaxies_results.json").read_text())
     assert res["meta"]["reward_price_nfe"] == 1.0 and res["meta"]["budget_kind"] == "flops"
     cells = {c["strategy"]: c for c in res["cells"]}

@@ -77,6 +77,7 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=8, help="samples per strategy in the image grid (default 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no line per finished cell on stderr")
     p.add_argument("--out", default="runs/bench-galaxies", help="output folder (docs writes the figures of docs/galaxies.md)")
     return p
 
@@ -211,8 +212,9 @@ def run(args, command: str, save_config=None) -> int:
             for budget in [naive_budget(args)] if name == "naive" else budgets:
                 cells.append(run_cell(denoiser, reward, side, name, budget, args))
                 c = cells[-1]
-                print(f"{name:>12} {budget:>5} NFE: " + (c["refused"] if "refused" in c else
-                      f"{c['reward_mean']:.3f} ± {c['reward_se']:.3f} ({c['wall_seconds']:.1f} s)"), file=sys.stderr)
+                if not args.no_progress:
+                    print(f"{name:>12} {budget:>5} NFE: " + (c["refused"] if "refused" in c else
+                          f"{c['reward_mean']:.3f} ± {c['reward_se']:.3f} ({c['wall_seconds']:.1f} s)"), file=sys.stderr)
         write_outputs(cells, strategies, budgets, reward.name, out, command, args, time.perf_counter() - t0)
         if save_config is not None:
             save_config(out / f"{PREFIX}_config.yaml")

@@ -122,6 +122,8 @@ def fitted(strategy: str, info: dict, params: dict) -> str:
         return f"N={info['n_candidates']} S={min(ss)}..{max(ss)} (sum {sum(ss)}) c={params['c_uct']:g}"
     if strategy == "smc":
         return f"K={info['particles']} {params['potential']} lam={params['potential_scale']:g}"
+    if strategy == "evo":
+        return f"G={info['generations']} n={'/'.join(map(str, info['population_schedule']))}"
     return "-"
 
 

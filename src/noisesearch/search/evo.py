@@ -145,7 +145,7 @@ class EvoSearch(Strategy):
             state = self.mutate(problem, pool.select(parents), self.elite_count(size))
         return SearchResult(x0=best.x0, rewards=best.value.float(), info={
             "population": size, "generations": len(schedule), "evolution_schedule": schedule,
-            "population_schedule": sizes, "elites": self.elite_count(size),
+            "population_schedule": sizes, "extra_first": self.extra_first, "elites": self.elite_count(size),
             "archive_sizes": archive.sizes()})
 
     def fitness(self, problem: Problem, state: State, keep_at: list[int], best: "_Best", archive: "_Archive") -> None:
