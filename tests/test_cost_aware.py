@@ -29,6 +29,19 @@ def priced_problem(price: float, budget_nfe_equivalents: float, n: int = 6):
     return problem
 
 
+def search_priced(name: str, price: float, budget: float, **options):
+    """(problem, result) of strategy ``name`` with ``options`` on a fresh priced problem."""
+    problem = priced_problem(price, budget)
+    with torch.no_grad():
+        result = make_strategy(name, **options).search(problem)
+    return problem, result
+
+
+def assert_spends_plan(problem, result) -> None:
+    b, plan = problem.budget, result.info["planned_per_sample"]
+    assert b.nfe.tolist() == [plan["nfe"]] * 6 and b.reward_calls.tolist() == [plan["reward_calls"]] * 6
+
+
 def best_of_n_candidates(price: float, budget: float) -> int:
     return int(budget // (STEPS + price))
 
@@ -78,19 +91,14 @@ def test_beam_spends_what_its_beams_leave_on_extra_candidates():
     # price 0.25, 8 trajectories' worth: one beam of 4 candidates at every decision, and the rest of the
     # budget (most of a second beam) as extra candidates, the earliest scored decisions first
     price, budget = 0.25, 8 * (STEPS + 0.25)
-    problem = priced_problem(price, budget)
-    with torch.no_grad():
-        result = make_strategy("beam").search(problem)
-    info, plan = result.info, result.info["planned_per_sample"]
+    problem, result = search_priced("beam", price, budget)
+    info = result.info
     assert info["beams"] == 1 and info["configuration"]["n_candidates"] == 4 and info["extra_candidates"] > 0
-    b = problem.budget
-    assert b.nfe.tolist() == [plan["nfe"]] * 6 and b.reward_calls.tolist() == [plan["reward_calls"]] * 6
+    assert_spends_plan(problem, result)
     one_more = info["beams"] * (1 + price) * 10.0  # one more candidate per beam: its NFE and its reward call
-    assert budget * 10.0 - one_more < float(b.flops.max()) <= budget * 10.0 * (1 + 1e-12)
+    assert budget * 10.0 - one_more < float(problem.budget.flops.max()) <= budget * 10.0 * (1 + 1e-12)
     # a user's beams are run as given: no extras
-    problem = priced_problem(price, budget)
-    with torch.no_grad():
-        result = make_strategy("beam", beams=1).search(problem)
+    problem, result = search_priced("beam", price, budget, beams=1)
     assert result.info["extra_candidates"] == 0 and float(problem.budget.flops.max()) < budget * 10.0 - one_more
 
 
@@ -115,22 +123,17 @@ def test_evo_spends_what_its_generations_leave_on_extra_first_individuals():
     # price 1, 7 trajectories' worth: 4 generations of 2 leave more than one trajectory, which buys
     # extra individuals in generation 0 (full trajectories, one reward call each)
     price, budget = 1.0, 7 * (STEPS + 1.0)
-    problem = priced_problem(price, budget)
-    with torch.no_grad():
-        result = make_strategy("evo").search(problem)
-    info, plan = result.info, result.info["planned_per_sample"]
+    problem, result = search_priced("evo", price, budget)
+    info = result.info
     extra = info["configuration"]["extra_first"]
     assert extra > 0 and info["population_schedule"][0] == info["population"] + extra
     assert info["population_schedule"][1:] == [info["population"]] * (info["generations"] - 1)
-    b = problem.budget
-    assert b.nfe.tolist() == [plan["nfe"]] * 6 and b.reward_calls.tolist() == [plan["reward_calls"]] * 6
+    assert_spends_plan(problem, result)
     one_more = (STEPS + price) * 10.0  # one more individual in generation 0
-    assert budget * 10.0 - one_more < float(b.flops.max()) <= budget * 10.0 * (1 + 1e-12)
+    assert budget * 10.0 - one_more < float(problem.budget.flops.max()) <= budget * 10.0 * (1 + 1e-12)
     # a user's population is run as given, without extras; extras given are run as given
     for options, first in (({"population": info["population"]}, info["population"]), ({"extra_first": 1}, None)):
-        problem = priced_problem(price, budget)
-        with torch.no_grad():
-            result = make_strategy("evo", **options).search(problem)
+        problem, result = search_priced("evo", price, budget, **options)
         got = result.info["population_schedule"][0]
         assert got == (first if first is not None else result.info["population"] + 1)
     with pytest.raises(NoiseSearchError, match="extra-first"):
