@@ -43,7 +43,7 @@ def free_port() -> int:
 
 
 def failures(mode: str, runs: int, worker: Path) -> tuple[int, str]:
-    """(failed runs, the first failure's last stderr line) for ``runs`` launches in ``mode``."""
+    """(failed runs, the line of the first failure's stderr that names its error) for ``runs`` launches in ``mode``."""
     accelerate = Path(sys.executable).parent / "accelerate"
     src = Path(__file__).resolve().parents[1] / "src"
     env = dict(os.environ, OMP_NUM_THREADS="1", DIST_EXIT_MODE=mode,
