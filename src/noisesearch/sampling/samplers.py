@@ -219,10 +219,10 @@ class Sampler:
         return state
 
     def step_rows(self, x: torch.Tensor, x0: torch.Tensor, steps: Sequence[int], noise: torch.Tensor,
-                  cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+                  cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Rows each at its own step ``steps[r]`` (a ``State`` row by row: ``x``, ``x0``, ``x0_at_x``),
         each taken one step on with its row of ``noise`` (read only where the step injects noise): the
-        ``(x, x0, x0_at_x)`` of every row one step later. Here one :meth:`step` per distinct step (one
+        ``(x, x0, x0_at_x)`` of every row one step later (``x0_at_x`` a bool array). Here one :meth:`step` per distinct step (one
         on the rows as they are when all share it); a sampler whose step is a move then one network
         call at the next level makes one call for all."""
         steps, flags = np.asarray(steps, dtype=np.int64), np.asarray(x0_at_x, dtype=bool)
@@ -230,7 +230,7 @@ class Sampler:
         if (keys == keys[0]).all():
             t = int(steps[0])
             out = self.step(State(x, x0, t, cond, owner, bool(flags[0])), noise if self.uses_noise(t) else None)
-            return out.x, out.x0, [out.x0_at_x] * len(steps)
+            return out.x, out.x0, np.full(len(steps), out.x0_at_x)
         xs, x0s, at_x = torch.empty_like(x), torch.empty_like(x0), flags.copy()
         for key in np.unique(keys).tolist():
             rows = np.flatnonzero(keys == key)
@@ -240,7 +240,7 @@ class Sampler:
                             noise[on] if self.uses_noise(t) else None)
             xs[on], x0s[on] = out.x, out.x0
             at_x[rows] = out.x0_at_x
-        return xs, x0s, at_x.tolist()
+        return xs, x0s, at_x
 
     def check_noise(self, state: State, noise: torch.Tensor | None) -> torch.Tensor:
         if noise is None:
@@ -305,7 +305,7 @@ class EulerAncestral(Sampler):
         return state.moved(x, x0, i + 1, True)
 
     def step_rows(self, x: torch.Tensor, x0: torch.Tensor, steps: Sequence[int], noise: torch.Tensor,
-                  cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+                  cond: Cond, owner: torch.Tensor, x0_at_x: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """:meth:`Sampler.step_rows` with one network call for every row (each at its own next
         level): the step's arithmetic with one coefficient per row (the step reads no ``x0_at_x``)."""
         steps = np.asarray(steps, dtype=np.int64)
@@ -318,13 +318,13 @@ class EulerAncestral(Sampler):
         xn.addcmul_(noise.to(x.device, x.dtype), up)
         live = numbers[3, steps] > 0  # the last step lands on x0: no call
         if live.all():
-            return xn, self.denoise(xn, s_next_rows, cond, owner), [True] * len(steps)
+            return xn, self.denoise(xn, s_next_rows, cond, owner), np.ones(len(steps), dtype=bool)
         x0n = xn.clone()
         if live.any():
             at = torch.from_numpy(np.flatnonzero(live))
             on = at.to(x.device)
             x0n[on] = self.denoise(xn[on], s_next_rows[on], cond_index(cond, at), owner[at.to(owner.device)])
-        return xn, x0n, [True] * len(steps)
+        return xn, x0n, np.ones(len(steps), dtype=bool)
 
     def row_coefficients(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, np.ndarray]:
         """Every step's numbers as :meth:`step` uses them, a column per step: ``(s, sigma_down - s,

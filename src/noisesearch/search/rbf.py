@@ -182,7 +182,7 @@ class _Walk:
         xn, x0n, at_x = self.problem.sampler.step_rows(self.x, self.x0, steps, self.noise(self.owner, steps),
                                                        self.problem.cond, self.owner, self.at_x)
         values = self.score(xn, x0n, self.owner, steps, np.flatnonzero(draw))
-        self.advance(draw, values, xn, x0n, np.array(at_x, dtype=bool))
+        self.advance(draw, values, xn, x0n, at_x)
         return True
 
     def noise(self, at: torch.Tensor, steps: np.ndarray) -> torch.Tensor:
@@ -277,7 +277,7 @@ class _Walk:
         better[p] = values[pick[p]] > self.step_best[p]
         self.step_best[better] = values[pick[better]]
         idx = torch.from_numpy(pick).to(xn.device)
-        self.cx, self.cx0, self.c_at_x = self.where(better, xn[idx], x0n[idx], np.asarray(at_x, dtype=bool)[pick],
+        self.cx, self.cx0, self.c_at_x = self.where(better, xn[idx], x0n[idx], at_x[pick],
                                                     self.cx, self.cx0, self.c_at_x)
 
     @staticmethod
