@@ -185,13 +185,17 @@ class Strategy:
     ``size_option`` names the hyperparameter that sets the size; 0 there means "fit to the budget":
     the largest size whose cost the budget affords (``Budget.fit``). Other knobs left at 0 ("fit") are
     chosen by :meth:`configurations`, the concrete variants the sizer picks from (``Budget.fit_options``:
-    the affordable configuration nearest the strategy's own, then its largest size). ``plan_is_exact``
-    is False only where the spend depends on the data (MCTS: a rollout from a deeper leaf is cheaper),
-    and the plan is then the worst case.
+    the affordable configuration nearest the strategy's own, then its largest size). ``leftover_option``
+    names a knob, 0 meaning "what the fitted size leaves", that :meth:`plan` then sets to the most the
+    rest of the budget affords, unless the user gave it or one of ``leftover_unless`` (the sizes they
+    fixed). ``plan_is_exact`` is False only where the spend depends on the data (MCTS: a rollout from
+    a deeper leaf is cheaper), and the plan is then the worst case.
     """
 
     name: ClassVar[str] = "strategy"
     size_option: ClassVar[str | None] = None
+    leftover_option: ClassVar[str | None] = None
+    leftover_unless: ClassVar[tuple[str, ...]] = ()
     plan_is_exact: ClassVar[bool] = True
 
     # -- what subclasses provide --
@@ -237,12 +241,17 @@ class Strategy:
 
     # -- shared --
     def plan(self, problem: Problem) -> tuple["Strategy", int]:
-        """The configuration and size to run: the one sizing rule, ``Budget.fit_options``."""
+        """The configuration and size to run: the one sizing rule, ``Budget.fit_options``; then the
+        ``leftover_option`` the rest of the budget affords (where it applies: the class docstring)."""
         configs = self.configurations(problem)
         options = [SizeOption(lambda n, c=c: c.cost(problem, n), start, c.requested_size(problem), c.max_size(problem))
                    for c, start in configs]
         index, size = problem.budget.fit_options(options, lambda i, n: configs[i][0].describe(n))
-        return configs[index][0], size
+        config, knob = configs[index][0], self.leftover_option
+        if knob is None or any(getattr(self, k) for k in (knob, *self.leftover_unless)):  # given: as it is
+            return config, size
+        extra = problem.budget.fit(lambda e: dataclasses.replace(config, **{knob: e}).cost(problem, size), 0)
+        return dataclasses.replace(config, **{knob: extra}), size
 
     def size_for(self, problem: Problem) -> int:
         """The size this configuration runs at (the sizer's choice among :meth:`configurations`)."""

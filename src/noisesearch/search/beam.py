@@ -55,6 +55,8 @@ class Beam(Strategy):
 
     name = "beam"
     size_option = "beams"
+    leftover_option = "extra_candidates"  # what B beams leave: extra candidates per beam (module docstring)
+    leftover_unless = ("beams", "n_candidates")
     beams: int = 0  # B: beams kept per search; 0 = fit to the budget
     n_candidates: int = 0  # N: candidate noises per beam at a scored decision; 0 = chosen with the size (4 when affordable)
     score_every: int = 0  # branch and score every k-th decision only; 0 = chosen with the size (1 when affordable)
@@ -84,15 +86,6 @@ class Beam(Strategy):
         if not self.n_candidates:  # below them all: B independent trajectories, nothing scored but the end
             configs.append(replace(self, n_candidates=1, score_every=self.score_every or 1))
         return [(c, 1) for c in configs]
-
-    def plan(self, problem: Problem) -> tuple[Strategy, int]:
-        """The sizer's configuration and ``B``, then the extra candidates the rest of the budget affords
-        (only where the sizer chose both ``B`` and ``N``, module docstring)."""
-        config, size = super().plan(problem)
-        if self.extra_candidates or self.beams or self.n_candidates:  # given, or sizes the user fixed: as they are
-            return config, size
-        extra = problem.budget.fit(lambda e: replace(config, extra_candidates=e).cost(problem, size), 0)
-        return replace(config, extra_candidates=extra), size
 
     def branching(self, decisions: int) -> list[int]:
         """Candidates per beam at each of decisions 0..``decisions - 1``: N (plus its share of the extra

@@ -62,6 +62,8 @@ class EvoSearch(Strategy):
 
     name = "evo"
     size_option = "population"
+    leftover_option = "extra_first"  # what G generations of n leave: extra individuals at x_T (module docstring)
+    leftover_unless = ("population",)
     population: int = 0  # n: individuals per generation after the first; 0 = fit to the budget
     generations: int = 0  # G: generations on the evolution schedule; 0 = chosen with the size (4 when affordable)
     first_population: float = 1.0  # population size schedule: generation 0 has this many times n
@@ -108,15 +110,6 @@ class EvoSearch(Strategy):
 
     def knobs(self) -> dict:
         return {"generations": self.generations, "extra_first": self.extra_first}
-
-    def plan(self, problem: Problem) -> tuple[Strategy, int]:
-        """The sizer's ``G`` and ``n``, then the extra generation-0 individuals the rest of the
-        budget affords (only where the sizer chose ``n``, module docstring)."""
-        config, size = super().plan(problem)
-        if self.extra_first or self.population:  # given, or the size the user fixed: as they are
-            return config, size
-        extra = problem.budget.fit(lambda e: replace(config, extra_first=e).cost(problem, size), 0)
-        return replace(config, extra_first=extra), size
 
     def configurations(self, problem: Problem) -> list[tuple[Strategy, int]]:
         Gs = [self.generations] if self.generations else range(DEFAULT_GENERATIONS, 0, -1)
